@@ -1,0 +1,491 @@
+"""The HDF5 artifacts that phases exchange: the only module that knows their layout.
+
+Two kinds share one schema (documented for third parties in docs/artifacts.md):
+
+- ``cams``: per image, float16 maps (K, H, W) in [0, 1] of the K classes present in the
+  image-level label, at the image's original size, with their class ids in attribute
+  ``class_ids`` (int16, K). Dataset path ``/cams/<id>``.
+- ``labels``: per image, a uint8 (H, W) label map of class ids, 255 = ignore. Used for seeds
+  and predictions. Dataset path ``/labels/<id>``.
+
+Root attributes record how the file was made (kind, schema_version, dataset, split, class
+names, command line, weaktr version, seed, creation time, parent artifacts with sha256).
+
+Writers stream one image at a time into ``<out>.partial``, can resume an interrupted run
+(ids already in the partial file are skipped) and finish atomically: flush, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shlex
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weaktr_cli import __version__
+from weaktr_cli.errors import WeakTrError
+
+SCHEMA_VERSION = 1
+KINDS = ("cams", "labels")
+PARTIAL_SUFFIX = ".partial"
+_NO_SEED = -1
+
+
+@dataclass
+class ArtifactMeta:
+    """Provenance and identity of an artifact (its root attributes)."""
+
+    kind: str
+    dataset: str
+    split: str
+    class_names: tuple[str, ...]
+    command: str = ""
+    seed: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    parents: list[dict[str, str]] = field(default_factory=list)
+    weaktr_version: str = __version__
+    created: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def same_content_as(self, other: ArtifactMeta) -> bool:
+        """True when two metas describe the same set of images and classes (resume, merge)."""
+        return (self.kind, self.dataset, self.split, tuple(self.class_names)) == (
+            other.kind,
+            other.dataset,
+            other.split,
+            tuple(other.class_names),
+        )
+
+
+def new_meta(
+    kind: str,
+    dataset: str,
+    split: str,
+    class_names: Iterable[str],
+    *,
+    seed: int | None = None,
+    config: dict[str, Any] | None = None,
+    parents: Iterable[str | Path] = (),
+) -> ArtifactMeta:
+    """Metadata for a new artifact, with the current command line and parent checksums."""
+    if kind not in KINDS:
+        raise WeakTrError(f"unknown artifact kind {kind!r}", hint=f"use one of {', '.join(KINDS)}")
+    return ArtifactMeta(
+        kind=kind,
+        dataset=dataset,
+        split=split,
+        class_names=tuple(class_names),
+        command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        seed=seed,
+        config=dict(config or {}),
+        parents=[{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in parents],
+    )
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# HDF5 names cannot contain "/", so ids are escaped; "%" is escaped first to stay reversible.
+def _encode_id(image_id: str) -> str:
+    if not image_id or image_id in (".", ".."):
+        raise WeakTrError(f"invalid image id {image_id!r}")
+    return image_id.replace("%", "%25").replace("/", "%2F")
+
+
+def _decode_id(name: str) -> str:
+    return name.replace("%2F", "/").replace("%25", "%")
+
+
+def _write_meta(h5: Any, meta: ArtifactMeta) -> None:
+    attrs = h5.attrs
+    attrs["weaktr_kind"] = meta.kind
+    attrs["schema_version"] = SCHEMA_VERSION
+    attrs["dataset"] = meta.dataset
+    attrs["split"] = meta.split
+    attrs["class_names"] = json.dumps(list(meta.class_names))
+    attrs["command"] = meta.command
+    attrs["weaktr_version"] = meta.weaktr_version
+    attrs["seed"] = _NO_SEED if meta.seed is None else int(meta.seed)
+    attrs["created"] = meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(
+        timespec="seconds"
+    )
+    attrs["config"] = json.dumps(meta.config, sort_keys=True, default=str)
+    attrs["parents"] = json.dumps(meta.parents)
+
+
+def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
+    attrs = h5.attrs
+
+    def required(name: str) -> Any:
+        if name not in attrs:
+            raise WeakTrError(
+                f"{path} is not a weaktr artifact: root attribute {name!r} is missing",
+                hint="see docs/artifacts.md for the schema",
+            )
+        value = attrs[name]
+        return value.decode() if isinstance(value, bytes) else value
+
+    version = int(required("schema_version"))
+    if version > SCHEMA_VERSION:
+        raise WeakTrError(
+            f"{path} has schema_version {version}, newer than this weaktr reads "
+            f"({SCHEMA_VERSION})",
+            hint="upgrade weaktr",
+        )
+    kind = str(required("weaktr_kind"))
+    if kind not in KINDS:
+        raise WeakTrError(f"{path} has unknown kind {kind!r}", hint=f"expected {', '.join(KINDS)}")
+
+    def optional_json(name: str, default: Any) -> Any:
+        if name not in attrs:
+            return default
+        raw = attrs[name]
+        try:
+            return json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        except (TypeError, ValueError) as exc:
+            raise WeakTrError(f"{path}: root attribute {name!r} is not valid JSON") from exc
+
+    class_names = optional_json("class_names", None)
+    if not isinstance(class_names, list) or not all(isinstance(n, str) for n in class_names):
+        raise WeakTrError(
+            f"{path}: root attribute 'class_names' must be a JSON list of strings",
+            hint="see docs/artifacts.md",
+        )
+    seed = int(attrs.get("seed", _NO_SEED))
+
+    def text(name: str) -> str:
+        value = attrs.get(name, "")
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    return ArtifactMeta(
+        kind=kind,
+        dataset=str(required("dataset")),
+        split=str(required("split")),
+        class_names=tuple(class_names),
+        command=text("command"),
+        seed=None if seed == _NO_SEED else seed,
+        config=optional_json("config", {}),
+        parents=optional_json("parents", []),
+        weaktr_version=text("weaktr_version"),
+        created=text("created"),
+        schema_version=version,
+    )
+
+
+@dataclass(frozen=True)
+class CamRecord:
+    """CAMs of one image: `maps` float32 (K, H, W) in [0, 1]; `class_ids` int64 (K,)."""
+
+    class_ids: np.ndarray
+    maps: np.ndarray
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.maps.shape[1]), int(self.maps.shape[2])
+
+
+def _open_h5(path: Path, mode: str) -> Any:
+    import h5py
+
+    try:
+        return h5py.File(path, mode)
+    except OSError as exc:
+        raise WeakTrError(
+            f"cannot open {path} as HDF5 (truncated or corrupt file?): {exc}",
+            hint="re-create the artifact; an interrupted run leaves its data in a .partial file",
+        ) from exc
+
+
+class ArtifactReader:
+    """Random access by id and ordered iteration over a finished artifact.
+
+    Open with `open_artifact`; use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: Path, h5: Any, meta: ArtifactMeta) -> None:
+        self.path = path
+        self.meta = meta
+        self._h5 = h5
+        group = h5.get(meta.kind)
+        if group is None:
+            raise WeakTrError(f"{path} has no /{meta.kind} group", hint="see docs/artifacts.md")
+        self._group = group
+        self.ids: list[str] = [_decode_id(name) for name in group.keys()]
+
+    @property
+    def kind(self) -> str:
+        return self.meta.kind
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return isinstance(image_id, str) and _encode_id(image_id) in self._group
+
+    def _dataset(self, image_id: str) -> Any:
+        try:
+            return self._group[_encode_id(image_id)]
+        except KeyError:
+            raise WeakTrError(f"{self.path} has no entry for image {image_id!r}") from None
+
+    def read_cams(self, image_id: str) -> CamRecord:
+        """The CAMs of one image (kind ``cams``)."""
+        self._expect("cams")
+        ds = self._dataset(image_id)
+        try:
+            maps = np.asarray(ds[()], dtype=np.float32)
+            class_ids = np.asarray(ds.attrs["class_ids"], dtype=np.int64).reshape(-1)
+        except (OSError, KeyError) as exc:
+            raise WeakTrError(f"{self.path}: entry {image_id!r} is unreadable: {exc}") from exc
+        if maps.ndim != 3 or maps.shape[0] != class_ids.shape[0]:
+            raise WeakTrError(
+                f"{self.path}: entry {image_id!r} has maps {maps.shape} for "
+                f"{class_ids.shape[0]} class ids; expected (K, H, W) with K class ids"
+            )
+        if class_ids.size and (class_ids.min() < 1 or class_ids.max() >= self.meta.num_classes):
+            raise WeakTrError(
+                f"{self.path}: entry {image_id!r} has class ids outside 1..{self.meta.num_classes - 1}"
+            )
+        return CamRecord(class_ids=class_ids, maps=maps)
+
+    def read_labels(self, image_id: str) -> np.ndarray:
+        """The (H, W) uint8 label map of one image (kind ``labels``)."""
+        self._expect("labels")
+        ds = self._dataset(image_id)
+        try:
+            label = np.asarray(ds[()])
+        except OSError as exc:
+            raise WeakTrError(f"{self.path}: entry {image_id!r} is unreadable: {exc}") from exc
+        if label.ndim != 2 or label.dtype != np.uint8:
+            raise WeakTrError(
+                f"{self.path}: entry {image_id!r} is {label.dtype} {label.shape}; "
+                "expected a 2-D uint8 label map"
+            )
+        return label
+
+    def read(self, image_id: str) -> CamRecord | np.ndarray:
+        return self.read_cams(image_id) if self.kind == "cams" else self.read_labels(image_id)
+
+    def __iter__(self) -> Iterator[tuple[str, CamRecord | np.ndarray]]:
+        for image_id in self.ids:
+            yield image_id, self.read(image_id)
+
+    def stored_bytes(self) -> int:
+        """Bytes the per-image data occupies on disk (after compression)."""
+        return sum(int(self._group[name].id.get_storage_size()) for name in self._group)
+
+    def _expect(self, kind: str) -> None:
+        if self.kind != kind:
+            raise WeakTrError(f"{self.path} holds {self.kind}, not {kind}")
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> ArtifactReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_artifact(path: str | Path, kind: str | None = None) -> ArtifactReader:
+    """Open a finished artifact read-only, checking its schema (and its kind if given)."""
+    path = Path(path)
+    if not path.is_file():
+        partial = path.with_name(path.name + PARTIAL_SUFFIX)
+        hint = (
+            f"an unfinished run left {partial.name}; rerun the command to resume it"
+            if partial.exists()
+            else None
+        )
+        raise WeakTrError(f"artifact {path} does not exist", hint=hint)
+    h5 = _open_h5(path, "r")
+    try:
+        meta = _read_meta(h5, path)
+        if kind is not None and meta.kind != kind:
+            raise WeakTrError(
+                f"{path} is a {meta.kind!r} artifact, but a {kind!r} artifact is needed here"
+            )
+        return ArtifactReader(path, h5, meta)
+    except BaseException:
+        h5.close()
+        raise
+
+
+def read_meta(path: str | Path) -> ArtifactMeta:
+    with open_artifact(path) as reader:
+        return reader.meta
+
+
+class ArtifactWriter:
+    """Streams per-image entries into `<path>.partial`, then `finalize()` renames it to `path`.
+
+    With `resume=True` an existing partial file of the same kind, dataset, split and classes is
+    continued: `done_ids` lists what it already holds, and callers skip those images.
+    """
+
+    def __init__(self, path: str | Path, meta: ArtifactMeta, *, resume: bool = True) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
+        if not self.path.parent.is_dir():
+            raise WeakTrError(f"output folder {self.path.parent} does not exist")
+        self._h5 = self._open_partial(resume)
+        group = self._h5.get(meta.kind)
+        # track_order: readers iterate entries in the order they were written (dataset order).
+        self._group = group if group is not None else self._h5.create_group(
+            meta.kind, track_order=True
+        )
+        self.done_ids: set[str] = {_decode_id(name) for name in self._group.keys()}
+
+    def _open_partial(self, resume: bool) -> Any:
+        if resume and self.partial_path.exists():
+            try:
+                h5 = _open_h5(self.partial_path, "a")
+                previous = _read_meta(h5, self.partial_path)
+            except WeakTrError:
+                # A run killed mid-write can leave an unreadable file: start over.
+                self.partial_path.unlink()
+            else:
+                if previous.same_content_as(self.meta):
+                    return h5
+                h5.close()
+                raise WeakTrError(
+                    f"{self.partial_path} is an unfinished artifact of other content "
+                    f"({previous.kind}, {previous.dataset}/{previous.split})",
+                    hint="delete it or choose another --out",
+                )
+        h5 = _open_h5(self.partial_path, "w")
+        _write_meta(h5, self.meta)
+        return h5
+
+    def __contains__(self, image_id: str) -> bool:
+        return image_id in self.done_ids
+
+    def write_cams(self, image_id: str, class_ids: np.ndarray, maps: np.ndarray) -> None:
+        """Add one image's CAMs: maps (K, H, W) float in [0, 1], class_ids (K,) ints."""
+        maps = np.asarray(maps)
+        class_ids = np.asarray(class_ids).reshape(-1)
+        if maps.ndim != 3 or maps.shape[0] != class_ids.shape[0]:
+            raise ValueError(f"maps {maps.shape} do not match {class_ids.shape[0]} class ids")
+        if not np.isfinite(maps).all():
+            raise WeakTrError(f"CAMs of image {image_id!r} contain NaN or inf")
+        self._create(image_id, maps.astype(np.float16), {"class_ids": class_ids.astype(np.int16)})
+
+    def write_labels(self, image_id: str, label: np.ndarray) -> None:
+        """Add one image's (H, W) uint8 label map (255 = ignore)."""
+        label = np.asarray(label)
+        if label.ndim != 2:
+            raise ValueError(f"label map must be 2-D, got {label.shape}")
+        if label.dtype != np.uint8:
+            if label.size and (label.min() < 0 or label.max() > 255):
+                raise ValueError("label values must fit in uint8")
+            label = label.astype(np.uint8)
+        self._create(image_id, label, {})
+
+    def _create(self, image_id: str, data: np.ndarray, attrs: dict[str, np.ndarray]) -> None:
+        name = _encode_id(image_id)
+        if name in self._group:
+            del self._group[name]
+        compress = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+        ds = self._group.create_dataset(name, data=data, **(compress if data.size else {}))
+        for key, value in attrs.items():
+            ds.attrs[key] = value
+        self.done_ids.add(image_id)
+        # Flush per image so a killed run loses at most the image in flight.
+        self._h5.flush()
+
+    def finalize(self) -> Path:
+        """Close, fsync and atomically move the partial file to the final path."""
+        self._h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(
+            timespec="seconds"
+        )
+        self._h5.close()
+        with open(self.partial_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.partial_path, self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close without finishing; the partial file stays for a later resume."""
+        if self._h5.id.valid:
+            self._h5.close()
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close()
+
+
+def copy_entries(reader: ArtifactReader, writer: ArtifactWriter, ids: Iterable[str]) -> None:
+    """Copy entries verbatim (no re-encoding) from one artifact to another of the same kind."""
+    for image_id in ids:
+        if image_id in writer.done_ids:
+            continue
+        name = _encode_id(image_id)
+        reader._h5.copy(reader._group[name], writer._group, name=name)
+        writer.done_ids.add(image_id)
+    writer._h5.flush()
+
+
+def merge_artifacts(
+    inputs: list[Path], out_path: Path, *, order: list[str] | None = None
+) -> Path:
+    """Merge shard artifacts of the same kind, dataset, split and classes into one file.
+
+    Entries keep the order of `order` when given (e.g. the dataset's ids), else shard order.
+    Duplicate ids across shards are an error.
+    """
+    if not inputs:
+        raise WeakTrError("nothing to merge: no input artifacts given")
+    readers = [open_artifact(p) for p in inputs]
+    try:
+        first = readers[0].meta
+        owner: dict[str, ArtifactReader] = {}
+        for reader in readers:
+            if not reader.meta.same_content_as(first):
+                raise WeakTrError(
+                    f"{reader.path} does not match {readers[0].path}: kind, dataset, split "
+                    "and class names must be equal to merge"
+                )
+            for image_id in reader.ids:
+                if image_id in owner:
+                    raise WeakTrError(
+                        f"image {image_id!r} is in both {owner[image_id].path} and {reader.path}"
+                    )
+                owner[image_id] = reader
+        ids = [i for i in order if i in owner] if order is not None else list(owner)
+        meta = new_meta(
+            first.kind,
+            first.dataset,
+            first.split,
+            first.class_names,
+            seed=first.seed,
+            config={**first.config, "merged_from": len(inputs)},
+            parents=inputs,
+        )
+        with ArtifactWriter(out_path, meta, resume=False) as writer:
+            for image_id in ids:
+                copy_entries(owner[image_id], writer, [image_id])
+            return writer.finalize()
+    finally:
+        for reader in readers:
+            reader.close()

@@ -1,0 +1,1 @@
+"""The thin CLI layer: one module per subcommand, registered in `app.py`."""

@@ -1,0 +1,83 @@
+"""The `weaktr` Typer app: registers every subcommand and holds the one error boundary."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from weaktr_cli import __version__
+from weaktr_cli.commands import data, evaluate, inspect, merge
+from weaktr_cli.errors import WeakTrError
+
+app = typer.Typer(
+    name="weaktr",
+    help="WeakTr weakly-supervised semantic segmentation: image-level labels in, "
+    "a segmentation model out.\n\n"
+    "Phases exchange HDF5 artifacts: train-cam -> dump-cams -> crf -> retrain -> evaluate.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"weaktr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
+) -> None:
+    """WeakTr weakly-supervised semantic segmentation toolkit."""
+
+
+app.command("evaluate", help=evaluate.HELP)(evaluate.evaluate)
+app.command("inspect", help=inspect.HELP)(inspect.inspect)
+app.command("merge", help=merge.HELP)(merge.merge)
+app.add_typer(data.app, name="data")
+
+
+def _fail(message: str, hint: str | None = None, code: int = 1) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}")
+    if hint:
+        console.print(f"[dim]hint: {escape(hint)}[/]")
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console-script entry: run the app; turn known failures into one line and an exit code."""
+    import click
+
+    debug = os.environ.get("WEAKTR_DEBUG") == "1"
+    try:
+        code = app(standalone_mode=False, prog_name="weaktr")
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:  # usage errors: exit 2 with click's message
+        exc.show()
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail("interrupted", "rerun the same command to resume where it stopped", code=130)
+        return
+    except WeakTrError as exc:
+        if debug:
+            raise
+        _fail(exc.message, exc.hint)
+        return
+    except Exception as exc:
+        if debug:
+            raise
+        _fail(f"unexpected {type(exc).__name__}: {exc}", "rerun with WEAKTR_DEBUG=1 for the traceback")
+        return
+    sys.exit(code if isinstance(code, int) else 0)

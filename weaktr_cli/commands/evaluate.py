@@ -1,0 +1,80 @@
+"""`weaktr evaluate`: mIoU of a CAM, seed or prediction artifact against ground truth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from weaktr_cli.commands import options
+from weaktr_cli.commands.output import Output
+
+HELP = """Score an artifact against the dataset's pixel ground truth.
+
+A [bold]labels[/] artifact (seeds, predictions) gets per-class IoU, precision, recall, mIoU and
+pixel accuracy; a [bold]cams[/] artifact gets a background-threshold sweep and the table of the
+best threshold. The dataset and split default to those the artifact was made from.
+
+[dim]Examples:[/]
+  weaktr evaluate cams.h5
+  weaktr evaluate seeds.h5 --data voc --data-root ~/VOCdevkit --split train
+  weaktr evaluate preds.h5 --json --out metrics.json
+"""
+
+
+def evaluate(
+    artifact: Annotated[Path, typer.Argument(help="A cams or labels HDF5 artifact.")],
+    data: options.DataOptional = None,
+    data_root: options.DataRoot = None,
+    split: options.SplitOptional = None,
+    thresholds: Annotated[
+        str,
+        typer.Option(help="Background thresholds for CAMs: start:stop:step or a comma list."),
+    ] = "0.30:0.60:0.01",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the metrics JSON here.")
+    ] = None,
+    json_mode: options.Json = False,
+    quiet: options.Quiet = False,
+) -> None:
+    from weaktr_cli.artifacts import open_artifact
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.evaluation import evaluate_artifact, parse_thresholds
+
+    output = Output(json_mode=json_mode, quiet=quiet)
+    sweep = parse_thresholds(thresholds)
+    with open_artifact(artifact) as reader:
+        dataset = open_dataset(data or reader.meta.dataset, split or reader.meta.split, data_root)
+        with output.progress(f"evaluate {artifact.name}", len(reader)) as update:
+            result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update)
+    payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,
+               **result.to_dict()}
+    if out is not None:
+        from weaktr_cli.io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(payload, indent=2))
+    output.result(payload, lambda console: render(console, payload))
+
+
+def render(console: Console, payload: dict) -> None:
+    title = f"{payload['artifact']}: {payload['kind']} on {payload['dataset']}/{payload['split']}"
+    if payload.get("best_threshold") is not None:
+        title += f" (best background threshold {payload['best_threshold']:.2f})"
+    table = Table(title=title)
+    for column in ("class", "IoU", "precision", "recall"):
+        table.add_column(column, justify="left" if column == "class" else "right")
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    for row in payload["per_class"]:
+        table.add_row(row["name"], fmt(row["iou"]), fmt(row["precision"]), fmt(row["recall"]))
+    table.add_section()
+    table.add_row("[bold]mIoU[/]", f"[bold]{fmt(payload['miou'])}[/]", "", "")
+    table.add_row("pixel accuracy", fmt(payload["pixel_accuracy"]), "", "")
+    console.print(table)
+    console.print(f"images: {payload['num_images']}")

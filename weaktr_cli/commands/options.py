@@ -1,0 +1,71 @@
+"""Option aliases shared by every command, so a flag means the same thing everywhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Data = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="Dataset: shapes (built-in, synthetic), voc or coco.",
+        rich_help_panel="Data",
+    ),
+]
+DataOptional = Annotated[
+    str | None,
+    typer.Option(
+        "--data",
+        help="Dataset: shapes, voc or coco [default: the one the artifact was made from].",
+        rich_help_panel="Data",
+    ),
+]
+DataRoot = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="Dataset folder (VOCdevkit/VOC2012 or COCO root); env WEAKTR_DATA_ROOT. "
+        "For shapes: the cache folder.",
+        envvar="WEAKTR_DATA_ROOT",
+        rich_help_panel="Data",
+    ),
+]
+Split = Annotated[
+    str,
+    typer.Option("--split", help="Split name (train, val, train_aug) or a list file.",
+                 rich_help_panel="Data"),
+]
+SplitOptional = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        help="Split name or list file [default: the artifact's split].",
+        rich_help_panel="Data",
+    ),
+]
+Json = Annotated[
+    bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output")
+]
+Quiet = Annotated[
+    bool,
+    typer.Option("--quiet", "-q", help="No progress or logs on stderr.", rich_help_panel="Output"),
+]
+Seed = Annotated[int, typer.Option("--seed", help="Random seed; CPU runs are bit-identical.")]
+Device = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Compute")
+]
+Workers = Annotated[
+    int,
+    typer.Option("--workers", min=1, help="Worker processes.", rich_help_panel="Compute"),
+]
+Shard = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Process only shard K of N (K/N, 1-based); merge shards with `weaktr merge`.",
+        rich_help_panel="Compute",
+    ),
+]

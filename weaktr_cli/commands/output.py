@@ -1,0 +1,71 @@
+"""Where a command's words go: results to stdout (rich or JSON), chatter to stderr.
+
+Every command builds one `Output` from its `--json` / `--quiet` flags, so both flags mean the
+same everywhere: `--json` prints one JSON document on stdout and nothing else there;
+`--quiet` silences logs and progress bars (errors still print).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+
+class Output:
+    def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
+        self.json_mode = json_mode
+        self.quiet = quiet
+        self.out = Console(soft_wrap=True)
+        self.err = Console(stderr=True, quiet=quiet)
+
+    def log(self, message: str) -> None:
+        """A progress note on stderr (hidden by --quiet)."""
+        self.err.print(message, highlight=False)
+
+    def result(self, data: dict[str, Any], render: Callable[[Console], None]) -> None:
+        """Print a result: JSON with --json, else whatever `render` draws on stdout."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        else:
+            render(self.out)
+
+    def artifact(self, path: Path, data: dict[str, Any] | None = None) -> None:
+        """Announce a written artifact: its bare path on stdout, for `$(weaktr ...)` pipelines."""
+        payload = {"path": str(path), **(data or {})}
+        self.result(payload, lambda console: print(str(path)))
+
+    @contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+        """A stderr progress bar with ETA; yields `update(done, total)`. Silent off a TTY."""
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        enabled = not self.quiet and self.err.is_terminal
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.err,
+            disable=not enabled,
+            transient=False,
+        ) as bar:
+            task = bar.add_task(description, total=total)
+
+            def update(done: int, new_total: int | None = None, **fields: Any) -> None:
+                bar.update(task, completed=done, total=new_total or total, **fields)
+
+            yield update

@@ -1,0 +1,78 @@
+"""Dataset registry: `open_dataset("voc", "train", root)` and friends.
+
+Dataset roots come from `--data-root`, else `$WEAKTR_DATA_ROOT`; the built-in `shapes`
+dataset needs no root (it is generated into the cache on first use).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.errors import WeakTrError
+
+DATASETS = ("shapes", "voc", "coco")
+DEFAULT_SPLITS = {"shapes": "train", "voc": "train", "coco": "train"}
+
+__all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationDataset", "check_dataset", "open_dataset"]
+
+
+def resolve_root(name: str, root: str | Path | None) -> Path | None:
+    """The dataset root: the given one, else $WEAKTR_DATA_ROOT; required except for shapes."""
+    if root is None and os.environ.get("WEAKTR_DATA_ROOT"):
+        root = os.environ["WEAKTR_DATA_ROOT"]
+    if root is None:
+        if name == "shapes":
+            return None
+        raise WeakTrError(
+            f"dataset {name!r} needs a data root",
+            hint="pass --data-root DIR or set WEAKTR_DATA_ROOT",
+        )
+    path = Path(root).expanduser()
+    if not path.exists():
+        raise WeakTrError(f"data root {path} does not exist", hint="check --data-root")
+    return path
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise WeakTrError(f"unknown dataset {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
+
+
+def open_dataset(name: str, split: str, root: str | Path | None = None) -> SegmentationDataset:
+    """Open split `split` of dataset `name` ("shapes", "voc" or "coco")."""
+    _check_name(name)
+    path = resolve_root(name, root)
+    if name == "shapes":
+        from weaktr_cli.data.shapes import open_shapes
+
+        return open_shapes(split, root=path)
+    if name == "voc":
+        from weaktr_cli.data.voc import VocDataset
+
+        assert path is not None
+        return VocDataset(path, split)
+    from weaktr_cli.data.coco import CocoDataset
+
+    assert path is not None
+    return CocoDataset(path, split)
+
+
+def check_dataset(name: str, root: str | Path | None = None) -> list[str]:
+    """Problems with a dataset layout, as human-readable lines (empty when it is usable)."""
+    _check_name(name)
+    path = resolve_root(name, root)
+    if name == "shapes":
+        from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
+        from weaktr_cli.data.voc import check_voc_layout
+
+        return check_voc_layout(ensure_shapes(ShapesConfig(), cache_dir=path))
+    assert path is not None
+    if name == "voc":
+        from weaktr_cli.data.voc import check_voc_layout
+
+        return check_voc_layout(path)
+    from weaktr_cli.data.coco import check_coco_layout
+
+    return check_coco_layout(path)

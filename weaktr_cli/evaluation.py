@@ -1,0 +1,126 @@
+"""Score an artifact against a dataset's pixel ground truth, streaming one image at a time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from weaktr_cli.artifacts import ArtifactReader
+from weaktr_cli.data.base import SegmentationDataset
+from weaktr_cli.errors import WeakTrError
+from weaktr_cli.metrics import ConfusionMatrix, Scores, ThresholdSweep
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Evaluation:
+    """Result of `evaluate_artifact`: the scores, and for CAMs the whole threshold sweep."""
+
+    kind: str
+    class_names: tuple[str, ...]
+    num_images: int
+    scores: Scores
+    threshold: float | None = None
+    sweep: list[tuple[float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {"kind": self.kind, "num_images": self.num_images}
+        if self.threshold is not None:
+            out["best_threshold"] = self.threshold
+            out["sweep"] = [{"threshold": t, "miou": round(m * 100, 4)} for t, m in self.sweep]
+        out.update(self.scores.to_dict(self.class_names))
+        return out
+
+
+def check_compatible(reader: ArtifactReader, dataset: SegmentationDataset) -> None:
+    """Fail clearly when an artifact cannot be scored against `dataset`."""
+    if reader.meta.num_classes != dataset.num_classes:
+        raise WeakTrError(
+            f"{reader.path} has {reader.meta.num_classes} classes, dataset {dataset.name!r} has "
+            f"{dataset.num_classes}",
+            hint="evaluate against the dataset the artifact was made from (see `weaktr inspect`)",
+        )
+    if not dataset.has_masks:
+        raise WeakTrError(
+            f"dataset {dataset.name!r} split {dataset.split!r} has no pixel ground truth to score"
+        )
+    known = set(dataset.ids)
+    missing = [i for i in reader.ids if i not in known]
+    if missing:
+        raise WeakTrError(
+            f"{len(missing)} ids of {reader.path} are not in {dataset.name}/{dataset.split} "
+            f"(first: {missing[0]!r})",
+            hint="pass the --data/--split the artifact was made from",
+        )
+
+
+def evaluate_artifact(
+    reader: ArtifactReader,
+    dataset: SegmentationDataset,
+    *,
+    thresholds: Sequence[float] | None = None,
+    progress: Progress | None = None,
+) -> Evaluation:
+    """Score a `labels` artifact, or sweep background thresholds for a `cams` artifact."""
+    check_compatible(reader, dataset)
+    total = len(reader)
+    if total == 0:
+        raise WeakTrError(f"{reader.path} holds no images")
+    n = dataset.num_classes
+    if reader.kind == "labels":
+        matrix = ConfusionMatrix(n)
+        for done, image_id in enumerate(reader.ids, 1):
+            matrix.update(reader.read_labels(image_id), _ground_truth(dataset, image_id))
+            if progress:
+                progress(done, total)
+        return Evaluation("labels", dataset.class_names, total, matrix.scores())
+
+    if thresholds is None or len(thresholds) == 0:
+        raise WeakTrError("no background thresholds to sweep")
+    sweep = ThresholdSweep(n, thresholds)
+    for done, image_id in enumerate(reader.ids, 1):
+        record = reader.read_cams(image_id)
+        sweep.update(record.class_ids, record.maps, _ground_truth(dataset, image_id))
+        if progress:
+            progress(done, total)
+    results = sweep.results()
+    # Best by mIoU; the lowest threshold wins ties so the choice is deterministic.
+    best_t, best = max(results, key=lambda r: (np.nan_to_num(r[1].miou, nan=-1.0), -r[0]))
+    return Evaluation(
+        "cams",
+        dataset.class_names,
+        total,
+        best,
+        threshold=best_t,
+        sweep=[(t, s.miou) for t, s in results],
+    )
+
+
+def _ground_truth(dataset: SegmentationDataset, image_id: str) -> np.ndarray:
+    mask = dataset.load_mask(image_id)
+    if mask is None:
+        raise WeakTrError(f"image {image_id!r} has no ground-truth mask")
+    return mask
+
+
+def parse_thresholds(text: str) -> list[float]:
+    """"0.3:0.6:0.01" (start:stop:step, stop included) or "0.3,0.4,0.5" -> sorted thresholds."""
+    try:
+        if ":" in text:
+            start, stop, step = (float(x) for x in text.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(round((stop - start) / step)) + 1
+            values = [round(start + i * step, 6) for i in range(count)]
+        else:
+            values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise WeakTrError(
+            f"invalid thresholds {text!r}", hint="write start:stop:step or a comma list"
+        ) from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise WeakTrError(f"thresholds {text!r} must lie in [0, 1]")
+    return sorted(values)
