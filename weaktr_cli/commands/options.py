@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
+from weaktr_cli.data.names import DatasetName
+
 Data = Annotated[
-    str,
+    DatasetName,
     typer.Option(
         "--data",
         help="Dataset: shapes (built-in, synthetic), voc or coco.",
@@ -16,7 +18,7 @@ Data = Annotated[
     ),
 ]
 DataOptional = Annotated[
-    str | None,
+    DatasetName | None,
     typer.Option(
         "--data",
         help="Dataset: shapes, voc or coco [default: the one the artifact was made from].",

@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.data.names import DatasetName
 from weaktr_cli.errors import WeakTrError
 
-DATASETS = ("shapes", "voc", "coco")
+DATASETS = tuple(d.value for d in DatasetName)
 DEFAULT_SPLITS = {"shapes": "train", "voc": "train", "coco": "train"}
 
 __all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationDataset", "check_dataset", "open_dataset"]
@@ -35,14 +36,16 @@ def resolve_root(name: str, root: str | Path | None) -> Path | None:
     return path
 
 
-def _check_name(name: str) -> None:
+def _check_name(name: str) -> str:
+    name = str(name)
     if name not in DATASETS:
         raise WeakTrError(f"unknown dataset {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
+    return name
 
 
 def open_dataset(name: str, split: str, root: str | Path | None = None) -> SegmentationDataset:
     """Open split `split` of dataset `name` ("shapes", "voc" or "coco")."""
-    _check_name(name)
+    name = _check_name(name)
     path = resolve_root(name, root)
     if name == "shapes":
         from weaktr_cli.data.shapes import open_shapes
@@ -61,7 +64,7 @@ def open_dataset(name: str, split: str, root: str | Path | None = None) -> Segme
 
 def check_dataset(name: str, root: str | Path | None = None) -> list[str]:
     """Problems with a dataset layout, as human-readable lines (empty when it is usable)."""
-    _check_name(name)
+    name = _check_name(name)
     path = resolve_root(name, root)
     if name == "shapes":
         from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes

@@ -1,0 +1,495 @@
+"""PASCAL VOC 2012 (and any dataset laid out like it) as a `SegmentationDataset`.
+
+Layout, under the *dataset folder* (the one holding JPEGImages; `root` may be that folder,
+`VOCdevkit/`, or a folder containing `VOCdevkit/VOC2012`)::
+
+    JPEGImages/<id>.jpg            (or <id>.png: lossless images, e.g. our synthetic dataset)
+    SegmentationClass/<id>.png     palette PNGs, pixel = class id, 255 = ignore (object borders)
+    SegmentationClassAug/<id>.png  optional, the 10,582-image augmented set; preferred when present
+    Annotations/<id>.xml           optional, object names give image-level labels
+    ImageSets/Segmentation/{train,val,trainval,train_aug|trainaug}.txt
+    cls_labels.npy | cls_labels.json   optional, here or in the parent folder (see below)
+    weaktr_dataset.json            optional, names the classes (see below)
+
+List files hold one image per line, either "<id>" or the DeepLab style
+"/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"; the id is taken from the first column.
+
+Bring your own dataset: lay it out as above and add `weaktr_dataset.json`::
+
+    {"name": "shapes", "class_names": ["background", "circle", "square"]}
+
+`class_names[i]` names class id i: index 0 must be "background", at most 255 entries (255 is
+the ignore id), "" marks an unused id. Without this file the 20 VOC classes are used.
+
+Image-level labels (`label_source`):
+- "masks": the class ids present in the mask (0 and 255 excluded);
+- "xml": `Annotations/<id>.xml` object names;
+- "cls_labels": the community file `cls_labels.npy`, a pickled dict id -> float32[C-1]
+  (entry i is class id i+1), or `cls_labels.json`, either {"classes": [...], "multi_hot":
+  {id: [0/1, ...]}} or {"classes": [...], "labels": {id: [name, ...]}} or {id: [0/1, ...]};
+- "auto": per image, the cls_labels entry if there is one, else the mask, else the XML.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.data.images import read_label_png, read_rgb
+from weaktr_cli.errors import WeakTrError
+
+VOC_CLASSES: tuple[str, ...] = (
+    "background",
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+DATASET_INFO_FILE = "weaktr_dataset.json"
+LABEL_SOURCES = ("auto", "masks", "xml", "cls_labels")
+CLS_LABEL_FILES = ("cls_labels.npy", "cls_labels.json")
+_IMAGE_SUFFIXES = (".jpg", ".png")
+_MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
+_LAYOUT_HINT = (
+    "expected a PASCAL VOC layout: VOC2012/{JPEGImages, SegmentationClass, "
+    "ImageSets/Segmentation}; pass the VOC2012 folder, VOCdevkit/ or the folder holding VOCdevkit"
+)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def resolve_voc_root(root: str | Path) -> Path:
+    """The dataset folder (the one holding JPEGImages) for `root`, VOCdevkit/ or its parent."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise WeakTrError(f"dataset folder {root} does not exist", hint="check the --data path")
+    candidates = [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"]
+    for cand in candidates:
+        if (cand / "JPEGImages").is_dir():
+            return cand
+    looked = ", ".join(str(c / "JPEGImages") for c in candidates)
+    raise WeakTrError(f"no JPEGImages folder under {root} (looked for {looked})", hint=_LAYOUT_HINT)
+
+
+_INFO_HINT = 'expected {"name": "mydata", "class_names": ["background", "cat", ...]}'
+
+
+def read_dataset_info(folder: str | Path) -> tuple[str, tuple[str, ...]] | None:
+    """(name, class_names) from `folder/weaktr_dataset.json`, or None when there is no such file."""
+    path = Path(folder) / DATASET_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise WeakTrError(f"cannot read {path}: {exc}", hint=_INFO_HINT) from exc
+    return _check_info(info, path)
+
+
+def _check_info(info: Any, path: Path) -> tuple[str, tuple[str, ...]]:
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise WeakTrError(f"{path} has no list of strings 'class_names'", hint=_INFO_HINT)
+    if len(names) < 2 or names[0] != "background":
+        raise WeakTrError(
+            f"{path}: class_names must start with 'background' and name at least one class",
+            hint=_INFO_HINT,
+        )
+    if len(names) > IGNORE_INDEX:
+        raise WeakTrError(
+            f"{path}: {len(names)} classes, at most {IGNORE_INDEX} fit uint8 label maps",
+            hint="255 is the ignore id; use ids 0..254",
+        )
+    used = [n for n in names if n]
+    if len(set(used)) != len(used):
+        dup = sorted({n for n in used if used.count(n) > 1})
+        raise WeakTrError(f"{path}: repeated class names {dup}", hint=_INFO_HINT)
+    name = info.get("name", "")
+    if not isinstance(name, str):
+        raise WeakTrError(f"{path}: 'name' must be a string", hint=_INFO_HINT)
+    return name, tuple(names)
+
+
+def write_dataset_info(folder: str | Path, name: str, class_names: Iterable[str]) -> Path:
+    """Write `folder/weaktr_dataset.json` describing a VOC-layout dataset; returns its path."""
+    path = Path(folder) / DATASET_INFO_FILE
+    payload = {"name": name, "class_names": list(class_names)}
+    _check_info(payload, path)  # refuse to write a file we would later reject
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
+def available_splits(data_dir: Path) -> list[str]:
+    """Names of the list files in `data_dir/ImageSets/Segmentation` (without .txt), sorted."""
+    seg = data_dir / "ImageSets" / "Segmentation"
+    if not seg.is_dir():
+        return []
+    return sorted(p.stem for p in seg.glob("*.txt") if p.is_file())
+
+
+def resolve_split_file(data_dir: Path, split: str) -> Path:
+    """The list file for a split name ("train", "train_aug", ...) or a list-file path."""
+    seg = data_dir / "ImageSets" / "Segmentation"
+    as_path = Path(split).expanduser()
+    if "/" in split or os.sep in split or as_path.suffix == ".txt":
+        if as_path.is_file():
+            return as_path
+        raise WeakTrError(
+            f"split list file {as_path} not found", hint="pass a split name or an existing file"
+        )
+    names = ["train_aug", "trainaug"] if split in ("train_aug", "trainaug") else [split]
+    for n in names:
+        if (seg / f"{n}.txt").is_file():
+            return seg / f"{n}.txt"
+    found = available_splits(data_dir)
+    raise WeakTrError(
+        f"no list file for split '{split}' (looked for "
+        + ", ".join(str(seg / f"{n}.txt") for n in names)
+        + ")",
+        hint=f"splits found: {', '.join(found) if found else 'none'}; "
+        "or pass the path of a list file",
+    )
+
+
+def read_list_file(path: Path) -> list[str]:
+    """Image ids of a list file: one per line, "id" or "/JPEGImages/id.jpg /Seg.../id.png"."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeakTrError(f"cannot read split list {path}: {exc}") from exc
+    ids: list[str] = []
+    seen: set[str] = set()
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        image_id = fields[0].rsplit("/", 1)[-1]
+        for suffix in (".jpg", ".jpeg", ".png"):
+            if image_id.lower().endswith(suffix):
+                image_id = image_id[: -len(suffix)]
+                break
+        if image_id in seen:
+            raise WeakTrError(
+                f"split list {path} repeats id {image_id}", hint="remove the duplicate line"
+            )
+        seen.add(image_id)
+        ids.append(image_id)
+    if not ids:
+        raise WeakTrError(f"split list {path} is empty")
+    return ids
+
+
+def _index_folder(folder: Path, suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """stem -> path for the files of `folder` with one of `suffixes` (first suffix wins).
+
+    One directory listing instead of a stat per id: cheap even for 17k JPEGs.
+    """
+    if not folder.is_dir():
+        return {}
+    index: dict[str, Path] = {}
+    with os.scandir(folder) as entries:
+        names = sorted(e.name for e in entries)
+    for rank in range(len(suffixes)):
+        for fname in names:
+            stem, dot, ext = fname.rpartition(".")
+            if dot and "." + ext.lower() == suffixes[rank] and stem not in index:
+                index[stem] = folder / fname
+    return index
+
+
+def find_cls_labels(data_dir: Path) -> Path | None:
+    """The first cls_labels.npy / cls_labels.json in the dataset folder, then its parent."""
+    for folder in (data_dir, data_dir.parent):
+        for fname in CLS_LABEL_FILES:
+            if (folder / fname).is_file():
+                return folder / fname
+    return None
+
+
+def load_cls_labels(path: Path, class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """id -> float32 multi-hot vector of length len(class_names) - 1 (entry i = class id i+1)."""
+    n_fg = len(class_names) - 1
+    raw: Any
+    try:
+        if path.suffix == ".npy":
+            # The community file is a pickled dict (np.save of a dict); we only read a file the
+            # user placed in their own dataset folder, so allowing pickle here is acceptable.
+            raw = np.load(path, allow_pickle=True).item()
+        else:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, EOFError) as exc:
+        raise WeakTrError(f"cannot read image-level labels {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise WeakTrError(f"{path} is not a dict of image id -> labels")
+    if "classes" in raw and list(raw["classes"]) != list(class_names[1:]):
+        raise WeakTrError(
+            f"{path} lists classes {list(raw['classes'])[:5]}... "
+            f"({len(raw['classes'])}), the dataset has {list(class_names[1:6])}... ({n_fg})",
+            hint="the labels file was made for another dataset or class order",
+        )
+    out: dict[str, np.ndarray] = {}
+    if "labels" in raw and "multi_hot" not in raw:
+        index = {name: i for i, name in enumerate(class_names) if name}
+        for key, names in raw["labels"].items():
+            vec = np.zeros(n_fg, dtype=np.float32)
+            for name in names:
+                if name not in index or index[name] == 0:
+                    raise WeakTrError(
+                        f"{path}: image {key} has label '{name}', not a class of this dataset",
+                        hint=f"classes: {', '.join(n for n in class_names[1:] if n)}",
+                    )
+                vec[index[name] - 1] = 1.0
+            out[str(key)] = vec
+        return out
+    table = (
+        raw["multi_hot"] if "multi_hot" in raw else {k: v for k, v in raw.items() if k != "classes"}
+    )
+    for key, value in table.items():
+        image_id = key.decode() if isinstance(key, bytes) else str(key)
+        vec = np.asarray(value, dtype=np.float32).reshape(-1)
+        if vec.shape[0] != n_fg:
+            raise WeakTrError(
+                f"{path}: label vector of {image_id} has {vec.shape[0]} entries, the dataset has "
+                f"{n_fg} foreground classes",
+                hint="class-count mismatch: the labels file was made for another dataset",
+            )
+        out[image_id] = vec
+    return out
+
+
+def _labels_from_xml(path: Path, class_names: tuple[str, ...]) -> np.ndarray:
+    index = {name: i for i, name in enumerate(class_names) if name}
+    try:
+        tree = ET.parse(path)
+    except (OSError, ET.ParseError) as exc:
+        raise WeakTrError(f"cannot read annotation {path}: {exc}") from exc
+    ids: set[int] = set()
+    # Only object/name: person-layout parts (<part><name>hand</name>) are not classes.
+    for obj in tree.getroot().findall("object"):
+        name = (obj.findtext("name") or "").strip()
+        if name not in index or index[name] == 0:
+            raise WeakTrError(
+                f"{path}: object name '{name}' is not a class of this dataset",
+                hint=f"classes: {', '.join(n for n in class_names[1:] if n)}",
+            )
+        ids.add(index[name])
+    return np.array(sorted(ids), dtype=np.int64)
+
+
+def _labels_from_mask(mask: np.ndarray, path: Path, num_classes: int) -> np.ndarray:
+    present = np.unique(mask)
+    present = present[(present != 0) & (present != IGNORE_INDEX)]
+    if present.size and int(present.max()) >= num_classes:
+        raise WeakTrError(
+            f"mask {path} holds class id {int(present.max())}, the dataset has {num_classes} "
+            "classes",
+            hint=f"add the classes to {DATASET_INFO_FILE} or fix the mask",
+        )
+    return present.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+class VocDataset(SegmentationDataset):
+    """A split of a VOC-layout dataset.
+
+    Attributes beyond `SegmentationDataset`: `root` (the dataset folder holding JPEGImages),
+    `list_file` (the split's list file), `label_source`, `cls_labels_file` (or None).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        label_source: str = "auto",
+        name: str = "voc",
+    ) -> None:
+        if label_source not in LABEL_SOURCES:
+            raise WeakTrError(
+                f"unknown label source '{label_source}'", hint=f"use one of {LABEL_SOURCES}"
+            )
+        self.root = resolve_voc_root(root)
+        self.split = split
+        self.label_source = label_source
+        info = read_dataset_info(self.root)
+        self.name = (info[0] or name) if info else name
+        self.class_names = info[1] if info else VOC_CLASSES
+        self.list_file = resolve_split_file(self.root, split)
+        self.ids = read_list_file(self.list_file)
+
+        images = _index_folder(self.root / "JPEGImages", _IMAGE_SUFFIXES)
+        missing = [i for i in self.ids if i not in images]
+        if missing:
+            raise WeakTrError(
+                f"{len(missing)} ids of {self.list_file.name} have no image in "
+                f"{self.root / 'JPEGImages'} (first: {missing[0]})",
+                hint="expected JPEGImages/<id>.jpg or <id>.png; check the list file and dataset",
+            )
+        self._images = {i: images[i] for i in self.ids}
+
+        self.cls_labels_file = find_cls_labels(self.root)
+        if label_source == "cls_labels" and self.cls_labels_file is None:
+            raise WeakTrError(
+                f"no {' or '.join(CLS_LABEL_FILES)} in {self.root} or {self.root.parent}",
+                hint="use label_source 'masks' or 'xml', or place the file there",
+            )
+        self._cls_labels: dict[str, np.ndarray] | None = None
+        self._masks: dict[str, Path | None] | None = None
+        self._labels: dict[str, np.ndarray] = {}
+
+    # -- pixels
+
+    def image_path(self, image_id: str) -> Path:
+        """Path of the image file of `image_id`."""
+        return self._images[image_id]
+
+    def mask_path(self, image_id: str) -> Path | None:
+        """SegmentationClassAug/<id>.png if there, else SegmentationClass/<id>.png, else None."""
+        if self._masks is None:
+            indexes = [_index_folder(self.root / d, (".png",)) for d in _MASK_DIRS]
+            self._masks = {i: next((ix[i] for ix in indexes if i in ix), None) for i in self.ids}
+        if image_id in self._masks:
+            return self._masks[image_id]
+        for d in _MASK_DIRS:  # an id outside the split (e.g. via subset of another split)
+            if (self.root / d / f"{image_id}.png").is_file():
+                return self.root / d / f"{image_id}.png"
+        return None
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        """(H, W, 3) uint8 RGB, C-contiguous and writable."""
+        return read_rgb(self._images[image_id])
+
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        """(H, W) uint8 class ids with 255 = ignore, or None when the image has no mask."""
+        path = self.mask_path(image_id)
+        return None if path is None else read_label_png(path)
+
+    @property
+    def has_masks(self) -> bool:
+        """True when every id of the split has a mask PNG."""
+        return all(self.mask_path(i) is not None for i in self.ids)
+
+    # -- image-level labels
+
+    def image_labels(self, image_id: str) -> np.ndarray:
+        """Sorted int64 foreground class ids of the image (never 0 or 255)."""
+        if image_id not in self._labels:
+            self._labels[image_id] = self._read_labels(image_id)
+        return self._labels[image_id].copy()
+
+    def _cls_table(self) -> dict[str, np.ndarray]:
+        if self._cls_labels is None:
+            assert self.cls_labels_file is not None
+            self._cls_labels = load_cls_labels(self.cls_labels_file, self.class_names)
+        return self._cls_labels
+
+    def _read_labels(self, image_id: str) -> np.ndarray:
+        src = self.label_source
+        if src in ("cls_labels", "auto") and self.cls_labels_file is not None:
+            table = self._cls_table()
+            if image_id in table:
+                return (np.flatnonzero(table[image_id] > 0.5) + 1).astype(np.int64)
+            if src == "cls_labels":
+                raise WeakTrError(
+                    f"image {image_id} is not in {self.cls_labels_file}",
+                    hint="use label_source 'masks' or 'xml', or regenerate the labels file",
+                )
+        if src in ("masks", "auto"):
+            path = self.mask_path(image_id)
+            if path is not None:
+                return _labels_from_mask(read_label_png(path), path, self.num_classes)
+            if src == "masks":
+                raise WeakTrError(
+                    f"image {image_id} has no mask in {self.root}/{{{','.join(_MASK_DIRS)}}}",
+                    hint="use label_source 'xml' or 'cls_labels'",
+                )
+        xml = self.root / "Annotations" / f"{image_id}.xml"
+        if xml.is_file():
+            return _labels_from_xml(xml, self.class_names)
+        if src == "xml":
+            raise WeakTrError(
+                f"image {image_id} has no annotation {xml}",
+                hint="use label_source 'masks' or 'cls_labels'",
+            )
+        raise WeakTrError(
+            f"no image-level labels for {image_id}: no cls_labels entry, no mask, no "
+            "Annotations XML",
+            hint="add cls_labels.npy/json, SegmentationClass masks or Annotations XML files",
+        )
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def _first(ids: list[str], what: str, list_name: str) -> str:
+    return f"{len(ids)} ids of {list_name} have {what} (first: {ids[0]})"
+
+
+def check_voc_layout(root: str | Path) -> list[str]:
+    """Human-readable problems of a VOC-layout dataset; an empty list means it looks fine.
+
+    Checks: the folders, weaktr_dataset.json, the train/val lists, and for every list file of
+    ImageSets/Segmentation the ids without image, without mask and without any image-level label
+    source. Reads no pixels, so it is fast on the full 17k-image VOC.
+    """
+    try:
+        data = resolve_voc_root(root)
+    except WeakTrError as exc:
+        return [exc.message]
+    problems: list[str] = []
+    class_names = VOC_CLASSES
+    try:
+        info = read_dataset_info(data)
+        if info:
+            class_names = info[1]
+    except WeakTrError as exc:
+        problems.append(exc.message)
+    seg = data / "ImageSets" / "Segmentation"
+    for split in ("train", "val"):
+        if not (seg / f"{split}.txt").is_file():
+            problems.append(f"missing ImageSets/Segmentation/{split}.txt")
+
+    cls_table: dict[str, np.ndarray] = {}
+    cls_file = find_cls_labels(data)
+    if cls_file is not None:
+        try:
+            cls_table = load_cls_labels(cls_file, class_names)
+        except WeakTrError as exc:
+            problems.append(exc.message)
+    images = _index_folder(data / "JPEGImages", _IMAGE_SUFFIXES)
+    masks: dict[str, Path] = {}
+    for d in reversed(_MASK_DIRS):  # Aug last so it wins, as in VocDataset
+        masks.update(_index_folder(data / d, (".png",)))
+    xmls = _index_folder(data / "Annotations", (".xml",))
+
+    for split in available_splits(data):
+        list_name = f"{split}.txt"
+        try:
+            ids = read_list_file(seg / list_name)
+        except WeakTrError as exc:
+            problems.append(exc.message)
+            continue
+        no_image = [i for i in ids if i not in images]
+        if no_image:
+            problems.append(_first(no_image, "no image", list_name))
+        if split != "test":  # the VOC test set ships without masks by design
+            no_mask = [i for i in ids if i not in masks]
+            if no_mask:
+                aug = (
+                    "" if (data / "SegmentationClassAug").is_dir() else "; no SegmentationClassAug/"
+                )
+                problems.append(_first(no_mask, "no mask", list_name) + aug)
+        no_label = [i for i in ids if i not in cls_table and i not in masks and i not in xmls]
+        if no_label:
+            problems.append(_first(no_label, "no image-level labels", list_name))
+    return problems
