@@ -4,6 +4,9 @@ _weaktr() {
     local path="weaktr" i
     for ((i = 1; i < COMP_CWORD; i++)); do
         case "$path ${COMP_WORDS[i]}" in
+            "weaktr train-cam") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr dump-cams") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr crf") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr evaluate") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr inspect") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr merge") path="$path ${COMP_WORDS[i]}" ;;
@@ -13,12 +16,18 @@ _weaktr() {
     done
     local words=
     case "$path $prev" in
+        "weaktr train-cam --data") words="shapes voc coco" ;;
+        "weaktr dump-cams --data") words="shapes voc coco" ;;
+        "weaktr crf --data") words="shapes voc coco" ;;
         "weaktr evaluate --data") words="shapes voc coco" ;;
         "weaktr data check --data") words="shapes voc coco" ;;
     esac
     if [[ -z $words ]]; then
         case "$path" in
-            "weaktr") words="evaluate inspect merge data --version" ;;
+            "weaktr") words="train-cam dump-cams crf evaluate inspect merge data --version" ;;
+            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --scales --flip --no-flip --variant --batch-size --precision --shard --resume --no-resume --device --json --quiet" ;;
+            "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
             "weaktr evaluate") words="--data --data-root --split --thresholds --out --json --quiet" ;;
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;

@@ -223,3 +223,12 @@ def test_merge_command_prints_path_only(capsys, tmp_path: Path) -> None:
     b = _labels_artifact(tmp_path / "b.h5", ["b"])
     result = run_cli(capsys, "merge", a, b, "--out", tmp_path / "ab.h5", "--quiet")
     assert result.code == 0 and result.stdout == f"{tmp_path / 'ab.h5'}\n"
+
+
+def test_cli_import_stays_light() -> None:
+    """`weaktr --help` and completion must not pay for torch, timm or h5py."""
+    code = ("import sys, weaktr_cli.commands.app; "
+            "print(sorted(m for m in ('torch', 'timm', 'h5py', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.strip()
+    assert out == "[]"

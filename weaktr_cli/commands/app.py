@@ -8,7 +8,8 @@ import sys
 import typer
 
 from weaktr_cli import __version__
-from weaktr_cli.commands import data, evaluate, inspect, merge
+from weaktr_cli.commands import crf, data, dump_cams, evaluate, inspect, merge, train_cam
+from weaktr_cli.commands.helptext import reflow
 from weaktr_cli.errors import WeakTrError
 
 app = typer.Typer(
@@ -39,9 +40,12 @@ def _root(
     """WeakTr weakly-supervised semantic segmentation toolkit."""
 
 
-app.command("evaluate", help=evaluate.HELP)(evaluate.evaluate)
-app.command("inspect", help=inspect.HELP)(inspect.inspect)
-app.command("merge", help=merge.HELP)(merge.merge)
+app.command("train-cam", help=reflow(train_cam.HELP))(train_cam.train_cam)
+app.command("dump-cams", help=reflow(dump_cams.HELP))(dump_cams.dump_cams)
+app.command("crf", help=reflow(crf.HELP))(crf.crf)
+app.command("evaluate", help=reflow(evaluate.HELP))(evaluate.evaluate)
+app.command("inspect", help=reflow(inspect.HELP))(inspect.inspect)
+app.command("merge", help=reflow(merge.HELP))(merge.merge)
 app.add_typer(data.app, name="data")
 
 

@@ -6,6 +6,7 @@ import typer
 from rich.console import Console
 
 from weaktr_cli.commands import options
+from weaktr_cli.commands.helptext import reflow
 from weaktr_cli.commands.output import Output
 from weaktr_cli.errors import WeakTrError
 
@@ -22,7 +23,7 @@ For [bold]shapes[/] this also generates the built-in dataset into the cache if n
 """
 
 
-@app.command("check", help=CHECK_HELP)
+@app.command("check", help=reflow(CHECK_HELP))
 def check(
     data: options.Data = "shapes",
     data_root: options.DataRoot = None,

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import typer
 
-from weaktr_cli.data.names import DatasetName
+from weaktr_cli.names import DatasetName
+
+__all__ = ["DatasetName"]
 
 Data = Annotated[
     DatasetName,

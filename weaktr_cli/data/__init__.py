@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
-from weaktr_cli.data.names import DatasetName
+from weaktr_cli.names import DatasetName
 from weaktr_cli.errors import WeakTrError
 
 DATASETS = tuple(d.value for d in DatasetName)

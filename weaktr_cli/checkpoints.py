@@ -1,0 +1,108 @@
+"""Self-describing checkpoints: safetensors weights plus a JSON header, no pickle.
+
+A checkpoint holds the model weights and, in the safetensors metadata key ``weaktr``, a JSON
+object: model kind ("cam" or "segmenter"), architecture, model options, class names, the
+training arguments, versions. Loading never executes code from the file. Training state for
+`--resume` (optimizer, scheduler, step, RNG) lives in a separate `<ckpt>.state` file loaded
+with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weaktr_cli import __version__
+from weaktr_cli.errors import WeakTrError
+
+META_KEY = "weaktr"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
+                    meta: dict[str, Any]) -> Path:
+    """Write weights + metadata atomically (temp file, fsync, rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    header = {"format_version": FORMAT_VERSION, "weaktr_version": __version__,
+              "torch_version": torch.__version__, **meta}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, default=str)})
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a weaktr checkpoint, without loading the weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeakTrError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+    except Exception as exc:  # safetensors raises its own error types
+        raise WeakTrError(
+            f"{path} is not a weaktr checkpoint (safetensors): {exc}",
+            hint="official WeakTr .pth checkpoints load with --reference-checkpoint",
+        ) from exc
+    if META_KEY not in metadata:
+        raise WeakTrError(f"{path} has no weaktr metadata", hint="was it written by weaktr?")
+    meta: dict[str, Any] = json.loads(metadata[META_KEY])
+    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        raise WeakTrError(f"{path} was written by a newer weaktr", hint="upgrade weaktr")
+    return meta
+
+
+def load_checkpoint(path: str | Path, kind: str | None = None
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, meta) of a weaktr checkpoint; `kind` checks the model kind."""
+    from safetensors.torch import load_file
+
+    meta = read_checkpoint_meta(path)
+    if kind is not None and meta.get("kind") != kind:
+        raise WeakTrError(
+            f"{path} is a {meta.get('kind')!r} checkpoint, but a {kind!r} checkpoint is needed",
+            hint="train-cam writes 'cam' checkpoints, retrain writes 'segmenter' ones",
+        )
+    return load_file(str(path)), meta
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
+    """Optimizer/scheduler/step/RNG state for --resume (tensors and plain values only)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_training_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeakTrError(f"no training state at {path} to resume from",
+                          hint="start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise WeakTrError(f"cannot read training state {path}: {exc}") from exc

@@ -1,0 +1,89 @@
+"""`weaktr dump-cams`: multi-scale + flip CAMs of a split into a `cams` artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weaktr_cli.commands import options
+from weaktr_cli.commands.output import Output
+
+HELP = """Run CAM inference over a split and stream the CAMs into an HDF5 artifact (phase 2).
+
+Multi-scale plus flip, the classes of each image's image-level label only, min-max normalised
+(METHOD.md). Resumable: rerun the same command after an interruption. Prints the artifact path.
+
+[dim]Examples:[/]
+  weaktr dump-cams --checkpoint cam.ckpt --out cams.h5
+  weaktr dump-cams --checkpoint cam.ckpt --data voc --data-root ~/VOCdevkit --split train_aug \\
+      --scales 1.0,1.2 --out cams.h5
+  weaktr dump-cams --reference-checkpoint WeakTr_CAM.pth --data voc --data-root ~/VOCdevkit ...
+  weaktr crf --cams "$(weaktr dump-cams --checkpoint cam.ckpt -q)"
+"""
+
+
+def dump_cams(
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="A weaktr CAM checkpoint from train-cam.")] = None,
+    reference_checkpoint: Annotated[Path | None, typer.Option(
+        help="An official hustvl/WeakTr CAM checkpoint (.pth) instead.")] = None,
+    data: options.DataOptional = None,
+    data_root: options.DataRoot = None,
+    split: options.Split = "train",
+    out: Annotated[Path, typer.Option("--out", "-o", help="The cams artifact.")] = Path("cams.h5"),
+    scales: Annotated[str | None, typer.Option(
+        help="Comma-separated scales [default: the dataset's recipe].")] = None,
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip",
+                                              help="Add horizontally flipped passes.")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="CAM variant: fine (WeakTr), cross (cross-attention x coarse) or coarse.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per batch.")] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto (bf16 on CPUs with native bf16), fp32, bf16 or fp16.")] = None,
+    shard: options.Shard = None,
+    resume: Annotated[bool, typer.Option(help="Continue OUT.partial if present.")] = True,
+    device: options.Device = "auto",
+    json_mode: options.Json = False,
+    quiet: options.Quiet = False,
+) -> None:
+    from weaktr_cli.cams import dump_cams as run
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.errors import WeakTrError
+    from weaktr_cli.recipes import DUMP_RECIPES
+    from weaktr_cli.shards import parse_shard
+
+    output = Output(json_mode=json_mode, quiet=quiet)
+    if (checkpoint is None) == (reference_checkpoint is None):
+        raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
+    seed = None
+    if checkpoint is not None:
+        from weaktr_cli.train_cam import load_cam_model
+
+        model, meta = load_cam_model(checkpoint)
+        dataset_name = data or meta.get("dataset", "shapes")
+        seed = meta.get("train", {}).get("seed")
+    else:
+        from weaktr_cli.models.reference import load_reference_checkpoint
+
+        model = load_reference_checkpoint(reference_checkpoint)  # type: ignore[arg-type]
+        dataset_name = data or "voc"
+    dataset = open_dataset(dataset_name, split, data_root)
+    settings = DUMP_RECIPES.get(str(dataset_name), DUMP_RECIPES["voc"])
+    overrides = {"flip": flip, "variant": variant, "batch_size": batch_size,
+                 "precision": precision}
+    if scales is not None:
+        try:
+            overrides["scales"] = tuple(float(s) for s in scales.split(","))  # type: ignore[assignment]
+        except ValueError:
+            raise WeakTrError(f"invalid --scales {scales!r}", hint="e.g. 1.0,1.2") from None
+    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items()
+                                                if v is not None})
+    with output.progress(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
+        path = run(model, dataset, out, settings=settings, device=device,
+                   shard=parse_shard(shard), resume=resume,
+                   checkpoint=checkpoint or reference_checkpoint, seed=seed, progress=update)
+    output.log(f"wrote CAMs of {dataset.name}/{dataset.split} to {path}")
+    output.artifact(path, {"settings": dataclasses.asdict(settings)})

@@ -1,0 +1,192 @@
+"""Attention fusion: one weight per (layer, head) attention map of the CAM model.
+
+The CAM model captures L layers x H heads post-softmax maps and fuses them into one map as the
+weighted mean `A_w = mean_k w_k A_k` (METHOD.md, Phase 1). Map k = layer * H + head (layer-major;
+the reference stacks head-major, `weaktr_cli.models.reference` permutes its weights).
+
+Variants (`FUSIONS`):
+
+- ``"aaf"`` (paper / reference V1): global pool (avg or max) of each whole N x N map -> K-vector
+  -> Linear(K, K // r, no bias) -> ReLU -> Linear(K // r, K, no bias) -> sigmoid.
+  Average pooling of a softmax map is exactly 1/N, so with ``pool="avg"`` the weights do not
+  depend on the image: they are learned static head weights (the paper's Table 9).
+- ``"aaf-feat"`` (reference V3, the released checkpoint): each head's attention-branch output
+  (after `proj`, before the residual) is pooled over tokens; head h of a layer takes channels
+  h, h + H, h + 2H, ... (the reference's `view(..., D // H, H)` grouping: after `proj` channels
+  are not tied to heads, so this strided split is a convention kept for checkpoint
+  compatibility) -> Linear(D/H, D/H // fr) -> Linear(., 1) (no activation between) -> the same
+  head FFN -> sigmoid.
+- ``"mean-sum"`` (MCTformer baseline): all weights 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from weaktr_cli.errors import WeakTrError
+
+__all__ = [
+    "FUSIONS",
+    "POOLS",
+    "AttentionFusion",
+    "FeatureFusion",
+    "MeanSumFusion",
+    "PooledAttentionFusion",
+    "build_fusion",
+    "weighted_mean_attention",
+]
+
+FUSIONS = ("aaf", "aaf-feat", "mean-sum")
+POOLS = ("avg", "max")
+
+
+class AttentionFusion(nn.Module):
+    """Base class of the variants below.
+
+    Each variant's `forward(maps, feats)` takes L per-layer attention maps (B, H, N, N) and L
+    attention-branch outputs (B, N, D) and returns float weights (B, L*H), layer-major.
+    """
+
+    #: True when `forward` needs the attention-branch outputs (`feats`)
+    needs_features: bool = False
+
+    def __init__(self, depth: int, num_heads: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.num_heads = num_heads
+
+    @property
+    def num_maps(self) -> int:
+        return self.depth * self.num_heads
+
+
+def _head_ffn(num_maps: int, reduction: int) -> nn.Sequential:
+    hidden = num_maps // reduction if reduction > 0 else 0
+    if hidden < 1:
+        raise WeakTrError(
+            f"AAF reduction {reduction} leaves no hidden units for {num_maps} attention maps",
+            hint=f"use a reduction between 1 and {num_maps}",
+        )
+    return nn.Sequential(
+        nn.Linear(num_maps, hidden, bias=False),
+        nn.ReLU(),
+        nn.Linear(hidden, num_maps, bias=False),
+        nn.Sigmoid(),
+    )
+
+
+def _check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise WeakTrError(
+            f"unknown AAF pooling {pool!r}", hint=f"choose one of: {', '.join(POOLS)}"
+        )
+    return pool
+
+
+class MeanSumFusion(AttentionFusion):
+    """The MCTformer baseline: every map weighs 1 (a plain mean of all L*H maps)."""
+
+    def forward(self, maps: Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
+        first = maps[0]
+        return first.new_ones(first.shape[0], self.num_maps)
+
+
+class PooledAttentionFusion(AttentionFusion):
+    """Paper AAF: pooled attention maps -> head FFN -> sigmoid (parameters `head_ffn.{0,2}`)."""
+
+    def __init__(
+        self, depth: int, num_heads: int, *, pool: str = "avg", reduction: int = 4
+    ) -> None:
+        super().__init__(depth, num_heads)
+        self.pool = _check_pool(pool)
+        self.reduction = reduction
+        self.head_ffn = _head_ffn(self.num_maps, reduction)
+
+    def forward(self, maps: Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
+        reduce = torch.mean if self.pool == "avg" else torch.amax
+        pooled = torch.cat([reduce(m, dim=(-2, -1)) for m in maps], dim=1)  # (B, L*H)
+        return self.head_ffn(pooled)
+
+
+class FeatureFusion(AttentionFusion):
+    """Reference V3 AAF from attention-branch outputs (parameters `feat_ffn.{0,1}`, `head_ffn`)."""
+
+    needs_features = True
+
+    def __init__(
+        self,
+        depth: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        pool: str = "max",
+        reduction: int = 8,
+        feat_reduction: int = 8,
+    ) -> None:
+        super().__init__(depth, num_heads)
+        self.pool = _check_pool(pool)
+        self.reduction = reduction
+        self.feat_reduction = feat_reduction
+        feat_hidden = head_dim // feat_reduction if feat_reduction > 0 else 0
+        if feat_hidden < 1:
+            raise WeakTrError(
+                f"AAF feature reduction {feat_reduction} leaves no hidden units for "
+                f"{head_dim}-dim head features",
+                hint=f"use a feature reduction between 1 and {head_dim}",
+            )
+        self.head_dim = head_dim
+        self.feat_ffn = nn.Sequential(nn.Linear(head_dim, feat_hidden), nn.Linear(feat_hidden, 1))
+        self.head_ffn = _head_ffn(self.num_maps, reduction)
+
+    def forward(self, maps: Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
+        per_layer = []
+        for f in feats:
+            b, _, d = f.shape
+            pooled = f.mean(dim=1) if self.pool == "avg" else f.amax(dim=1)  # (B, D)
+            # channel c = j * H + h belongs to head h (the reference's strided grouping)
+            heads = pooled.reshape(b, d // self.num_heads, self.num_heads).transpose(1, 2)
+            per_layer.append(self.feat_ffn(heads).squeeze(-1))  # (B, H)
+        return self.head_ffn(torch.cat(per_layer, dim=1))
+
+
+def build_fusion(
+    name: str,
+    *,
+    depth: int,
+    num_heads: int,
+    head_dim: int,
+    pool: str = "avg",
+    reduction: int = 4,
+    feat_reduction: int = 8,
+) -> AttentionFusion:
+    """The fusion module `name` (one of `FUSIONS`) for a depth x num_heads backbone."""
+    if name == "aaf":
+        return PooledAttentionFusion(depth, num_heads, pool=pool, reduction=reduction)
+    if name == "aaf-feat":
+        return FeatureFusion(
+            depth,
+            num_heads,
+            head_dim,
+            pool=pool,
+            reduction=reduction,
+            feat_reduction=feat_reduction,
+        )
+    if name == "mean-sum":
+        return MeanSumFusion(depth, num_heads)
+    raise WeakTrError(f"unknown fusion {name!r}", hint=f"choose one of: {', '.join(FUSIONS)}")
+
+
+def weighted_mean_attention(maps: Sequence[Tensor], weights: Tensor) -> Tensor:
+    """`mean_k w_k A_k` over all L*H maps without stacking them (saves a (B, L*H, N, M) copy).
+
+    maps: L tensors (B, H, N, M); weights: (B, L*H) layer-major. Returns (B, N, M).
+    """
+    num_heads = maps[0].shape[1]
+    parts = (
+        torch.einsum("bh,bhnm->bnm", weights[:, i * num_heads : (i + 1) * num_heads].to(m.dtype), m)
+        for i, m in enumerate(maps)
+    )
+    return sum(parts, torch.zeros_like(maps[0][:, 0])) / (len(maps) * num_heads)

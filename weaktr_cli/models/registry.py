@@ -1,0 +1,149 @@
+"""Named ViT backbones: `--arch deit-small` -> timm `VisionTransformer` hyper-parameters.
+
+Every backbone is built from timm's own `VisionTransformer` class (no vendored ViT) and never
+downloads anything: pretrained weights come only from local files via
+`weaktr_cli.models.weights.load_pretrained_backbone`. Where an architecture has a timm
+counterpart (`timm_name`), its kwargs reproduce that model's parameter shapes exactly, so its
+checkpoints load without renaming.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from timm.models.vision_transformer import VisionTransformer
+
+from weaktr_cli.errors import WeakTrError
+
+__all__ = ["ARCHS", "ArchSpec", "arch_names", "build_vit", "get_arch"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A plain ViT: patch size, width, depth, heads and the input size its pos-embed is for.
+
+    All backbones use qkv bias and LayerNorm eps 1e-6 (timm's `LayerNorm` default, as DeiT).
+    """
+
+    name: str
+    patch_size: int
+    embed_dim: int
+    depth: int
+    num_heads: int
+    img_size: int
+    mlp_ratio: float = 4.0
+    #: timm model name with the same parameter layout (for pretrained checkpoints), if any
+    timm_name: str | None = None
+    description: str = ""
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, cols) of the stored positional embedding."""
+        g = self.img_size // self.patch_size
+        return (g, g)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def num_attention_maps(self) -> int:
+        """Layers x heads: the number of attention maps the CAM model fuses (DeiT-S: 72)."""
+        return self.depth * self.num_heads
+
+    def vit_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `timm.models.vision_transformer.VisionTransformer`."""
+        return {
+            "img_size": self.img_size,
+            "patch_size": self.patch_size,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "mlp_ratio": self.mlp_ratio,
+            "qkv_bias": True,
+        }
+
+
+ARCHS: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in (
+        ArchSpec(
+            name="deit-small",
+            patch_size=16,
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            img_size=224,
+            timm_name="deit_small_patch16_224",
+            description="DeiT-S/16 at 224 px, the paper's CAM backbone",
+        ),
+        ArchSpec(
+            name="vit-small",
+            patch_size=16,
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            img_size=384,
+            timm_name="vit_small_patch16_384",
+            description="ViT-S/16 (ImageNet-21k) at 384 px, the paper's strongest encoder",
+        ),
+        ArchSpec(
+            name="deit-tiny",
+            patch_size=16,
+            embed_dim=192,
+            depth=12,
+            num_heads=3,
+            img_size=224,
+            timm_name="deit_tiny_patch16_224",
+            description="DeiT-Ti/16 at 224 px",
+        ),
+        ArchSpec(
+            name="tiny-p8",
+            patch_size=8,
+            embed_dim=128,
+            depth=4,
+            num_heads=4,
+            img_size=96,
+            description="CPU-sized: patch 8, dim 128, depth 4 at 96 px (built-in dataset)",
+        ),
+        ArchSpec(
+            name="micro",
+            patch_size=8,
+            embed_dim=64,
+            depth=2,
+            num_heads=2,
+            img_size=32,
+            description="unit tests: patch 8, dim 64, depth 2 at 32 px",
+        ),
+    )
+}
+
+
+def arch_names() -> list[str]:
+    """Registered architecture names, in registry order."""
+    return list(ARCHS)
+
+
+def get_arch(name: str) -> ArchSpec:
+    """The `ArchSpec` registered as `name`; an unknown name raises `WeakTrError` listing all."""
+    try:
+        return ARCHS[name]
+    except KeyError:
+        raise WeakTrError(
+            f"unknown architecture {name!r}",
+            hint=f"choose one of: {', '.join(ARCHS)}",
+        ) from None
+
+
+def build_vit(spec: ArchSpec, **overrides: Any) -> VisionTransformer:
+    """A randomly initialised timm `VisionTransformer` for `spec` (never downloads weights).
+
+    Defaults: one class token, no classification head (`num_classes=0`), final norm on,
+    `dynamic_img_size=True` (patch tokens come out as (B, h, w, D) and timm resamples the
+    pos-embed per input). `overrides` replace or extend these kwargs (e.g. `class_token=False`,
+    `drop_path_rate=0.1`, `attn_layer=...`).
+    """
+    kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, **spec.vit_kwargs()}
+    kwargs.update(overrides)
+    return VisionTransformer(**kwargs)

@@ -1,0 +1,374 @@
+"""The online-retraining segmentation model: a timm ViT encoder and a Segmenter mask transformer.
+
+Architecture (METHOD.md, Phase 4; Strudel et al., "Segmenter", 2021):
+
+- Encoder: a timm `VisionTransformer` with one class token, the final LayerNorm applied and
+  `dynamic_img_size=True` (the positional embedding, stored for the training crop, is resampled
+  by timm for other grids). The input is zero-padded bottom/right to a multiple of the patch
+  size; the output is cropped back.
+- Decoder (`MaskTransformerDecoder`): patch tokens -> `proj_dec` -> concatenated with `n_cls`
+  learned class embeddings -> `n_layers` transformer blocks -> `decoder_norm`; patch and class
+  outputs are projected (`proj_patch`, `proj_classes`), L2-normalised, multiplied
+  (masks = patches @ classes^T), normalised over classes (`mask_norm`), reshaped to the patch
+  grid and upsampled bilinearly to the input size.
+
+Parameter names follow the reference implementation (`encoder.*` as timm, `decoder.cls_emb`,
+`decoder.proj_dec`, `decoder.proj_patch`, ...), so a reference retraining checkpoint maps
+one-to-one onto this module (its encoder classification `head` aside).
+
+The forward pass is written for `torch.export` with dynamic batch, H and W: sizes come from
+tensor shapes, and nothing branches on tensor values. Export with an example batch of at least
+2 (a size-1 dim is specialised) and H, W above one patch; the graph then accepts any
+H, W > patch size (a 1-patch grid is excluded by timm's reshapes).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, overload
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention, trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from weaktr_cli.errors import WeakTrError
+from weaktr_cli.models.registry import ArchSpec, build_vit, get_arch
+
+__all__ = [
+    "MaskTransformerDecoder",
+    "Segmenter",
+    "build_encoder",
+    "build_segmenter",
+    "param_groups",
+]
+
+
+def build_encoder(
+    *,
+    patch_size: int = 16,
+    embed_dim: int = 384,
+    depth: int = 12,
+    num_heads: int = 6,
+    mlp_ratio: float = 4.0,
+    img_size: int = 480,
+    drop_path_rate: float = 0.1,
+) -> VisionTransformer:
+    """A timm ViT for the retraining encoder, randomly initialised (load weights separately).
+
+    One class token, final LayerNorm (eps 1e-6) applied, no classification head, positional
+    embedding for an `img_size` x `img_size` crop, resampled by timm for other grids
+    (`dynamic_img_size=True`). Defaults are ViT-S/16 at 480 px; the reference trains the
+    encoder with stochastic depth 0.1 and no dropout.
+    """
+    spec = ArchSpec(
+        name="custom",
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        img_size=img_size,
+        mlp_ratio=mlp_ratio,
+    )
+    return _encoder_for(spec, img_size, drop_path_rate)
+
+
+def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float) -> VisionTransformer:
+    # global_pool="" keeps every token and the final norm; class_token is explicit because the
+    # decoder drops exactly the prefix tokens.
+    return build_vit(
+        spec,
+        img_size=img_size,
+        global_pool="",
+        class_token=True,
+        final_norm=True,
+        dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+    )
+
+
+def _init_decoder_weights(module: nn.Module) -> None:
+    # Segmenter's init: truncated normal linear weights, zero biases, identity LayerNorms.
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class MaskTransformerDecoder(nn.Module):
+    """Segmenter's mask transformer: class embeddings attend jointly with patch tokens.
+
+    Args:
+        n_cls: number of output classes, background included.
+        d_encoder: channel width of the encoder's patch tokens.
+        n_layers: transformer blocks (reference: 2).
+        n_heads: attention heads per block.
+        d_model: decoder width (reference: the encoder width).
+        mlp_ratio: feed-forward width / d_model (reference: 4).
+        dropout: dropout on attention weights, projections and MLP (reference: 0.1).
+        drop_path_rate: stochastic depth, linearly increasing over blocks (reference: 0).
+    """
+
+    def __init__(
+        self,
+        n_cls: int,
+        d_encoder: int,
+        *,
+        n_layers: int = 2,
+        n_heads: int = 6,
+        d_model: int | None = None,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.1,
+        drop_path_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        d_model = d_encoder if d_model is None else d_model
+        if n_layers < 1:
+            raise WeakTrError(f"the decoder needs at least one layer, got {n_layers}")
+        if d_model % n_heads != 0:
+            raise WeakTrError(
+                f"decoder width {d_model} is not divisible by {n_heads} heads",
+                hint="pick a head count that divides the decoder width",
+            )
+        self.n_cls = n_cls
+        self.n_layers = n_layers
+        self.d_model = d_model
+        drop_path = torch.linspace(0, drop_path_rate, n_layers).tolist()
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    d_model,
+                    n_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=True,
+                    proj_drop=dropout,
+                    attn_drop=dropout,
+                    drop_path=drop_path[i],
+                    norm_layer=nn.LayerNorm,
+                )
+                for i in range(n_layers)
+            ]
+        )
+        self.cls_emb = nn.Parameter(torch.zeros(1, n_cls, d_model))
+        self.proj_dec = nn.Linear(d_encoder, d_model)
+        scale = d_model**-0.5
+        self.proj_patch = nn.Parameter(scale * torch.randn(d_model, d_model))
+        self.proj_classes = nn.Parameter(scale * torch.randn(d_model, d_model))
+        self.decoder_norm = nn.LayerNorm(d_model)
+        self.mask_norm = nn.LayerNorm(n_cls)
+        self.apply(_init_decoder_weights)
+        trunc_normal_(self.cls_emb, std=0.02)
+
+    def _masks(self, tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(B, P + n_cls, d_model) decoder tokens -> (B, n_cls, grid_h, grid_w) mask logits."""
+        x = self.decoder_norm(tokens)
+        patches = x[:, : -self.n_cls] @ self.proj_patch
+        classes = x[:, -self.n_cls :] @ self.proj_classes
+        patches = F.normalize(patches, dim=-1)
+        classes = F.normalize(classes, dim=-1)
+        masks = self.mask_norm(patches @ classes.transpose(1, 2))  # (B, P, n_cls)
+        return masks.transpose(1, 2).reshape(masks.shape[0], self.n_cls, grid_h, grid_w)
+
+    def forward(self, patch_tokens: torch.Tensor, grid_h: int, grid_w: int) -> list[torch.Tensor]:
+        """Mask logits after every decoder block.
+
+        Args:
+            patch_tokens: (B, grid_h * grid_w, d_encoder) float, row-major over the grid.
+            grid_h, grid_w: the patch grid (ints or symbolic sizes from a tensor shape).
+
+        Returns:
+            `n_layers` tensors (B, n_cls, grid_h, grid_w); the last is the model's output, the
+            earlier ones are what the reference fuses at inference (0.8 * P1 + P2).
+        """
+        x = self.proj_dec(patch_tokens)
+        x = torch.cat((x, self.cls_emb.expand(x.shape[0], -1, -1)), dim=1)
+        layers = []
+        for block in self.blocks:
+            x = block(x)
+            layers.append(self._masks(x, grid_h, grid_w))
+        return layers
+
+
+class Segmenter(nn.Module):
+    """ViT encoder + mask-transformer decoder; `forward(images)` -> per-pixel class logits.
+
+    Args:
+        encoder: a timm `VisionTransformer` with a class token, the final norm applied and
+            `dynamic_img_size=True` (see `build_encoder`).
+        n_cls: output classes including background (VOC 21, COCO 91 ids).
+        decoder_layers, decoder_heads, decoder_dim, decoder_mlp_ratio, decoder_dropout,
+            decoder_drop_path: see `MaskTransformerDecoder`; `decoder_heads` defaults to the
+            encoder's head count (the reference uses width // 64, the same for ViT-S/B/L) and
+            `decoder_dim` to the encoder width.
+    """
+
+    def __init__(
+        self,
+        encoder: VisionTransformer,
+        n_cls: int,
+        *,
+        decoder_layers: int = 2,
+        decoder_heads: int | None = None,
+        decoder_dim: int | None = None,
+        decoder_mlp_ratio: float = 4.0,
+        decoder_dropout: float = 0.1,
+        decoder_drop_path: float = 0.0,
+    ) -> None:
+        super().__init__()
+        _check_encoder(encoder)
+        if n_cls < 2:
+            raise WeakTrError(f"a segmenter needs at least 2 classes (background + 1), got {n_cls}")
+        patch = encoder.patch_embed.patch_size
+        self.patch_size: tuple[int, int] = (int(patch[0]), int(patch[1]))
+        self.n_cls = n_cls
+        self.num_prefix_tokens = int(encoder.num_prefix_tokens)
+        self.encoder = encoder
+        heads = decoder_heads if decoder_heads is not None else _encoder_heads(encoder)
+        self.decoder = MaskTransformerDecoder(
+            n_cls,
+            int(encoder.embed_dim),
+            n_layers=decoder_layers,
+            n_heads=heads,
+            d_model=decoder_dim,
+            mlp_ratio=decoder_mlp_ratio,
+            dropout=decoder_dropout,
+            drop_path_rate=decoder_drop_path,
+        )
+
+    @property
+    def num_decoder_layers(self) -> int:
+        """How many per-layer mask maps `forward(x, return_layers=True)` returns."""
+        return self.decoder.n_layers
+
+    def forward_layers(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits after every decoder layer, each upsampled to the input size.
+
+        Args:
+            images: (B, 3, H, W) float, normalised as the encoder's pretraining expects.
+
+        Returns:
+            `num_decoder_layers` tensors (B, n_cls, H, W) float; the last equals `forward`.
+        """
+        height, width = images.shape[-2], images.shape[-1]
+        ph, pw = self.patch_size
+        # Grid by ceiling division (not `H + (-H % p)`), so a symbolic tracer can prove that
+        # the padded size is a multiple of the patch size.
+        grid_h = (height + ph - 1) // ph
+        grid_w = (width + pw - 1) // pw
+        padded_h, padded_w = grid_h * ph, grid_w * pw
+        # Pad bottom/right only, so cropping the first H rows, W columns recovers the input grid.
+        x = F.pad(images, (0, padded_w - width, 0, padded_h - height))
+        tokens = self.encoder.forward_features(x)[:, self.num_prefix_tokens :]
+        layers = self.decoder(tokens, grid_h, grid_w)
+        out = []
+        for masks in layers:
+            up = F.interpolate(
+                masks, size=(padded_h, padded_w), mode="bilinear", align_corners=False
+            )
+            # Crop with index_select, not [:H] or narrow: those make torch.export guard on
+            # whether the crop is a no-op, which specialises the graph to padded inputs.
+            rows = torch.arange(height, device=up.device)
+            cols = torch.arange(width, device=up.device)
+            out.append(up.index_select(2, rows).index_select(3, cols))
+        return tuple(out)
+
+    @overload
+    def forward(
+        self, images: torch.Tensor, return_layers: Literal[False] = ...
+    ) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, images: torch.Tensor, return_layers: Literal[True]
+    ) -> tuple[torch.Tensor, ...]: ...
+
+    def forward(
+        self, images: torch.Tensor, return_layers: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Per-pixel class logits.
+
+        Args:
+            images: (B, 3, H, W) float, any H, W (padded internally to the patch size).
+            return_layers: return the tuple of per-decoder-layer logits instead (see
+                `forward_layers`); the flag is a Python constant, never traced.
+
+        Returns:
+            (B, n_cls, H, W) float logits, or a tuple of them when `return_layers`.
+        """
+        layers = self.forward_layers(images)
+        return layers if return_layers else layers[-1]
+
+
+def build_segmenter(
+    n_cls: int,
+    arch: str | ArchSpec = "vit-small",
+    *,
+    img_size: int = 480,
+    drop_path_rate: float = 0.1,
+    **decoder_kwargs: Any,
+) -> Segmenter:
+    """A randomly initialised `Segmenter` whose encoder is the registered backbone `arch`.
+
+    Args:
+        n_cls: output classes including background.
+        arch: a registry name (`weaktr_cli.models.registry`) or an `ArchSpec`; unknown names
+            raise `WeakTrError` listing the valid ones.
+        img_size: training crop the positional embedding is stored for (reference: 480,
+            whatever the backbone was pretrained at; loading pretrained weights resamples).
+        drop_path_rate: encoder stochastic depth (reference: 0.1).
+        decoder_kwargs: `Segmenter`'s keyword arguments (`decoder_layers`, `decoder_heads`,
+            `decoder_dim`, `decoder_mlp_ratio`, `decoder_dropout`, `decoder_drop_path`).
+    """
+    spec = get_arch(arch) if isinstance(arch, str) else arch
+    return Segmenter(_encoder_for(spec, img_size, drop_path_rate), n_cls, **decoder_kwargs)
+
+
+def param_groups(model: Segmenter, lr: float, encoder_lr_mult: float = 0.1) -> list[dict[str, Any]]:
+    """Optimiser parameter groups: the encoder at `lr * encoder_lr_mult`, the decoder at `lr`.
+
+    Each group carries `name` ("encoder" / "decoder") and `lr_mult`, so a scheduler can set
+    `group["lr"] = base_lr(t) * group["lr_mult"]`. Frozen parameters and empty groups are left
+    out. No weight-decay split: the reference retrains with weight decay 0.
+    """
+    groups = []
+    for name, module, mult in (
+        ("encoder", model.encoder, encoder_lr_mult),
+        ("decoder", model.decoder, 1.0),
+    ):
+        params = [p for p in module.parameters() if p.requires_grad]
+        if params:
+            groups.append({"name": name, "params": params, "lr": lr * mult, "lr_mult": mult})
+    return groups
+
+
+def _check_encoder(encoder: nn.Module) -> None:
+    if not isinstance(encoder, VisionTransformer):
+        raise WeakTrError(
+            f"the segmenter encoder must be a timm VisionTransformer, got {type(encoder).__name__}"
+        )
+    if encoder.cls_token is None:
+        raise WeakTrError(
+            "the segmenter encoder has no class token",
+            hint="build it with class_token=True (see build_encoder)",
+        )
+    if not encoder.dynamic_img_size:
+        raise WeakTrError(
+            "the segmenter encoder cannot take other input sizes than its training crop",
+            hint="build it with dynamic_img_size=True (see build_encoder)",
+        )
+    if isinstance(encoder.norm, nn.Identity):
+        raise WeakTrError(
+            "the segmenter encoder does not apply its final norm to the tokens",
+            hint="build it with global_pool='' and final_norm=True (see build_encoder)",
+        )
+
+
+def _encoder_heads(encoder: VisionTransformer) -> int:
+    for module in encoder.modules():
+        if isinstance(module, Attention):
+            return int(module.num_heads)
+    # A custom attention layer: the reference's rule, width // 64 (ViT-S: 6).
+    return max(1, int(encoder.embed_dim) // 64)
