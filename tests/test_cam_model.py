@@ -31,7 +31,9 @@ C = 3
 
 
 def make_model(fusion: str = "aaf", **kwargs: object) -> WeakTrCAM:
+    """A micro CAM model in eval mode; micro has only 4 attention maps, so r defaults to 2."""
     torch.manual_seed(0)
+    kwargs.setdefault("aaf_reduction", 2)
     return WeakTrCAM("micro", C, fusion=fusion, **kwargs).eval()  # type: ignore[arg-type]
 
 
@@ -68,6 +70,12 @@ def test_deit_small_dimensions() -> None:
     )  # fmt: skip
     assert spec.num_attention_maps == 72 and spec.head_dim == 64
     assert get_arch("vit-small").img_size == 384
+    paper = WeakTrCAM("deit-small", 20, fusion="aaf")
+    assert paper.fusion.head_ffn[0].weight.shape == (18, 72)
+    assert paper.pos_embed.shape == (1, 20 + 196, 384) and paper.cls_token.shape == (1, 20, 384)
+    released = WeakTrCAM("deit-small", 20, fusion="aaf-feat")
+    assert released.fusion.head_ffn[0].weight.shape == (9, 72)
+    assert released.fusion.feat_ffn[0].weight.shape == (8, 64)
 
 
 # --- forward shapes ----------------------------------------------------------------------
@@ -193,11 +201,15 @@ def test_avg_pooled_aaf_weights_are_image_independent_max_pooled_are_not() -> No
 
 
 def test_aaf_hidden_size_follows_reduction() -> None:
-    model = WeakTrCAM("tiny-p8", 20, fusion="aaf", aaf_reduction=4)
+    # defaults follow each variant's recipe: paper AAF avg / r 4, released aaf-feat max / r 8
+    model = WeakTrCAM("tiny-p8", 20, fusion="aaf")
+    assert (model.aaf_pool, model.aaf_reduction) == ("avg", 4)
     assert model.fusion.head_ffn[0].weight.shape == (4, 16)  # 16 maps // 4
-    feat = WeakTrCAM("tiny-p8", 20, fusion="aaf-feat", aaf_reduction=8)
+    feat = WeakTrCAM("tiny-p8", 20, fusion="aaf-feat")
+    assert (feat.aaf_pool, feat.aaf_reduction) == ("max", 8)
     assert feat.fusion.feat_ffn[0].weight.shape == (4, 32)  # head dim 32 // 8
     assert feat.fusion.head_ffn[0].weight.shape == (2, 16)
+    assert WeakTrCAM("tiny-p8", 20, aaf_reduction=2).fusion.head_ffn[2].weight.shape == (16, 8)
     with pytest.raises(WeakTrError, match="no hidden units"):
         WeakTrCAM("micro", 3, aaf_reduction=8)
     with pytest.raises(WeakTrError, match="unknown fusion"):

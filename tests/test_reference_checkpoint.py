@@ -97,7 +97,9 @@ def reference_state(
     return sd
 
 
-def reference_forward(sd: dict[str, Tensor], x: Tensor, layout: str, pool: str) -> dict[str, Tensor]:
+def reference_forward(
+    sd: dict[str, Tensor], x: Tensor, layout: str, pool: str
+) -> dict[str, Tensor]:
     """The reference WeakTr forward, re-derived with plain ops on the raw state dict."""
     c = sd["cls_token"].shape[1]
     dim = sd["cls_token"].shape[2]
@@ -119,7 +121,9 @@ def reference_forward(sd: dict[str, Tensor], x: Tensor, layout: str, pool: str) 
         patch_pos = F.interpolate(
             patch_pos, scale_factor=((gh + 0.1) / g0, (gw + 0.1) / g0), mode="bicubic"
         )
-        pos = torch.cat([sd["pos_embed"][:, :c], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], 1)
+        pos = torch.cat(
+            [sd["pos_embed"][:, :c], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], 1
+        )
     x = x + pos
 
     attns, feats = [], []
@@ -245,7 +249,9 @@ def _save(tmp_path: Path, sd: dict[str, Tensor]) -> Path:
 def test_missing_key_is_named(tmp_path: Path) -> None:
     sd = reference_state("v3")
     del sd["blocks.1.attn.qkv.weight"]
-    with pytest.raises(WeakTrError, match=r"1 missing key\(s\): backbone\.blocks\.1\.attn\.qkv\.weight"):
+    with pytest.raises(
+        WeakTrError, match=r"1 missing key\(s\): backbone\.blocks\.1\.attn\.qkv\.weight"
+    ):
         load_reference_checkpoint(_save(tmp_path, sd))
 
 

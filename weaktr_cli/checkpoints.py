@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 
 from weaktr_cli import __version__
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.io import temp_path_beside
 
 META_KEY = "weaktr"
 FORMAT_VERSION = 1
@@ -33,10 +33,9 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
     header = {"format_version": FORMAT_VERSION, "weaktr_version": __version__,
               "torch_version": torch.__version__, **meta}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path_beside(path)
     try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(header, default=str)})
+        save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(header, default=str)})
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -86,8 +85,7 @@ def load_checkpoint(path: str | Path, kind: str | None = None
 def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
     """Optimizer/scheduler/step/RNG state for --resume (tensors and plain values only)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = temp_path_beside(path)
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)

@@ -7,10 +7,22 @@ import tempfile
 from pathlib import Path
 
 
+def temp_path_beside(path: Path) -> Path:
+    """A fresh temp file next to `path` (same file system, so a rename is atomic), with the
+    permissions a plain `open()` would give (mkstemp's are owner-only)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return Path(tmp)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to a temp file beside `path`, fsync, then rename over `path`."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    tmp = temp_path_beside(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -56,7 +56,7 @@ class CamTrainConfig:
 
     arch: str = "deit-small"
     fusion: str = "aaf"
-    aaf_pool: str = "avg"
+    aaf_pool: str | None = None  # None: the fusion's recipe (aaf avg, aaf-feat max)
     epochs: int = 60
     batch_size: int = 64
     base_lr: float = 6e-4  # per 512 images: lr = base_lr * batch_size * accum * world / 512

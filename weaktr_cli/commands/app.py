@@ -8,7 +8,16 @@ import sys
 import typer
 
 from weaktr_cli import __version__
-from weaktr_cli.commands import crf, data, dump_cams, evaluate, inspect, merge, train_cam
+from weaktr_cli.commands import (
+    crf,
+    data,
+    dump_cams,
+    evaluate,
+    inspect,
+    merge,
+    show,
+    train_cam,
+)
 from weaktr_cli.commands.helptext import reflow
 from weaktr_cli.errors import WeakTrError
 
@@ -46,6 +55,7 @@ app.command("crf", help=reflow(crf.HELP))(crf.crf)
 app.command("evaluate", help=reflow(evaluate.HELP))(evaluate.evaluate)
 app.command("inspect", help=reflow(inspect.HELP))(inspect.inspect)
 app.command("merge", help=reflow(merge.HELP))(merge.merge)
+app.command("show", help=reflow(show.HELP))(show.show)
 app.add_typer(data.app, name="data")
 
 

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from timm.layers.attention import Attention
 from torch import Tensor, nn
 
@@ -52,6 +51,8 @@ __all__ = [
 ]
 
 CAM_VARIANTS = ("fine", "cross", "coarse")
+#: fusion -> (pooling, head-FFN reduction) of its training recipe (paper V1; released V3)
+_FUSION_RECIPES = {"aaf": ("avg", 4), "aaf-feat": ("max", 8), "mean-sum": ("avg", 4)}
 
 
 @dataclass
@@ -81,7 +82,8 @@ class WeakTrAttention(Attention):
     ) -> Tensor:
         record = self.record
         if record is None:
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            plain: Tensor = super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+            return plain
         if attn_mask is not None or is_causal or getattr(self, "gate", None) is not None:
             raise WeakTrError("attention recording supports plain (unmasked, ungated) attention")
         b, n, _ = x.shape
@@ -90,8 +92,8 @@ class WeakTrAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
         record.maps.append(attn)
-        out = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
-        out = self.proj_drop(self.proj(self.norm(out)))
+        mixed = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        out: Tensor = self.proj_drop(self.proj(self.norm(mixed)))
         if record.keep_outputs:
             record.outputs.append(out)
         return out
@@ -106,16 +108,17 @@ def record_attention(
     The record is released even when the forward pass raises, so nothing keeps tensors alive
     or changes later forwards.
     """
-    modules = [blk.attn for blk in blocks]  # type: ignore[attr-defined]
-    if not all(isinstance(m, WeakTrAttention) for m in modules):
+    modules = [getattr(blk, "attn", None) for blk in blocks]
+    attns = [m for m in modules if isinstance(m, WeakTrAttention)]
+    if len(attns) != len(modules):
         raise WeakTrError("attention recording needs blocks built with attn_layer=WeakTrAttention")
     record = AttentionRecord(keep_outputs=keep_outputs)
     try:
-        for m in modules:
+        for m in attns:
             m.record = record
         yield record
     finally:
-        for m in modules:
+        for m in attns:
             m.record = None
 
 
@@ -171,8 +174,10 @@ class WeakTrCAM(nn.Module):
         arch: an `ArchSpec` or a registered name (`weaktr_cli.models.registry`).
         num_classes: C, the number of foreground classes (VOC 20, COCO 80/90).
         fusion: "aaf" (paper), "aaf-feat" (reference V3) or "mean-sum" (baseline).
-        aaf_pool: "avg" or "max" pooling inside the fusion.
-        aaf_reduction: r of the head FFN, hidden = L*H // r (DeiT-S: 72 // 4 = 18).
+        aaf_pool: "avg" or "max" pooling inside the fusion; default the variant's recipe
+            ("aaf": "avg" as in the paper, "aaf-feat": "max" as the released checkpoint).
+        aaf_reduction: r of the head FFN, hidden = L*H // r; default 4 for "aaf"
+            (DeiT-S: 72 // 4 = 18) and 8 for "aaf-feat" (72 // 8 = 9).
         aaf_feat_reduction: reduction of the "aaf-feat" per-head feature FFN (64 -> 8).
         detach_fine: detach attention and coarse CAM in the fine branch (reference behaviour).
         drop_path_rate: stochastic depth of the backbone (the reference trains with 0.1).
@@ -187,8 +192,8 @@ class WeakTrCAM(nn.Module):
         num_classes: int,
         *,
         fusion: str = "aaf",
-        aaf_pool: str = "avg",
-        aaf_reduction: int = 4,
+        aaf_pool: str | None = None,
+        aaf_reduction: int | None = None,
         aaf_feat_reduction: int = 8,
         detach_fine: bool = True,
         drop_path_rate: float = 0.0,
@@ -206,8 +211,9 @@ class WeakTrCAM(nn.Module):
         self.arch = spec
         self.num_classes = num_classes
         self.fusion_name = fusion
-        self.aaf_pool = aaf_pool
-        self.aaf_reduction = aaf_reduction
+        recipe_pool, recipe_reduction = _FUSION_RECIPES[fusion]
+        self.aaf_pool = aaf_pool if aaf_pool is not None else recipe_pool
+        self.aaf_reduction = aaf_reduction if aaf_reduction is not None else recipe_reduction
         self.aaf_feat_reduction = aaf_feat_reduction
         self.detach_fine = detach_fine
         self.drop_path_rate = drop_path_rate
@@ -229,16 +235,16 @@ class WeakTrCAM(nn.Module):
         self.pos_embed = nn.Parameter(
             torch.zeros(1, num_classes + self.base_grid[0] * self.base_grid[1], dim)
         )
-        trunc_normal_(self.cls_token, std=0.02)
-        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.head = nn.Conv2d(dim, num_classes, kernel_size=3, padding=1)
         self.fusion = build_fusion(
             fusion,
             depth=spec.depth,
             num_heads=spec.num_heads,
             head_dim=spec.head_dim,
-            pool=aaf_pool,
-            reduction=aaf_reduction,
+            pool=self.aaf_pool,
+            reduction=self.aaf_reduction,
             feat_reduction=aaf_feat_reduction,
         )
 
@@ -355,12 +361,8 @@ def cam_maps(model: WeakTrCAM, images: Tensor, variant: str = "fine") -> Tensor:
         raise WeakTrError(
             f"unknown CAM variant {variant!r}", hint=f"choose one of: {', '.join(CAM_VARIANTS)}"
         )
-    out = model(images, with_maps=True)
-    if variant == "fine":
-        assert out.fine_cam is not None  # with_maps=True fills every map
-        return out.fine_cam
-    if variant == "cross":
-        assert out.cross_cam is not None
-        return out.cross_cam
-    assert out.coarse_cam is not None
-    return F.relu(out.coarse_cam)
+    out: CamOutputs = model(images, with_maps=True)
+    maps = {"fine": out.fine_cam, "cross": out.cross_cam, "coarse": out.coarse_cam}
+    cam = maps[variant]
+    assert cam is not None  # with_maps=True fills every map
+    return cam.clamp(min=0) if variant == "coarse" else cam

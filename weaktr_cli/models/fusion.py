@@ -108,7 +108,8 @@ class PooledAttentionFusion(AttentionFusion):
     def forward(self, maps: Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
         reduce = torch.mean if self.pool == "avg" else torch.amax
         pooled = torch.cat([reduce(m, dim=(-2, -1)) for m in maps], dim=1)  # (B, L*H)
-        return self.head_ffn(pooled)
+        weights: Tensor = self.head_ffn(pooled)
+        return weights
 
 
 class FeatureFusion(AttentionFusion):
@@ -149,7 +150,8 @@ class FeatureFusion(AttentionFusion):
             # channel c = j * H + h belongs to head h (the reference's strided grouping)
             heads = pooled.reshape(b, d // self.num_heads, self.num_heads).transpose(1, 2)
             per_layer.append(self.feat_ffn(heads).squeeze(-1))  # (B, H)
-        return self.head_ffn(torch.cat(per_layer, dim=1))
+        weights: Tensor = self.head_ffn(torch.cat(per_layer, dim=1))
+        return weights
 
 
 def build_fusion(

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from timm.layers import resample_abs_pos_embed
+from timm.layers.pos_embed import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -49,7 +49,7 @@ def _numpy_scalar_globals() -> list[Any]:
     # Training scripts often save metrics as numpy scalars next to the weights (the reference
     # stores its mIoU as numpy.float64); allow exactly those, still without arbitrary code.
     import numpy as np
-    from numpy._core.multiarray import scalar  # type: ignore[attr-defined]
+    from numpy._core.multiarray import scalar
 
     return [
         scalar,

@@ -1,0 +1,52 @@
+"""`weaktr show`: PNG panels of artifacts (image | CAMs | seeds | prediction | ground truth)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from weaktr_cli.commands import options
+from weaktr_cli.commands.output import Output
+
+HELP = """Draw artifacts as PNG panels: one row per image with the image, a heatmap per CAM class,
+each label artifact (seeds, predictions) and the ground truth, in the dataset palette with a
+class legend. Artifacts are drawn in the order given; all must cover the chosen images.
+
+[dim]Examples:[/]
+  weaktr show cams.h5 seeds.h5 preds.h5 --n 8 --out panels.png
+  weaktr show cams.h5 --id 2007_000032 --data-root ~/VOCdevkit --out cat.png
+"""
+
+
+def show(
+    artifacts: Annotated[list[Path], typer.Argument(help="cams and/or labels artifacts.")],
+    image_id: Annotated[list[str] | None, typer.Option(
+        "--id", help="Image id to draw (repeatable).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Draw the first N images.")] = 8,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("panels.png"),
+    data: options.DataOptional = None,
+    data_root: options.DataRoot = None,
+    json_mode: options.Json = False,
+    quiet: options.Quiet = False,
+) -> None:
+    from contextlib import ExitStack
+
+    from weaktr_cli.artifacts import open_artifact
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.visualize import Layer, panel_sheet
+
+    output = Output(json_mode=json_mode, quiet=quiet)
+    with ExitStack() as stack:
+        readers = [stack.enter_context(open_artifact(p)) for p in artifacts]
+        first = readers[0].meta
+        dataset = open_dataset(data or first.dataset, first.split, data_root)
+        ids = list(image_id) if image_id else readers[0].ids[:n]
+        layers = [Layer(_title(p, r.kind), r) for p, r in zip(artifacts, readers, strict=True)]
+        path = panel_sheet(dataset, ids, layers, out)
+    output.artifact(path, {"images": ids})
+
+
+def _title(path: Path, kind: str) -> str:
+    return path.stem if kind == "labels" else "CAM"
