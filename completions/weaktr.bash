@@ -11,6 +11,7 @@ _weaktr() {
             "weaktr inspect") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr merge") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr show") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr pipeline") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr data") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr data check") path="$path ${COMP_WORDS[i]}" ;;
         esac
@@ -22,18 +23,20 @@ _weaktr() {
         "weaktr crf --data") words="shapes voc coco" ;;
         "weaktr evaluate --data") words="shapes voc coco" ;;
         "weaktr show --data") words="shapes voc coco" ;;
+        "weaktr pipeline --data") words="shapes voc coco" ;;
         "weaktr data check --data") words="shapes voc coco" ;;
     esac
     if [[ -z $words ]]; then
         case "$path" in
-            "weaktr") words="train-cam dump-cams crf evaluate inspect merge show data --version" ;;
+            "weaktr") words="train-cam dump-cams crf evaluate inspect merge show pipeline data --version" ;;
             "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --scales --flip --no-flip --variant --batch-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
-            "weaktr evaluate") words="--data --data-root --split --thresholds --out --json --quiet" ;;
+            "weaktr evaluate") words="--checkpoint --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --out --json --quiet" ;;
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;
             "weaktr show") words="--id --n --out --data --data-root --json --quiet" ;;
+            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --recipe --pretrained --force --seed --workers --device --json --quiet" ;;
             "weaktr data") words="check" ;;
             "weaktr data check") words="--data --data-root --json --quiet" ;;
         esac

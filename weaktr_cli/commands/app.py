@@ -15,6 +15,7 @@ from weaktr_cli.commands import (
     evaluate,
     inspect,
     merge,
+    pipeline,
     show,
     train_cam,
 )
@@ -56,6 +57,7 @@ app.command("evaluate", help=reflow(evaluate.HELP))(evaluate.evaluate)
 app.command("inspect", help=reflow(inspect.HELP))(inspect.inspect)
 app.command("merge", help=reflow(merge.HELP))(merge.merge)
 app.command("show", help=reflow(show.HELP))(show.show)
+app.command("pipeline", help=reflow(pipeline.HELP))(pipeline.pipeline)
 app.add_typer(data.app, name="data")
 
 
@@ -93,6 +95,7 @@ def main() -> None:
     except Exception as exc:
         if debug:
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc}", "rerun with WEAKTR_DEBUG=1 for the traceback")
+        _fail(f"unexpected {type(exc).__name__}: {exc}",
+              "rerun with WEAKTR_DEBUG=1 for the traceback")
         return
     sys.exit(code if isinstance(code, int) else 0)

@@ -23,11 +23,26 @@ best threshold. The dataset and split default to those the artifact was made fro
   weaktr evaluate cams.h5
   weaktr evaluate seeds.h5 --data voc --data-root ~/VOCdevkit --split train
   weaktr evaluate preds.h5 --json --out metrics.json
+  weaktr evaluate --checkpoint seg.ckpt --split val --multiscale
 """
 
 
 def evaluate(
-    artifact: Annotated[Path, typer.Argument(help="A cams or labels HDF5 artifact.")],
+    artifact: Annotated[Path | None, typer.Argument(help="A cams or labels HDF5 artifact.")
+                        ] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Predict with this segmenter checkpoint first, then score the predictions.",
+        rich_help_panel="Model")] = None,
+    multiscale: Annotated[bool, typer.Option(help="With --checkpoint: multi-scale + flip.",
+                                             rich_help_panel="Model")] = False,
+    fuse_layers: Annotated[bool, typer.Option(help="With --checkpoint: 0.8 P1 + P2.",
+                                              rich_help_panel="Model")] = False,
+    crf: Annotated[str | None, typer.Option(help="With --checkpoint: test-time CRF preset.",
+                                            rich_help_panel="Model")] = None,
+    predictions: Annotated[Path | None, typer.Option(
+        help="With --checkpoint: keep the predictions artifact here.",
+        rich_help_panel="Model")] = None,
+    device: options.Device = "auto",
     data: options.DataOptional = None,
     data_root: options.DataRoot = None,
     split: options.SplitOptional = None,
@@ -47,6 +62,23 @@ def evaluate(
 
     output = Output(json_mode=json_mode, quiet=quiet)
     sweep = parse_thresholds(thresholds)
+    if (artifact is None) == (checkpoint is None):
+        from weaktr_cli.errors import WeakTrError
+
+        raise WeakTrError("pass an artifact or --checkpoint (not both)")
+    if checkpoint is not None:
+        import tempfile
+
+        from weaktr_cli.commands.predict import predict_checkpoint
+
+        keep = predictions
+        tmp = None if keep else tempfile.TemporaryDirectory()
+        target = keep or Path(tmp.name) / "preds.h5"  # type: ignore[union-attr]
+        artifact = predict_checkpoint(
+            checkpoint, data=data, data_root=data_root, split=split or "val", images=None,
+            out=target, multiscale=multiscale, flip=None, fuse_layers=fuse_layers, crf=crf,
+            window=None, stride=None, precision=None, shard=None, resume=False, device=device,
+            output=output)
     with open_artifact(artifact) as reader:
         dataset = open_dataset(data or reader.meta.dataset, split or reader.meta.split, data_root)
         with output.progress(f"evaluate {artifact.name}", len(reader)) as update:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def reflow(text: str) -> str:
-    """Join the wrapped lines of each prose paragraph; keep indented lines (examples) as they are."""
+    """Join the wrapped lines of each prose paragraph; keep indented lines (examples) as is."""
     out: list[str] = []
     for line in text.strip("\n").splitlines():
         prose = line and not line.startswith(" ")

@@ -51,7 +51,8 @@ SplitOptional = Annotated[
     ),
 ]
 Json = Annotated[
-    bool, typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output")
+    bool,
+    typer.Option("--json", help="Print the result as JSON on stdout.", rich_help_panel="Output"),
 ]
 Quiet = Annotated[
     bool,

@@ -44,7 +44,21 @@ def _check_name(name: str) -> str:
 
 
 def open_dataset(name: str, split: str, root: str | Path | None = None) -> SegmentationDataset:
-    """Open split `split` of dataset `name` ("shapes", "voc" or "coco")."""
+    """Open split `split` of dataset `name` ("shapes", "voc" or "coco").
+
+    Any other name is a user's own dataset in the VOC layout whose `weaktr_dataset.json`
+    carries that name (artifacts record it), opened from `root`.
+    """
+    if str(name) not in DATASETS and (root is not None or os.environ.get("WEAKTR_DATA_ROOT")):
+        from weaktr_cli.data.voc import VocDataset
+
+        dataset = VocDataset(resolve_root("voc", root), split)  # type: ignore[arg-type]
+        if dataset.name != str(name):
+            raise WeakTrError(
+                f"the dataset at {root} is {dataset.name!r}, not {name!r}",
+                hint="pass --data-root of the dataset the artifact was made from",
+            )
+        return dataset
     name = _check_name(name)
     path = resolve_root(name, root)
     if name == "shapes":

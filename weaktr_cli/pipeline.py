@@ -1,0 +1,269 @@
+"""`weaktr pipeline`: every phase in order into a work folder, skipping what is up to date.
+
+Like `make`: each phase records a stamp (`<work>/.stamps/<phase>.json`) with a key made of its
+settings and the identity (size, mtime) of its inputs. A phase whose outputs exist and whose key
+is unchanged is skipped; `force` redoes named phases (and so everything after them). Each phase
+is the ordinary library call behind its subcommand, so a user can stop after any phase, inspect
+or replace its artifact, and rerun: a replaced artifact changes the keys downstream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from weaktr_cli.errors import WeakTrError
+from weaktr_cli.io import atomic_write_text
+
+PHASES = ("train-cam", "dump-cams", "crf", "retrain", "predict", "evaluate", "report")
+Log = Callable[[str], None]
+
+
+@dataclass
+class PipelineConfig:
+    """What to run: a dataset, a recipe (settings of every phase), a work folder and a seed."""
+
+    work: Path = Path("weaktr-run")
+    data: str = "shapes"
+    data_root: Path | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    recipe: str | None = None  # default: the dataset's name
+    seed: int | None = None  # default: the recipe's
+    pretrained: Path | None = None
+    device: str = "auto"
+    workers: int = 2
+    force: tuple[str, ...] = ()
+    show_images: int = 8
+
+
+@dataclass
+class PhaseRecord:
+    name: str
+    skipped: bool
+    wall_s: float
+    outputs: list[Path]
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.outputs if p.is_file())
+
+
+@dataclass
+class PipelineResult:
+    work: Path
+    phases: list[PhaseRecord]
+    metrics: dict[str, Any]
+
+
+def _identity(path: Path) -> list[Any]:
+    stat = path.stat()
+    return [str(path.name), stat.st_size, stat.st_mtime_ns]
+
+
+class _Runner:
+    """Runs phases with stamps; a forced or re-run phase forces everything after it."""
+
+    def __init__(self, work: Path, force: tuple[str, ...], log: Log) -> None:
+        self.work = work
+        self.stamps = work / ".stamps"
+        self.stamps.mkdir(parents=True, exist_ok=True)
+        self.force = set(force)
+        self.log = log
+        self.records: list[PhaseRecord] = []
+        self._dirty = False
+
+    def run(self, name: str, outputs: list[Path], settings: dict[str, Any], inputs: list[Path],
+            action: Callable[[], dict[str, Any]]) -> PhaseRecord:
+        key = hashlib.sha256(json.dumps(
+            {"settings": settings, "inputs": [_identity(p) for p in inputs]},
+            sort_keys=True, default=str).encode()).hexdigest()
+        stamp_path = self.stamps / f"{name}.json"
+        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
+        fresh = (stamp.get("key") == key and all(p.exists() for p in outputs)
+                 and name not in self.force and not self._dirty)
+        if fresh:
+            self.log(f"[dim]{name}: up to date, skipped[/]")
+            record = PhaseRecord(name, True, float(stamp.get("wall_s", 0.0)), outputs,
+                                 stamp.get("result", {}))
+        else:
+            self._dirty = True
+            self.log(f"[bold]{name}[/] ...")
+            started = time.perf_counter()
+            result = action()
+            wall = time.perf_counter() - started
+            record = PhaseRecord(name, False, wall, outputs, result)
+            atomic_write_text(stamp_path, json.dumps(
+                {"key": key, "wall_s": wall, "result": result}, indent=2, default=str))
+            self.log(f"{name}: done in {wall:.1f} s")
+        self.records.append(record)
+        return record
+
+
+def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
+                 progress: Callable[[str], Callable[[int, int], None]] | None = None
+                 ) -> PipelineResult:
+    """Run (or skip) every phase on `config.data` and return per-phase records and metrics."""
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.recipes import (
+        CAM_RECIPES,
+        DUMP_RECIPES,
+        PREDICT_RECIPES,
+        RETRAIN_RECIPES,
+        SEED_RECIPES,
+    )
+
+    say = log or (lambda _m: None)
+    bar = progress or (lambda _name: (lambda _done, _total: None))
+    unknown = [p for p in config.force if p not in PHASES]
+    if unknown:
+        raise WeakTrError(f"unknown phase {unknown[0]!r} in --force",
+                          hint=f"phases: {', '.join(PHASES)}")
+    recipe = config.recipe or config.data
+    if recipe not in CAM_RECIPES:
+        raise WeakTrError(f"unknown recipe {recipe!r}",
+                          hint=f"choose one of {', '.join(CAM_RECIPES)}")
+    work = config.work
+    work.mkdir(parents=True, exist_ok=True)
+    runner = _Runner(work, config.force, say)
+    train_set = open_dataset(config.data, config.train_split, config.data_root)
+    val_set = open_dataset(config.data, config.val_split, config.data_root)
+
+    cam_config = CAM_RECIPES[recipe]
+    retrain_config = RETRAIN_RECIPES[recipe]
+    if config.seed is not None:
+        cam_config = dataclasses.replace(cam_config, seed=config.seed)
+        retrain_config = dataclasses.replace(retrain_config, seed=config.seed)
+    dump_settings, seed_recipe = DUMP_RECIPES[recipe], SEED_RECIPES[recipe]
+    predict_settings = PREDICT_RECIPES[recipe]
+    dataset_key = {"data": config.data, "root": str(config.data_root),
+                   "train": train_set.split, "val": val_set.split, "n": len(train_set)}
+
+    cam_ckpt = work / "cam.ckpt"
+    cams = work / "cams_train.h5"
+    seeds = work / "seeds_train.h5"
+    seg_ckpt = work / "seg.ckpt"
+    preds_train, preds_val = work / "preds_train.h5", work / "preds_val.h5"
+    metrics_path = work / "metrics.json"
+
+    def train_cam_phase() -> dict[str, Any]:
+        from weaktr_cli.train_cam import train_cam
+
+        for stale in (cam_ckpt.with_name(cam_ckpt.name + s) for s in (".jsonl",)):
+            stale.unlink(missing_ok=True)
+        result = train_cam(train_set, val_set, cam_ckpt, cam_config,
+                           pretrained=config.pretrained, device=config.device, log=say,
+                           log_jsonl=work / "cam.ckpt.jsonl", progress=bar("train-cam"))
+        last = result.history[-1] if result.history else {}
+        return {"val_map": last.get("val_map"), "epochs": len(result.history)}
+
+    runner.run("train-cam", [cam_ckpt], {"dataset": dataset_key, "cam": cam_config.to_dict(),
+                                        "pretrained": str(config.pretrained)}, [],
+               train_cam_phase)
+
+    def dump_phase() -> dict[str, Any]:
+        from weaktr_cli.cams import dump_cams
+        from weaktr_cli.train_cam import load_cam_model
+
+        model, _ = load_cam_model(cam_ckpt)
+        dump_cams(model, train_set, cams, settings=dump_settings, device=config.device,
+                  resume=False, checkpoint=cam_ckpt, seed=cam_config.seed,
+                  progress=bar("dump-cams"))
+        return {}
+
+    runner.run("dump-cams", [cams], {"dump": dataclasses.asdict(dump_settings)}, [cam_ckpt],
+               dump_phase)
+
+    def crf_phase() -> dict[str, Any]:
+        from weaktr_cli.crf import get_preset
+        from weaktr_cli.seeds import make_seeds
+
+        make_seeds(cams, train_set, seeds, bg=seed_recipe.bg,
+                   params=get_preset(seed_recipe.preset) if seed_recipe.preset else None,
+                   unary=seed_recipe.unary, workers=config.workers, resume=False,
+                   progress=bar("crf"))
+        return {}
+
+    runner.run("crf", [seeds], {"seeds": dataclasses.asdict(seed_recipe)}, [cams], crf_phase)
+
+    def retrain_phase() -> dict[str, Any]:
+        from weaktr_cli.retrain import retrain
+
+        (work / "seg.ckpt.jsonl").unlink(missing_ok=True)
+        result = retrain(train_set, seeds, seg_ckpt, retrain_config,
+                         pretrained=config.pretrained, device=config.device, log=say,
+                         log_jsonl=work / "seg.ckpt.jsonl", progress=bar("retrain"))
+        return {"steps": getattr(result, "steps", None)}
+
+    runner.run("retrain", [seg_ckpt], {"retrain": retrain_config.to_dict(),
+                                      "pretrained": str(config.pretrained)}, [seeds],
+               retrain_phase)
+
+    def predict_phase() -> dict[str, Any]:
+        from weaktr_cli.predict import predict_split, settings_for_checkpoint
+        from weaktr_cli.retrain import load_segmenter
+
+        model, meta = load_segmenter(seg_ckpt)
+        settings = settings_for_checkpoint(meta, predict_settings)
+        for dataset, out in ((train_set, preds_train), (val_set, preds_val)):
+            predict_split(model, dataset, out, settings, class_names=train_set.class_names,
+                          device=config.device, resume=False, checkpoint=seg_ckpt,
+                          progress=bar(f"predict {dataset.split}"))
+        return {}
+
+    runner.run("predict", [preds_train, preds_val],
+               {"predict": dataclasses.asdict(predict_settings)}, [seg_ckpt], predict_phase)
+
+    def evaluate_phase() -> dict[str, Any]:
+        from weaktr_cli.artifacts import open_artifact
+        from weaktr_cli.evaluation import evaluate_artifact
+        from weaktr_cli.metrics import default_thresholds
+
+        scores: dict[str, Any] = {}
+        for name, path, dataset in (("cams_train", cams, train_set),
+                                    ("seeds_train", seeds, train_set),
+                                    ("model_train", preds_train, train_set),
+                                    ("model_val", preds_val, val_set)):
+            with open_artifact(path) as reader:
+                result = evaluate_artifact(reader, dataset, thresholds=default_thresholds())
+            scores[name] = result.to_dict()
+            scores[name].pop("confusion", None)
+        atomic_write_text(metrics_path, json.dumps(scores, indent=2))
+        return {k: v["miou"] for k, v in scores.items()}
+
+    evaluated = runner.run("evaluate", [metrics_path], {"thresholds": "default"},
+                           [cams, seeds, preds_train, preds_val], evaluate_phase)
+
+    panels, chart = work / "panels.png", work / "iou.png"
+
+    def report_phase() -> dict[str, Any]:
+        from contextlib import ExitStack
+
+        from weaktr_cli.artifacts import open_artifact
+        from weaktr_cli.visualize import Layer, iou_chart, panel_sheet
+
+        with ExitStack() as stack:
+            layers = [Layer(title, stack.enter_context(open_artifact(path)))
+                      for title, path in (("CAM", cams), ("seeds", seeds),
+                                          ("prediction", preds_train))]
+            panel_sheet(train_set, train_set.ids[: config.show_images], layers, panels)
+        scores = json.loads(metrics_path.read_text())
+        series = {}
+        for key, label in (("cams_train", "CAM (train)"), ("seeds_train", "seeds (train)"),
+                           ("model_train", "model (train)"), ("model_val", "model (val)")):
+            per_class = {row["id"]: row["iou"] for row in scores[key]["per_class"]}
+            series[label] = [per_class.get(i) for i in range(train_set.num_classes)]
+        iou_chart(series, train_set.class_names, chart,
+                  title=f"per-class IoU, {config.data} ({recipe} recipe)")
+        return {}
+
+    runner.run("report", [panels, chart], {"show": config.show_images}, [metrics_path],
+               report_phase)
+    return PipelineResult(work, runner.records, dict(evaluated.result))
