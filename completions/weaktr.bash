@@ -7,7 +7,10 @@ _weaktr() {
             "weaktr train-cam") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr dump-cams") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr crf") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr retrain") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr predict") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr evaluate") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr export-onnx") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr inspect") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr merge") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr show") path="$path ${COMP_WORDS[i]}" ;;
@@ -21,6 +24,8 @@ _weaktr() {
         "weaktr train-cam --data") words="shapes voc coco" ;;
         "weaktr dump-cams --data") words="shapes voc coco" ;;
         "weaktr crf --data") words="shapes voc coco" ;;
+        "weaktr retrain --data") words="shapes voc coco" ;;
+        "weaktr predict --data") words="shapes voc coco" ;;
         "weaktr evaluate --data") words="shapes voc coco" ;;
         "weaktr show --data") words="shapes voc coco" ;;
         "weaktr pipeline --data") words="shapes voc coco" ;;
@@ -28,11 +33,14 @@ _weaktr() {
     esac
     if [[ -z $words ]]; then
         case "$path" in
-            "weaktr") words="train-cam dump-cams crf evaluate inspect merge show pipeline data --version" ;;
+            "weaktr") words="train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data --version" ;;
             "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --scales --flip --no-flip --variant --batch-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
+            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --arch --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr predict") words="--checkpoint --onnx --data --data-root --split --images --out --png-dir --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr evaluate") words="--checkpoint --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --out --json --quiet" ;;
+            "weaktr export-onnx") words="--checkpoint --out --cam --height --width --dynamic --no-dynamic --batch-size --opset --variant --all-layers --no-all-layers --atol --json --quiet" ;;
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;
             "weaktr show") words="--id --n --out --data --data-root --json --quiet" ;;

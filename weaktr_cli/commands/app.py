@@ -13,9 +13,12 @@ from weaktr_cli.commands import (
     data,
     dump_cams,
     evaluate,
+    export_onnx,
     inspect,
     merge,
     pipeline,
+    predict,
+    retrain,
     show,
     train_cam,
 )
@@ -53,7 +56,10 @@ def _root(
 app.command("train-cam", help=reflow(train_cam.HELP))(train_cam.train_cam)
 app.command("dump-cams", help=reflow(dump_cams.HELP))(dump_cams.dump_cams)
 app.command("crf", help=reflow(crf.HELP))(crf.crf)
+app.command("retrain", help=reflow(retrain.HELP))(retrain.retrain)
+app.command("predict", help=reflow(predict.HELP))(predict.predict)
 app.command("evaluate", help=reflow(evaluate.HELP))(evaluate.evaluate)
+app.command("export-onnx", help=reflow(export_onnx.HELP))(export_onnx.export_onnx)
 app.command("inspect", help=reflow(inspect.HELP))(inspect.inspect)
 app.command("merge", help=reflow(merge.HELP))(merge.merge)
 app.command("show", help=reflow(show.HELP))(show.show)

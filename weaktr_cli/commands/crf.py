@@ -11,7 +11,7 @@ import typer
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
 
-HELP = """Turn a cams artifact into pseudo-label seeds (a labels artifact) with dense CRF.
+HELP = """Turn CAMs into pseudo-label seeds with dense CRF (phase 3).
 
 A constant background plane --bg is put in front of the CAMs, the argmax gives a label map,
 and a dense CRF (pydensecrf) refines it. CRF parameters start from a named preset (voc, coco,

@@ -11,7 +11,7 @@ import typer
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
 
-HELP = """Run CAM inference over a split and stream the CAMs into an HDF5 artifact (phase 2).
+HELP = """Run CAM inference over a split into a cams artifact (phase 2).
 
 Multi-scale plus flip, the classes of each image's image-level label only, min-max normalised
 (METHOD.md). Resumable: rerun the same command after an interruption. Prints the artifact path.

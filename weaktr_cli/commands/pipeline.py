@@ -12,7 +12,9 @@ from rich.table import Table
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
 
-HELP = """Run every phase in order into a work folder: train-cam, dump-cams, crf, retrain,
+HELP = """Run the whole method on one dataset, make-style.
+
+Every phase in order into a work folder: train-cam, dump-cams, crf, retrain,
 predict (train and val), evaluate, and a report (panels.png, iou.png). Ends with one table:
 mIoU of the CAMs (best background threshold), the seeds and the retrained model, with the wall
 time and artifact size of each phase.

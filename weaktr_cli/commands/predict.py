@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -14,8 +13,9 @@ from weaktr_cli.commands.output import Output
 #: METHOD.md Phase 4 inference: ratios 0.5-1.75 of the image
 MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
-HELP = """Predict label maps with a retrained segmentation model into a labels artifact:
-sliding windows of the training crop, optional multi-scale with flips, the reference's
+HELP = """Predict label maps with a retrained model into a labels artifact.
+
+Sliding windows of the training crop, optional multi-scale with flips, the reference's
 two-layer fusion (0.8 P1 + P2) and test-time CRF. --images predicts any folder of images;
 --png-dir also writes palette PNGs. Resumable; prints the artifact path.
 
@@ -119,10 +119,11 @@ def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
 
 def _predict_onnx(onnx, data, data_root, split, images, out, flip, output, shard, resume  # type: ignore[no-untyped-def]
                   ) -> Path:
-    from weaktr_cli.onnx_infer import OnnxSegmenter, predict_split_onnx
+    from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
 
-    model = OnnxSegmenter(onnx)
-    dataset = _open(data or "shapes", data_root, split, images, model.class_names)
+    info = read_onnx_info(onnx)
+    dataset = _open(data or "shapes", data_root, split, images, info.class_names)
+    settings = OnnxPredictSettings() if flip is None else OnnxPredictSettings(flip=flip)
     with output.progress(f"predict (onnx) {dataset.name}/{dataset.split}", len(dataset)) as up:
-        return predict_split_onnx(model, dataset, out, flip=bool(flip), shard=shard,
-                                  resume=resume, progress=up)
+        return predict_split_onnx(onnx, dataset, out, settings, shard=shard, resume=resume,
+                                  progress=up)

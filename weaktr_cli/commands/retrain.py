@@ -1,4 +1,4 @@
-"""`weaktr retrain`: online retraining of a segmenter on seeds with the gradient clipping decoder."""
+"""`weaktr retrain`: online retraining on seeds with the gradient clipping decoder."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ import typer
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
 
-HELP = """Train the segmentation model on pseudo-label seeds (phase 4): a ViT encoder with a
+HELP = """Retrain a segmentation model on pseudo-label seeds (phase 4).
+
+A ViT encoder with a
 mask-transformer decoder and the gradient clipping loss (once the mean loss is below --tau,
 pixels whose loss exceeds max(patch mean, global mean) over --patch x --patch patches get no
 gradient). --seeds takes a labels artifact (from crf) or a cams artifact, turned into seeds on

@@ -10,7 +10,9 @@ import typer
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
 
-HELP = """Draw artifacts as PNG panels: one row per image with the image, a heatmap per CAM class,
+HELP = """Draw artifacts as PNG panels.
+
+One row per image with the image, a heatmap per CAM class,
 each label artifact (seeds, predictions) and the ground truth, in the dataset palette with a
 class legend. Artifacts are drawn in the order given; all must cover the chosen images.
 

@@ -1,0 +1,557 @@
+"""Segmentation with an exported ONNX segmenter: onnxruntime and numpy only, no torch.
+
+`OnnxSegmenter` reads everything it needs from the model's metadata (`weaktr.*` keys written
+by `weaktr_cli.export`): class names, patch and crop size, input size, whether batch / H / W
+are dynamic, how many decoder layers the output holds. The graph normalises raw 0-255 pixels
+itself.
+
+Pre- and post-processing mirror `weaktr_cli.predict.predict_probs` step for step, so the two
+agree to float rounding:
+
+1. per scale: the short side becomes scale x `base_size` (or scale x its own length), and at
+   least `window`; bilinear resize (half-pixel centres, no antialiasing, as
+   `F.interpolate(mode="bilinear", align_corners=False)`) of the float pixels, clamped to
+   0-255; with `flip`, the mirrored image as a second pass;
+2. `window` x `window` crops every `stride` pixels, the last row / column aligned to the
+   bottom / right border; logits averaged where windows overlap;
+3. logits resized bilinearly to the original size, un-mirrored, softmax over classes; with
+   `layer_weights` (a model exported with all decoder layers) the layers' probabilities are
+   mixed with weights / sum(weights);
+4. the probabilities of all passes averaged; label = argmax (optionally a dense CRF).
+
+A fixed-size export takes exactly its exported batch of `window` x `window` crops (the last
+batch is padded by repeating a crop); a dynamic one takes `batch_size` crops of any window.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from weaktr_cli.data.base import SegmentationDataset
+from weaktr_cli.errors import WeakTrError
+
+__all__ = [
+    "OnnxModelInfo",
+    "OnnxPredictSettings",
+    "OnnxSegmenter",
+    "predict_split_onnx",
+    "read_onnx_info",
+    "resize_bilinear",
+    "softmax",
+]
+
+#: newest metadata layout this reader understands (`weaktr_cli.export.FORMAT_VERSION`)
+SUPPORTED_FORMAT = 1
+_PARTIAL_SUFFIX = ".partial"  # artifacts.PARTIAL_SUFFIX, spelled here to keep imports light
+
+
+@dataclass(frozen=True)
+class OnnxModelInfo:
+    """The `weaktr.*` metadata of an exported model, parsed."""
+
+    kind: str
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    patch_size: int
+    crop_size: int
+    input_size: tuple[int, int]
+    min_size: tuple[int, int]
+    dynamic: bool
+    batch_size: int
+    layers: int
+    input_name: str
+    output_name: str
+    weaktr_version: str
+    cam_variant: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_metadata(cls, props: Mapping[str, str], source: str = "the model") -> OnnxModelInfo:
+        """Parse `metadata_props`; raises `WeakTrError` when a key is missing or malformed."""
+
+        def get(key: str) -> str:
+            full = f"weaktr.{key}"
+            if full not in props:
+                raise WeakTrError(
+                    f"{source} has no {full!r} metadata: not exported by weaktr",
+                    hint="export it with `weaktr export`",
+                )
+            return props[full]
+
+        def load(key: str) -> Any:
+            try:
+                return json.loads(get(key))
+            except ValueError as exc:
+                raise WeakTrError(f"{source}: metadata 'weaktr.{key}' is not valid JSON") from exc
+
+        try:
+            version = int(get("format_version"))
+            if version > SUPPORTED_FORMAT:
+                raise WeakTrError(
+                    f"{source} uses weaktr ONNX metadata version {version}, newer than this "
+                    f"weaktr reads ({SUPPORTED_FORMAT})",
+                    hint="upgrade weaktr",
+                )
+            layer_count = int(get("layers"))
+            info = cls(
+                kind=get("kind"),
+                class_names=tuple(str(n) for n in load("class_names")),
+                mean=tuple(float(v) for v in load("mean")),
+                std=tuple(float(v) for v in load("std")),
+                patch_size=int(get("patch_size")),
+                crop_size=int(get("crop_size")),
+                input_size=_pair(load("input_size")),
+                min_size=_pair(load("min_size")),
+                dynamic=get("dynamic") == "true",
+                batch_size=int(get("batch_size")),
+                layers=layer_count,
+                input_name=str(load("input")["name"]),
+                output_name=str(load("output")["name"]),
+                weaktr_version=get("version"),
+                cam_variant=props.get("weaktr.cam_variant"),
+                extra=dict(load("extra")),
+            )
+        except (TypeError, KeyError, ValueError) as exc:
+            raise WeakTrError(f"{source} has malformed weaktr metadata: {exc}") from exc
+        return info
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    a, b = value
+    return int(a), int(b)
+
+
+def _session(path: Path, threads: int | None, providers: Sequence[str] | None) -> Any:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise WeakTrError(
+            "ONNX inference needs onnxruntime, which is not installed",
+            hint="pip install 'weaktr[onnx]'",
+        ) from exc
+
+    if not path.is_file():
+        raise WeakTrError(f"ONNX model {path} does not exist")
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(
+            str(path), options, providers=list(providers or ["CPUExecutionProvider"])
+        )
+    except Exception as exc:  # onnxruntime raises its own exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeakTrError(f"onnxruntime cannot load {path}: {first}") from exc
+
+
+def read_onnx_info(path: str | Path) -> OnnxModelInfo:
+    """The parsed weaktr metadata of an ONNX file (any kind)."""
+    path = Path(path)
+    props = _session(path, 1, None).get_modelmeta().custom_metadata_map
+    return OnnxModelInfo.from_metadata(props, source=str(path))
+
+
+@dataclass(frozen=True)
+class OnnxPredictSettings:
+    """`weaktr_cli.predict.PredictSettings` without the torch-only fields.
+
+    window / stride: sliding-window crop and step (None: the model's crop size, or the input
+        size of a fixed export, and 2/3 of the window, as `settings_for_checkpoint`).
+    scales, base_size, flip, layer_weights, crf, batch_size: as `PredictSettings`;
+        `batch_size` applies to dynamic exports (fixed ones take their exported batch).
+    """
+
+    window: int | None = None
+    stride: int | None = None
+    scales: tuple[float, ...] = (1.0,)
+    base_size: int | None = None
+    flip: bool = True
+    layer_weights: tuple[float, ...] | None = None
+    crf: str | None = None
+    batch_size: int = 4
+
+    @classmethod
+    def from_predict_settings(cls, values: Mapping[str, Any]) -> OnnxPredictSettings:
+        """From `PredictSettings.to_dict()`; normalisation (in the graph) and precision (fp32)
+        do not apply and are ignored."""
+        names = {f for f in cls.__dataclass_fields__}
+        kwargs = {k: v for k, v in values.items() if k in names}
+        for key in ("scales", "layer_weights"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = tuple(kwargs[key])
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def resolved(self, info: OnnxModelInfo) -> OnnxPredictSettings:
+        """These settings with window / stride filled in for `info`, checked against it."""
+        if info.kind != "segmenter":
+            raise WeakTrError(f"the ONNX model is a {info.kind!r} model, not a segmenter")
+        default = info.input_size[0] if not info.dynamic else info.crop_size
+        window = self.window if self.window is not None else default
+        stride = self.stride if self.stride is not None else max(1, window * 2 // 3)
+        out = replace(self, window=window, stride=stride)
+        out._check(info)
+        return out
+
+    def _check(self, info: OnnxModelInfo) -> None:
+        window, stride = self.window, self.stride
+        assert window is not None and stride is not None
+        if window < 1 or stride < 1:
+            raise WeakTrError(f"invalid window {window} / stride {stride}")
+        if stride > window:
+            raise WeakTrError(
+                f"stride {stride} is larger than the window {window}: pixels between "
+                "windows would get no prediction", hint="use a stride <= the window",
+            )
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. 0.5,1.0,1.5")
+        if self.base_size is not None and self.base_size < 1:
+            raise WeakTrError(f"invalid base size {self.base_size}")
+        if self.batch_size < 1:
+            raise WeakTrError("batch size must be >= 1")
+        if info.dynamic:
+            if window < max(info.min_size):
+                raise WeakTrError(
+                    f"window {window} is below the model's smallest input {info.min_size}"
+                )
+        elif info.input_size != (window, window):
+            raise WeakTrError(
+                f"this ONNX model takes fixed {info.input_size[0]}x{info.input_size[1]} "
+                f"inputs; a {window} px window needs a {window}x{window} or a dynamic export",
+                hint="omit --window, or re-export with --dynamic",
+            )
+        weights = self.layer_weights
+        if weights is not None:
+            if not weights or any(w < 0 for w in weights) or not sum(weights) > 0:
+                raise WeakTrError(f"invalid layer weights {weights}",
+                                  hint="non-negative numbers, e.g. 0.8,1.0")
+            if len(weights) != info.layers:
+                hint = ("re-export with all decoder layers (--all-layers)" if info.layers == 1
+                        else "give one weight per decoder layer")
+                raise WeakTrError(
+                    f"{len(weights)} layer weights, but the ONNX model outputs "
+                    f"{info.layers} decoder layer(s)", hint=hint,
+                )
+        if self.crf is not None:
+            from weaktr_cli.crf import get_preset
+
+            get_preset(self.crf)
+
+
+# ----------------------------------------------------------------------------- numerics
+
+
+def _linear_taps(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                      np.ndarray]:
+    """Source indices and weights of torch's bilinear resize (align_corners=False) along one
+    axis, as torch's CPU kernel computes them: (i0, i1, w0, w1), each (out_len,).
+
+    The step is float32 in / out; the source coordinate step * (dst + 0.5) - 0.5 is one
+    fused multiply-add in torch's kernel (a single float32 rounding), emulated here through
+    float64, where the product of two float32 values is exact.
+    """
+    scale = np.float32(in_len) / np.float32(out_len)
+    dst = np.arange(out_len, dtype=np.float64) + 0.5
+    src = np.maximum((np.float64(scale) * dst - 0.5).astype(np.float32), np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_len - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = i0 + (i0 < in_len - 1)
+    return i0, i1, (np.float32(1) - lam).astype(np.float32), lam
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (C, H, W) float32 to (C, *size), matching
+    `F.interpolate(x[None], size, mode="bilinear", align_corners=False)` (no antialiasing)."""
+    _, in_h, in_w = x.shape
+    out_h, out_w = size
+    if (out_h, out_w) == (in_h, in_w):
+        return x.astype(np.float32, copy=True)
+    x = x.astype(np.float32, copy=False)
+    r0, r1, rw0, rw1 = _linear_taps(in_h, out_h)
+    c0, c1, cw0, cw1 = _linear_taps(in_w, out_w)
+    rows: np.ndarray = x[:, :, c0] * cw0 + x[:, :, c1] * cw1  # width first, as torch nests it
+    out: np.ndarray = rows[:, r0, :] * rw0[:, None] + rows[:, r1, :] * rw1[:, None]
+    return out
+
+
+def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Numerically stable softmax (float32)."""
+    e = np.exp(x - x.max(axis=axis, keepdims=True))
+    out: np.ndarray = (e / e.sum(axis=axis, keepdims=True)).astype(np.float32, copy=False)
+    return out
+
+
+def _anchors(size: int, window: int, stride: int) -> list[int]:
+    """Window starts along one axis; the last window ends at the border (size >= window)."""
+    starts = [a for a in range(0, size, stride) if a < size - window]
+    return [*starts, size - window]
+
+
+def _pass_size(h: int, w: int, scale: float, window: int,
+               base_size: int | None) -> tuple[int, int]:
+    """(H', W') of one scale: the scaled size, short side raised to the window if below."""
+    short = min(h, w)
+    target = scale * (base_size if base_size is not None else short)
+    factor = max(target, window) / short
+    return max(window, round(h * factor)), max(window, round(w * factor))
+
+
+def _label_from_probs(probs: np.ndarray, image: np.ndarray, crf: str | None) -> np.ndarray:
+    """Argmax, optionally CRF-refined exactly as `weaktr_cli.predict.label_from_probs`."""
+    if probs.shape[0] > 255:
+        raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
+    label: np.ndarray = np.argmax(probs, axis=0).astype(np.uint8)
+    if crf is None:
+        return label
+    from weaktr_cli.crf import crf_from_probs, get_preset
+
+    keys = np.unique(label)
+    if len(keys) == 1:
+        return label
+    planes = probs[keys]
+    planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
+    refined = crf_from_probs(image, planes, get_preset(crf))
+    out: np.ndarray = keys.astype(np.uint8)[refined]
+    return out
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class OnnxSegmenter:
+    """An exported weaktr segmenter run by onnxruntime.
+
+    Args:
+        path: the .onnx file (`weaktr export` of a segmenter checkpoint).
+        threads: onnxruntime intra-op threads (None: onnxruntime's default, all cores).
+        providers: onnxruntime execution providers (default CPU only).
+    """
+
+    def __init__(self, path: str | Path, *, threads: int | None = None,
+                 providers: Sequence[str] | None = None) -> None:
+        self.path = Path(path)
+        self._session = _session(self.path, threads, providers)
+        props = self._session.get_modelmeta().custom_metadata_map
+        self.info = OnnxModelInfo.from_metadata(props, source=str(self.path))
+        if self.info.kind != "segmenter":
+            raise WeakTrError(
+                f"{self.path} is an exported {self.info.kind!r} model, not a segmenter",
+                hint="predictions need an export of a retrain (segmenter) checkpoint",
+            )
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.info.class_names
+
+    def settings(self, **overrides: Any) -> OnnxPredictSettings:
+        """Default settings for this model (window = its crop, stride 2/3), with overrides."""
+        return OnnxPredictSettings(**overrides).resolved(self.info)
+
+    def run(self, pixels: np.ndarray) -> np.ndarray:
+        """Raw model output for a batch of crops.
+
+        Args:
+            pixels: (B, 3, H, W) float32 RGB 0-255 (any B for dynamic exports; fixed exports
+                are fed in chunks of their batch size, the last one padded).
+
+        Returns:
+            float32 logits (B, K, H, W), or (B, L, K, H, W) for an all-layers export.
+        """
+        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+        if pixels.ndim != 4 or pixels.shape[1] != 3:
+            raise WeakTrError(f"expected pixels (B, 3, H, W), got {pixels.shape}")
+        info = self.info
+        if info.dynamic:
+            if pixels.shape[2] < info.min_size[0] or pixels.shape[3] < info.min_size[1]:
+                raise WeakTrError(
+                    f"input {pixels.shape[2]}x{pixels.shape[3]} is below the model's smallest "
+                    f"input {info.min_size[0]}x{info.min_size[1]}"
+                )
+            return self._run(pixels)
+        if pixels.shape[2:] != info.input_size:
+            raise WeakTrError(
+                f"this ONNX model takes {info.input_size[0]}x{info.input_size[1]} inputs, "
+                f"got {pixels.shape[2]}x{pixels.shape[3]}"
+            )
+        outs = []
+        step = info.batch_size
+        for start in range(0, pixels.shape[0], step):
+            chunk = pixels[start : start + step]
+            n = chunk.shape[0]
+            if n < step:  # repeat the last crop; its extra outputs are dropped
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - n, axis=0)])
+            outs.append(self._run(chunk)[:n])
+        return np.concatenate(outs)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self._session.run(
+            [self.info.output_name], {self.info.input_name: batch}
+        )[0]
+        return out
+
+    def _sliding_logits(self, pixels: np.ndarray, settings: OnnxPredictSettings,
+                        layers: bool) -> list[np.ndarray]:
+        """Merged window logits of (3, H, W) pixels with H, W >= window: one float32
+        (K, H, W) array per decoder layer (or only the last)."""
+        _, h, w = pixels.shape
+        ws, stride = settings.window, settings.stride
+        assert ws is not None and stride is not None
+        boxes = [(y, x) for y in _anchors(h, ws, stride) for x in _anchors(w, ws, stride)]
+        n_out = self.info.layers if layers else 1
+        sums = np.zeros((n_out, self.info.num_classes, h, w), dtype=np.float32)
+        count = np.zeros((1, h, w), dtype=np.float32)
+        step = settings.batch_size if self.info.dynamic else self.info.batch_size
+        for start in range(0, len(boxes), step):
+            chunk = boxes[start : start + step]
+            crops = np.stack([pixels[:, y : y + ws, x : x + ws] for y, x in chunk])
+            out = self.run(crops)
+            if self.info.layers > 1:
+                outs = [out[:, k] for k in range(n_out)] if layers else [out[:, -1]]
+            else:
+                outs = [out]
+            for k, logits in enumerate(outs):
+                for i, (y, x) in enumerate(chunk):
+                    sums[k][:, y : y + ws, x : x + ws] += logits[i]
+            for y, x in chunk:
+                count[:, y : y + ws, x : x + ws] += 1
+        return [s / count for s in sums]
+
+    def predict_probs(self, image: np.ndarray,
+                      settings: OnnxPredictSettings | None = None) -> np.ndarray:
+        """Class probabilities of one image.
+
+        Args:
+            image: RGB (H, W, 3) uint8.
+            settings: see `OnnxPredictSettings` (default: `self.settings()`).
+
+        Returns:
+            float32 (K, H, W) softmax probabilities, K = len(class_names).
+        """
+        settings = (settings or OnnxPredictSettings()).resolved(self.info)
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise WeakTrError(
+                f"expected an RGB (H, W, 3) uint8 image, got {image.shape} {image.dtype}"
+            )
+        assert settings.window is not None
+        h, w = image.shape[:2]
+        pixels = image.transpose(2, 0, 1).astype(np.float32)
+        weights = settings.layer_weights
+        mix = weights if weights is not None else (1.0,)
+        total = np.zeros((self.info.num_classes, h, w), dtype=np.float32)
+        passes = 0
+        for scale in settings.scales:
+            size = _pass_size(h, w, scale, settings.window, settings.base_size)
+            scaled = np.clip(resize_bilinear(pixels, size), 0, 255)
+            for flipped in (False, True) if settings.flip else (False,):
+                view = scaled[:, :, ::-1] if flipped else scaled
+                layers = self._sliding_logits(view, settings, weights is not None)
+                for weight, logits in zip(mix, layers, strict=True):
+                    if weight == 0:
+                        continue
+                    up = resize_bilinear(logits, (h, w))
+                    if flipped:
+                        up = up[:, :, ::-1]
+                    total += np.float32(weight / sum(mix)) * softmax(up, axis=0)
+                passes += 1
+        probs: np.ndarray = (total / np.float32(passes)).astype(np.float32)
+        return probs
+
+    def predict(self, image: np.ndarray,
+                settings: OnnxPredictSettings | None = None) -> np.ndarray:
+        """(H, W) uint8 class-id label map of an RGB (H, W, 3) uint8 image (argmax of
+        `predict_probs`, CRF-refined when `settings.crf` names a preset)."""
+        settings = (settings or OnnxPredictSettings()).resolved(self.info)
+        return _label_from_probs(self.predict_probs(image, settings), image, settings.crf)
+
+
+# ----------------------------------------------------------------------------- splits
+
+
+def _check_resumable(out_path: Path, config: dict[str, Any]) -> None:
+    from weaktr_cli.artifacts import read_meta
+
+    partial = out_path.with_name(out_path.name + _PARTIAL_SUFFIX)
+    if not partial.is_file():
+        return
+    try:
+        previous = read_meta(partial)
+    except WeakTrError:
+        return  # unreadable: the writer starts over
+    wanted = json.loads(json.dumps(config, sort_keys=True, default=str))
+    if previous.config != wanted:
+        raise WeakTrError(
+            f"{partial} was started with other settings or another model",
+            hint="rerun with the same settings to resume, or delete the .partial file",
+        )
+
+
+def predict_split_onnx(
+    path: str | Path,
+    dataset: SegmentationDataset,
+    out_path: str | Path,
+    settings: OnnxPredictSettings | None = None,
+    *,
+    threads: int | None = None,
+    providers: Sequence[str] | None = None,
+    shard: tuple[int, int] | None = None,
+    resume: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Predict every image of `dataset` (or one shard of it) with an ONNX segmenter into a
+    ``labels`` artifact; the ONNX file is recorded as its parent.
+
+    The model's class names must equal the dataset's. Ids already in a resumable
+    `<out>.partial` made with the same settings and model are skipped. Returns the path.
+    """
+    from weaktr_cli.artifacts import ArtifactWriter, file_sha256, new_meta
+    from weaktr_cli.shards import select_shard
+
+    segmenter = OnnxSegmenter(path, threads=threads, providers=providers)
+    settings = (settings or OnnxPredictSettings()).resolved(segmenter.info)
+    names = segmenter.class_names
+    if names != tuple(dataset.class_names):
+        raise WeakTrError(
+            f"the model predicts {len(names)} classes ({', '.join(names[1:4])}, ...), dataset "
+            f"{dataset.name!r} has {dataset.num_classes} ({', '.join(dataset.class_names[1:4])}, "
+            "...)",
+            hint="use a model exported from a checkpoint trained on this dataset",
+        )
+    out_path = Path(out_path)
+    config = {
+        "settings": settings.to_dict(),
+        "runtime": "onnxruntime",
+        "shard": list(shard) if shard else None,
+        "onnx_sha256": file_sha256(path),
+    }
+    meta = new_meta("labels", dataset.name, dataset.split, names, config=config, parents=[path])
+    if resume:
+        _check_resumable(out_path, meta.config)
+    ids = select_shard(dataset.ids, shard)
+    with ArtifactWriter(out_path, meta, resume=resume) as writer:
+        todo = [i for i in ids if i not in writer.done_ids]
+        done = len(ids) - len(todo)
+        if progress:
+            progress(done, len(ids))
+        for image_id in todo:
+            image = dataset.load_image(image_id)
+            probs = segmenter.predict_probs(image, settings)
+            writer.write_labels(image_id, _label_from_probs(probs, image, settings.crf))
+            done += 1
+            if progress:
+                progress(done, len(ids))
+        return writer.finalize()
