@@ -41,15 +41,15 @@ def _scenes(config: ShapesConfig, split: str = "train") -> list[shapes.Scene]:
 # ----------------------------------------------------------------------------- config
 
 
-def test_class_names_default_is_two_families_by_three_shapes() -> None:
+def test_class_names_default_is_three_families_by_two_shapes() -> None:
     assert class_names(ShapesConfig()) == (
         "background",
         "red-circle",
         "red-square",
-        "red-triangle",
         "blue-circle",
         "blue-square",
-        "blue-triangle",
+        "green-circle",
+        "green-square",
     )
 
 
@@ -61,9 +61,29 @@ def test_class_names_has_k_plus_one_unique_names(k: int) -> None:
     assert len(set(names)) == k + 1
 
 
+def test_num_families_sets_the_grid() -> None:
+    assert class_names(ShapesConfig(num_families=2))[1:] == (
+        "red-circle",
+        "red-square",
+        "red-triangle",
+        "blue-circle",
+        "blue-square",
+        "blue-triangle",
+    )
+    assert class_names(ShapesConfig(num_classes=4, num_families=4))[1:] == (
+        "red-circle",
+        "blue-circle",
+        "green-circle",
+        "yellow-circle",
+    )
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
+        {"num_families": 6},
+        {"num_classes": 4, "num_families": 5},
+        {"num_classes": 20, "num_families": 2},
         {"num_classes": 0},
         {"num_classes": MAX_CLASSES + 1},
         {"image_size": 8},
@@ -109,7 +129,7 @@ def test_render_matches_pinned_pixels() -> None:
     assert digest == PINNED_DIGEST, f"generator output changed: {digest}"
 
 
-PINNED_DIGEST = "2101d0b26ca779a9"
+PINNED_DIGEST = "1542e16d5ab2ea59"
 
 
 def test_samples_have_the_promised_structure() -> None:

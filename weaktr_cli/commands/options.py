@@ -31,9 +31,8 @@ DataRoot = Annotated[
     Path | None,
     typer.Option(
         "--data-root",
-        help="Dataset folder (VOCdevkit/VOC2012 or COCO root); env WEAKTR_DATA_ROOT. "
-        "For shapes: the cache folder.",
-        envvar="WEAKTR_DATA_ROOT",
+        help="Dataset folder (VOCdevkit/VOC2012 or COCO root) [default: $WEAKTR_DATA_ROOT]. "
+        "For shapes: a generated shapes folder or the cache [default: $WEAKTR_CACHE].",
         rich_help_panel="Data",
     ),
 ]

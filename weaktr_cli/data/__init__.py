@@ -10,8 +10,8 @@ import os
 from pathlib import Path
 
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
-from weaktr_cli.names import DatasetName
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.names import DatasetName
 
 DATASETS = tuple(d.value for d in DatasetName)
 DEFAULT_SPLITS = {"shapes": "train", "voc": "train", "coco": "train"}
@@ -21,11 +21,13 @@ __all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationDataset", "check_dataset", "
 
 def resolve_root(name: str, root: str | Path | None) -> Path | None:
     """The dataset root: the given one, else $WEAKTR_DATA_ROOT; required except for shapes."""
+    if name == "shapes":
+        # The built-in dataset lives in $WEAKTR_CACHE; a data root meant for VOC or COCO must
+        # not fill up with generated folders.
+        return None if root is None else Path(root).expanduser()
     if root is None and os.environ.get("WEAKTR_DATA_ROOT"):
         root = os.environ["WEAKTR_DATA_ROOT"]
     if root is None:
-        if name == "shapes":
-            return None
         raise WeakTrError(
             f"dataset {name!r} needs a data root",
             hint="pass --data-root DIR or set WEAKTR_DATA_ROOT",
