@@ -44,7 +44,7 @@ class VocSizedImages:
 
     def load_image(self, image_id: str) -> np.ndarray:
         rng = np.random.default_rng(int(image_id[3:]))
-        yy, xx = np.mgrid[0:H, 0:W]
+        xx = np.mgrid[0:H, 0:W][1]
         base = (np.sin(xx / (20 + rng.integers(20))) * 60 + 120).astype(np.uint8)
         image = np.stack([base, np.roll(base, 40, axis=1), base.T[:H, :W] if W <= H else base],
                          axis=2).copy()
@@ -92,11 +92,11 @@ def spawn(arch: str, n: int, precision: str, out: Path) -> dict[str, float]:
 
 def storage(fp32_path: Path, bf16_path: Path, n: int) -> dict[str, float]:
     """Artifact vs reference pickles; float16 error; bf16 vs fp32 CAM difference."""
+    import torch
+
     from weaktr_cli.artifacts import open_artifact
     from weaktr_cli.cams import CamSettings, infer_cams
     from weaktr_cli.models.cam_vit import WeakTrCAM
-
-    import torch
 
     torch.manual_seed(0)
     model = WeakTrCAM("deit-small", 20).eval()

@@ -17,6 +17,7 @@ _weaktr() {
             "weaktr pipeline") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr data") path="$path ${COMP_WORDS[i]}" ;;
             "weaktr data check") path="$path ${COMP_WORDS[i]}" ;;
+            "weaktr data shapes") path="$path ${COMP_WORDS[i]}" ;;
         esac
     done
     local words=
@@ -45,8 +46,9 @@ _weaktr() {
             "weaktr merge") words="--out --json --quiet" ;;
             "weaktr show") words="--id --n --out --data --data-root --json --quiet" ;;
             "weaktr pipeline") words="--work --data --data-root --train-split --val-split --recipe --pretrained --force --seed --workers --device --json --quiet" ;;
-            "weaktr data") words="check" ;;
+            "weaktr data") words="check shapes" ;;
             "weaktr data check") words="--data --data-root --json --quiet" ;;
+            "weaktr data shapes") words="--out --num-train --num-val --image-size --num-classes --max-objects --seed --json --quiet" ;;
         esac
     fi
     COMPREPLY=($(compgen -W "$words" -- "$cur"))

@@ -184,8 +184,18 @@ complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l workers -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l device -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l quiet
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and not __fish_seen_subcommand_from check' -a check -d 'Validate a dataset layout and list what is missing or...'
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and not __fish_seen_subcommand_from check shapes' -a check -d 'Validate a dataset layout and list what is missing or...'
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and not __fish_seen_subcommand_from check shapes' -a shapes -d 'Generate a built-in shapes dataset of your own size,...'
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from check' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from check' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from check' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from check' -l quiet
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l out -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-train -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-val -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l image-size -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-classes -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l max-objects -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l seed -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l json
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l quiet

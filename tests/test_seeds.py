@@ -11,7 +11,7 @@ import pytest
 
 # pytest puts tests/ on sys.path (rootdir conftest, no __init__.py); spawn workers inherit it
 # and import the tiny dataset class from there.
-from _tiny_data import TinyDataset, blob, write_tiny_cams
+from tests._tiny_data import TinyDataset, blob, write_tiny_cams
 
 from weaktr_cli.artifacts import ArtifactWriter, CamRecord, new_meta, open_artifact
 from weaktr_cli.crf import (

@@ -113,6 +113,14 @@ def _decode_id(name: str) -> str:
     return name.replace("%2F", "/").replace("%25", "%")
 
 
+def _now() -> str:
+    """ISO time of writing; $SOURCE_DATE_EPOCH (the reproducible-builds convention) pins it."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch
+              else _dt.datetime.now(_dt.timezone.utc))
+    return moment.isoformat(timespec="seconds")
+
+
 def _write_meta(h5: Any, meta: ArtifactMeta) -> None:
     attrs = h5.attrs
     attrs["weaktr_kind"] = meta.kind
@@ -123,9 +131,7 @@ def _write_meta(h5: Any, meta: ArtifactMeta) -> None:
     attrs["command"] = meta.command
     attrs["weaktr_version"] = meta.weaktr_version
     attrs["seed"] = _NO_SEED if meta.seed is None else int(meta.seed)
-    attrs["created"] = meta.created or _dt.datetime.now(_dt.timezone.utc).isoformat(
-        timespec="seconds"
-    )
+    attrs["created"] = meta.created or _now()
     attrs["config"] = json.dumps(meta.config, sort_keys=True, default=str)
     attrs["parents"] = json.dumps(meta.parents)
 
@@ -405,7 +411,9 @@ class ArtifactWriter:
         if name in self._group:
             del self._group[name]
         compress = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-        ds = self._group.create_dataset(name, data=data, **(compress if data.size else {}))
+        # No object timestamps: seeded runs then write identical bytes.
+        ds = self._group.create_dataset(name, data=data, track_times=False,
+                                        **(compress if data.size else {}))
         for key, value in attrs.items():
             ds.attrs[key] = value
         self.done_ids.add(image_id)
@@ -414,9 +422,7 @@ class ArtifactWriter:
 
     def finalize(self) -> Path:
         """Close, fsync and atomically move the partial file to the final path."""
-        self._h5.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(
-            timespec="seconds"
-        )
+        self._h5.attrs["created"] = _now()
         self._h5.close()
         with open(self.partial_path, "rb+") as fh:
             os.fsync(fh.fileno())

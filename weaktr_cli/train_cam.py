@@ -86,6 +86,9 @@ class CamTrainResult:
     checkpoint: Path
     history: list[dict[str, Any]] = field(default_factory=list)
     selected_epoch: int = 0
+    #: the model as trained in this process (every rank has one under torchrun)
+    model: WeakTrCAM | None = None
+    steps: int = 0  #: optimizer steps taken, counted on every rank
 
 
 def build_cam_model(config: CamTrainConfig, num_classes: int) -> WeakTrCAM:
@@ -349,7 +352,8 @@ def train_cam(
             import torch.distributed as dist
 
             dist.barrier()
-    return CamTrainResult(checkpoint=out, history=history, selected_epoch=best[1])
+    return CamTrainResult(checkpoint=out, history=history, selected_epoch=best[1], model=model,
+                          steps=step)
 
 
 def _format_record(r: dict[str, Any]) -> str:

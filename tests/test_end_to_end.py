@@ -1,0 +1,236 @@
+"""Every command once, chained through their artifacts, on a tiny generated shapes dataset.
+
+Uses the `smoke` recipe (micro ViT, a few steps): this checks the plumbing, the artifacts'
+provenance chain and the CLI contracts, not accuracy (benchmarks and `weaktr pipeline` do that).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.cli_helpers import run_cli
+from weaktr_cli.artifacts import open_artifact
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
+
+    config = ShapesConfig(num_train=24, num_val=8, image_size=32, seed=3)
+    return ensure_shapes(config, cache_dir=tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def chain(tiny_shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """train-cam -> dump-cams -> crf -> retrain -> predict, through the real CLI entry point."""
+    capsys = _Capture()
+    work = tmp_path_factory.mktemp("chain")
+    root = ["--data-root", str(tiny_shapes)]
+    paths = {name: work / name for name in
+             ("cam.ckpt", "cams.h5", "seeds.h5", "seg.ckpt", "preds.h5", "model.onnx")}
+    steps = [
+        ["train-cam", "--data", "shapes", *root, "--recipe", "smoke",
+         "--out", paths["cam.ckpt"]],
+        ["dump-cams", "--checkpoint", paths["cam.ckpt"], *root, "--out", paths["cams.h5"]],
+        ["crf", "--cams", paths["cams.h5"], *root, "--out", paths["seeds.h5"]],
+        ["retrain", "--seeds", paths["seeds.h5"], *root, "--recipe", "smoke",
+         "--out", paths["seg.ckpt"]],
+        ["predict", "--checkpoint", paths["seg.ckpt"], *root, "--split", "val",
+         "--precision", "fp32", "--out", paths["preds.h5"]],
+    ]
+    for args in steps:
+        result = capsys.run(*args, "--quiet")
+        assert result.code == 0, (args[0], result.stderr)
+        # stdout carries exactly the artifact path, for $(...) pipelines
+        assert result.stdout.strip() == str(args[args.index("--out") + 1]), args[0]
+    return paths
+
+
+class _Capture:
+    """run_cli for module-scoped fixtures (pytest's capsys is function-scoped)."""
+
+    def run(self, *args: object):  # type: ignore[no-untyped-def]
+        import contextlib
+        import io
+
+        from tests.cli_helpers import Result
+        from weaktr_cli.commands.app import main
+
+        out, err = io.StringIO(), io.StringIO()
+        argv = sys.argv
+        sys.argv = ["weaktr", *[str(a) for a in args]]
+        code = 0
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 0
+        finally:
+            sys.argv = argv
+        return Result(code, out.getvalue(), err.getvalue())
+
+
+def test_provenance_chain(chain: dict[str, Path]) -> None:
+    with open_artifact(chain["seeds.h5"], kind="labels") as seeds:
+        (parent,) = seeds.meta.parents
+        assert Path(parent["path"]) == chain["cams.h5"].resolve()
+        assert parent["sha256"] == hashlib.sha256(chain["cams.h5"].read_bytes()).hexdigest()
+        assert "crf" in seeds.meta.command and seeds.meta.dataset == "shapes"
+    with open_artifact(chain["cams.h5"], kind="cams") as cams:
+        assert cams.meta.config["variant"] in ("fine", "cross", "coarse")
+        assert cams.meta.parents[0]["path"] == str(chain["cam.ckpt"].resolve())
+        assert len(cams) == 24
+        record = cams.read_cams(cams.ids[0])
+        assert record.maps.min() >= 0.0 and record.maps.max() <= 1.0
+
+
+def test_evaluate_each_artifact(capsys, chain: dict[str, Path], tiny_shapes: Path) -> None:
+    for name in ("cams.h5", "seeds.h5", "preds.h5"):
+        result = run_cli(capsys, "evaluate", chain[name], "--data-root", tiny_shapes, "--json")
+        assert result.code == 0, result.stderr
+        payload = json.loads(result.stdout)
+        assert 0.0 <= payload["miou"] <= 100.0
+        assert payload["num_images"] == (8 if name == "preds.h5" else 24)
+        if name == "cams.h5":
+            assert 0.30 <= payload["best_threshold"] <= 0.60 and len(payload["sweep"]) == 31
+
+
+def test_evaluate_checkpoint_equals_predict_then_evaluate(capsys, chain, tiny_shapes) -> None:
+    direct = run_cli(capsys, "evaluate", "--checkpoint", chain["seg.ckpt"], "--data-root",
+                     tiny_shapes, "--split", "val", "--json")
+    assert direct.code == 0, direct.stderr
+    # predict above ran with --precision fp32; evaluate --checkpoint uses the default
+    # precision, so compare against a fresh fp32 run of both only when they agree on it
+    two_step = run_cli(capsys, "evaluate", chain["preds.h5"], "--data-root", tiny_shapes,
+                       "--json")
+    a, b = json.loads(direct.stdout), json.loads(two_step.stdout)
+    assert a["num_images"] == b["num_images"] == 8
+    assert abs(a["miou"] - b["miou"]) < 5.0
+
+
+def test_onnx_export_and_predict(capsys, chain: dict[str, Path], tiny_shapes: Path,
+                                 tmp_path: Path) -> None:
+    onnx_path = tmp_path / "model.onnx"
+    result = run_cli(capsys, "export-onnx", "--checkpoint", chain["seg.ckpt"], "--dynamic",
+                     "--out", onnx_path, "--json", "--quiet")
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["max_abs_diff"] <= 1e-4 and onnx_path.is_file()
+    preds = tmp_path / "onnx_preds.h5"
+    result = run_cli(capsys, "predict", "--onnx", onnx_path, "--data", "shapes", "--data-root",
+                     tiny_shapes, "--split", "val", "--out", preds, "--quiet")
+    assert result.code == 0, result.stderr
+    with open_artifact(preds) as ours, open_artifact(chain["preds.h5"]) as torch_preds:
+        agree = total = 0
+        for image_id in torch_preds.ids:
+            a, b = ours.read_labels(image_id), torch_preds.read_labels(image_id)
+            agree += int((a == b).sum())
+            total += a.size
+    assert agree / total >= 0.9999
+    wrong = run_cli(capsys, "export-onnx", "--checkpoint", chain["cam.ckpt"], "--out",
+                    tmp_path / "x.onnx")
+    assert wrong.code == 1 and "add --cam" in wrong.stderr
+
+
+def test_show_and_inspect(capsys, chain: dict[str, Path], tiny_shapes: Path,
+                          tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "panels.png"
+    result = run_cli(capsys, "show", chain["cams.h5"], chain["seeds.h5"], "--n", "3",
+                     "--data-root", tiny_shapes, "--out", out)
+    assert result.code == 0, result.stderr
+    with Image.open(out) as image:
+        assert image.size[0] >= 160 * 3 and image.size[1] >= 3 * 160
+    result = run_cli(capsys, "inspect", chain["seeds.h5"], "--json")
+    assert json.loads(result.stdout)["kind"] == "labels"
+
+
+def test_wrong_kind_and_wrong_checkpoint_fail_clearly(capsys, chain, tiny_shapes) -> None:
+    result = run_cli(capsys, "crf", "--cams", chain["seeds.h5"], "--data-root", tiny_shapes)
+    assert result.code == 1 and "'labels' artifact" in result.stderr
+    result = run_cli(capsys, "dump-cams", "--checkpoint", chain["seg.ckpt"], "--data-root",
+                     tiny_shapes)
+    assert result.code == 1 and "'segmenter' checkpoint" in result.stderr
+
+
+def test_corrupt_image_gives_one_line(capsys, chain, tiny_shapes, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_shapes, broken / "VOC2012")
+    victim = sorted((broken / "VOC2012" / "JPEGImages").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])
+    result = run_cli(capsys, "dump-cams", "--checkpoint", chain["cam.ckpt"], "--data-root",
+                     broken / "VOC2012", "--out", tmp_path / "c.h5")
+    assert result.code == 1 and "cannot read image" in result.stderr
+    assert not (tmp_path / "c.h5").exists()
+    assert len(result.stderr.strip().splitlines()) <= 2  # the error and its hint
+
+
+def test_seeded_runs_are_bit_identical(capsys, tiny_shapes: Path, tmp_path: Path,
+                                       monkeypatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    digests = []
+    for run in ("a", "b"):
+        ckpt = tmp_path / run / "cam.ckpt"
+        ckpt.parent.mkdir()
+        assert run_cli(capsys, "train-cam", "--data-root", tiny_shapes, "--recipe", "smoke",
+                       "--seed", "7", "--out", ckpt, "-q").code == 0
+        monkeypatch.chdir(tmp_path / run)  # same relative command line in both runs
+        assert run_cli(capsys, "dump-cams", "--checkpoint", "cam.ckpt", "--data-root",
+                       tiny_shapes, "--out", "cams.h5", "-q").code == 0
+        digests.append([hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in (ckpt, tmp_path / run / "cams.h5")])
+    assert digests[0][0] == digests[1][0], "checkpoints differ"
+    with open_artifact(tmp_path / "a" / "cams.h5") as a, \
+            open_artifact(tmp_path / "b" / "cams.h5") as b:
+        for image_id in a.ids:
+            np.testing.assert_array_equal(a.read_cams(image_id).maps, b.read_cams(image_id).maps)
+
+
+def test_pipeline_runs_then_skips(capsys, tiny_shapes: Path, tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    args = ["pipeline", "--data-root", tiny_shapes, "--recipe", "smoke", "--work", work,
+            "--workers", "1", "--json", "--quiet"]
+    first = run_cli(capsys, *args)
+    assert first.code == 0, first.stderr
+    payload = json.loads(first.stdout)
+    assert [p["phase"] for p in payload["phases"]] == [
+        "train-cam", "dump-cams", "crf", "retrain", "predict", "evaluate", "report"]
+    assert not any(p["skipped"] for p in payload["phases"])
+    assert set(payload["metrics"]) == {"cams_train", "seeds_train", "model_train", "model_val"}
+    for picture in payload["pictures"]:
+        assert Path(picture).stat().st_size > 1000
+    second = json.loads(run_cli(capsys, *args).stdout)
+    assert all(p["skipped"] for p in second["phases"])
+    assert second["metrics"] == payload["metrics"]
+    forced = json.loads(run_cli(capsys, *args, "--force", "crf").stdout)
+    skipped = {p["phase"]: p["skipped"] for p in forced["phases"]}
+    assert skipped["dump-cams"] and not skipped["crf"] and not skipped["retrain"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="torchrun with gloo on Linux")
+def test_torchrun_two_processes_keep_identical_parameters(tiny_shapes: Path,
+                                                          tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", str(29500 + os.getpid() % 1000),
+               str(REPO / "tests" / "ddp_probe.py"), str(tiny_shapes), str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hashes = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert hashes[0][0] == "2"  # optimizer steps taken
+    assert hashes[0] == hashes[1]
+    assert (tmp_path / "cam.ckpt").is_file()

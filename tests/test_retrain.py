@@ -1,0 +1,301 @@
+"""Online retraining (Phase 4): checkpoint, exact resume, seed sources, errors, diagnostics."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from weaktr_cli.artifacts import ArtifactWriter, new_meta, open_artifact
+from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.errors import WeakTrError
+from weaktr_cli.retrain import (
+    RETRAIN_RECIPES,
+    RetrainConfig,
+    SeedSource,
+    augment,
+    load_segmenter,
+    poly_lr,
+    retrain,
+)
+from weaktr_cli.seeds import cams_to_label
+
+H, W = 36, 44
+
+
+class MaskedTiny(SegmentationDataset):
+    """Images with two coloured boxes (classes 1 and 2) on grey noise, with exact masks."""
+
+    name = "masked-tiny"
+    class_names = ("background", "red", "blue")
+
+    def __init__(self, n: int = 6) -> None:
+        self.split = "train"
+        self.ids = [f"m{i}" for i in range(n)]
+
+    def _boxes(self, image_id: str) -> list[tuple[int, int, int, int, int]]:
+        rng = np.random.default_rng(self.ids.index(image_id))
+        boxes = []
+        for cls, x_lo in ((1, 2), (2, 24)):
+            y0, x0 = int(rng.integers(2, 18)), int(rng.integers(x_lo, x_lo + 6))
+            boxes.append((cls, y0, y0 + 12, x0, x0 + 12))
+        return boxes
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        rng = np.random.default_rng([7, self.ids.index(image_id)])
+        image = rng.normal(110, 10, size=(H, W, 3))
+        for cls, y0, y1, x0, x1 in self._boxes(image_id):
+            image[y0:y1, x0:x1] = (220, 40, 40) if cls == 1 else (40, 60, 220)
+        return np.ascontiguousarray(np.clip(image, 0, 255).astype(np.uint8))
+
+    def load_mask(self, image_id: str) -> np.ndarray:
+        mask = np.zeros((H, W), np.uint8)
+        for cls, y0, y1, x0, x1 in self._boxes(image_id):
+            mask[y0:y1, x0:x1] = cls
+        mask[0, :] = IGNORE_INDEX  # some ignored ground truth
+        return mask
+
+    def image_labels(self, image_id: str) -> np.ndarray:
+        return np.array([1, 2], dtype=np.int64)
+
+    @property
+    def has_masks(self) -> bool:
+        return True
+
+
+def write_seeds(path: Path, dataset: SegmentationDataset, *, sizes: dict | None = None,
+                extra_ids: tuple[str, ...] = ()) -> Path:
+    """Noisy seeds: the ground truth with its boxes shifted by 2 px and a few ignored pixels."""
+    meta = new_meta("labels", dataset.name, dataset.split, dataset.class_names)
+    with ArtifactWriter(path, meta, resume=False) as writer:
+        for image_id in [*dataset.ids, *extra_ids]:
+            if image_id in extra_ids:
+                writer.write_labels(image_id, np.zeros((H, W), np.uint8))
+                continue
+            mask = dataset.load_mask(image_id)
+            seed = np.roll(np.where(mask == IGNORE_INDEX, 0, mask), 2, axis=1).astype(np.uint8)
+            seed[-1, :5] = IGNORE_INDEX
+            if sizes and image_id in sizes:
+                seed = np.zeros(sizes[image_id], np.uint8)
+            writer.write_labels(image_id, seed)
+        return writer.finalize()
+
+
+def write_cams(path: Path, dataset: MaskedTiny) -> Path:
+    """A ``cams`` artifact: per image a smooth bump per box (classes 1 and 2), in [0, 1]."""
+    meta = new_meta("cams", dataset.name, dataset.split, dataset.class_names)
+    y, x = np.mgrid[0:H, 0:W].astype(np.float32)
+    with ArtifactWriter(path, meta, resume=False) as writer:
+        for image_id in dataset.ids:
+            maps = [np.exp(-(((y - (y0 + y1) / 2) / 6) ** 2 + ((x - (x0 + x1) / 2) / 7) ** 2))
+                    for _, y0, y1, x0, x1 in dataset._boxes(image_id)]
+            writer.write_cams(image_id, np.array([2, 1]), np.stack(maps[::-1]))
+        return writer.finalize()
+
+
+class OtherClasses(MaskedTiny):
+    name = "other"
+    class_names = ("background", "cat", "dog")
+
+
+def tiny_config(**kw) -> RetrainConfig:
+    base = RetrainConfig(arch="micro", crop_size=32, scale_range=(0.8, 1.2), batch_size=2,
+                         iterations=6, optimizer="adamw", lr=1e-3, clip_patch=16, log_every=2,
+                         seed=3)
+    return dataclasses.replace(base, **kw)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> tuple[MaskedTiny, Path]:
+    dataset = MaskedTiny()
+    return dataset, write_seeds(tmp_path_factory.mktemp("seeds") / "seeds.h5", dataset)
+
+
+def test_retrain_writes_loadable_checkpoint(data, tmp_path):
+    dataset, seeds = data
+    out = tmp_path / "seg.ckpt"
+    result = retrain(dataset, seeds, out, tiny_config(), device="cpu",
+                     log_jsonl=tmp_path / "log.jsonl")
+    assert result.checkpoint == out and result.steps == 6
+    model, meta = load_segmenter(out)
+    assert meta["kind"] == "segmenter" and meta["class_names"] == list(dataset.class_names)
+    assert meta["train"]["arch"] == "micro" and meta["tau"] == 1.2
+    assert meta["seeds"]["kind"] == "labels" and meta["num_images"] == len(dataset)
+    assert "images_per_s" not in meta["final"]  # timings never enter the checkpoint
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 3, 20, 28))
+    assert logits.shape == (1, 3, 20, 28)
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6]
+    for r in records:
+        assert 0 <= r["clipped_fraction"] <= 1 and r["lr"] > 0 and r["tau"] == 1.2
+        assert 0 <= r["kept_precision"] <= 1  # the dataset has masks: Fig. 5 diagnostic
+    assert records == result.history
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    # 6 steps in one go, and 4 steps + a resumed 2, give byte-identical checkpoints: this is
+    # both the determinism guarantee (same seed, CPU) and the resume guarantee.
+    dataset, seeds = data
+    config = tiny_config(save_every=2, tau=0.3)
+    straight = retrain(dataset, seeds, tmp_path / "a.ckpt", config, device="cpu")
+    retrain(dataset, seeds, tmp_path / "b.ckpt", dataclasses.replace(config, max_steps=4),
+            device="cpu")
+    assert load_segmenter(tmp_path / "b.ckpt")[1]["step"] == 4
+    resumed = retrain(dataset, seeds, tmp_path / "b.ckpt", config, device="cpu", resume=True)
+    assert resumed.steps == 6
+    assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "b.ckpt").read_bytes()
+    strip = [{k: v for k, v in r.items() if k != "images_per_s"} for r in straight.history]
+    assert strip == [{k: v for k, v in r.items() if k != "images_per_s"}
+                     for r in resumed.history]
+
+
+def test_resume_errors(data, tmp_path):
+    dataset, seeds = data
+    with pytest.raises(WeakTrError, match="no training state"):
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu", resume=True)
+    retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(max_steps=2), device="cpu")
+    with pytest.raises(WeakTrError, match=r"other settings \(lr\)"):
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(lr=0.1), device="cpu",
+                resume=True)
+
+
+def test_no_clip_and_forced_clip(data, tmp_path):
+    dataset, seeds = data
+    plain = retrain(dataset, seeds, tmp_path / "p.ckpt", tiny_config(clip=False), device="cpu")
+    assert plain.tau is None
+    assert all(r["clipped_fraction"] == 0 and r["clip_active"] == 0 for r in plain.history)
+    # tau far above any loss: clipping is on from the first step and drops some pixels.
+    forced = retrain(dataset, seeds, tmp_path / "c.ckpt", tiny_config(tau=50.0), device="cpu")
+    assert all(r["clip_active"] == 1 for r in forced.history)
+    assert all(r["clipped_fraction"] > 0 for r in forced.history)
+    assert all(r["clipped_precision"] is not None for r in forced.history)
+
+
+def test_tau_auto_is_measured_logged_and_stored(data, tmp_path):
+    dataset, seeds = data
+    config = tiny_config(tau="auto", tau_auto_steps=2, tau_auto_fraction=0.5)
+    lines: list[str] = []
+    result = retrain(dataset, seeds, tmp_path / "t.ckpt", config, device="cpu", log=lines.append)
+    first = result.history[0]
+    # Steps 1-2 are the warm-up: unclipped; tau = 0.5 x the loss of step 2 (its second half).
+    assert first["clip_active"] == 0 and first["tau"] is not None
+    assert result.tau == pytest.approx(first["tau"]) and 0 < result.tau < first["global_mean"]
+    assert load_segmenter(tmp_path / "t.ckpt")[1]["tau"] == pytest.approx(result.tau)
+    assert any(line.startswith("tau auto") for line in lines)
+
+
+def test_seed_ids_must_be_in_the_dataset(tmp_path):
+    dataset = MaskedTiny(4)
+    seeds = write_seeds(tmp_path / "s.h5", dataset, extra_ids=("stranger",))
+    with pytest.raises(WeakTrError, match=r"1 image.*not in dataset.*'stranger'"):
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu")
+
+
+def test_seed_size_must_equal_image_size(tmp_path):
+    dataset = MaskedTiny(4)
+    seeds = write_seeds(tmp_path / "s.h5", dataset, sizes={"m1": (20, 20)})
+    with pytest.raises(WeakTrError, match=r"seeds of image 'm1' are 20x20 but the image is 36x44"):
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu")
+
+
+def test_seed_classes_must_match(tmp_path):
+    dataset = MaskedTiny(4)
+    seeds = write_seeds(tmp_path / "s.h5", OtherClasses(4))
+    with pytest.raises(WeakTrError, match="classes"):
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu")
+
+
+def test_cams_seed_source_equals_cams_to_label(tmp_path):
+    dataset = MaskedTiny(3)
+    cams = write_cams(tmp_path / "cams.h5", dataset)
+    with SeedSource(cams, bg=0.4) as source, open_artifact(cams) as reader:
+        assert source.kind == "cams" and source.ids == dataset.ids
+        for image_id in dataset.ids:
+            expected = cams_to_label(reader.read_cams(image_id), 0.4)
+            label = source.label(image_id)
+            assert label.dtype == np.uint8 and np.array_equal(label, expected)
+    with pytest.raises(WeakTrError, match="background threshold is needed"):
+        SeedSource(cams)
+
+
+def test_labels_seed_source_rejects_bg(data):
+    _, seeds = data
+    with pytest.raises(WeakTrError, match="only applies to CAMs"):
+        SeedSource(seeds, bg=0.4)
+
+
+def test_augment_shapes_padding_and_label_alignment():
+    config = tiny_config(crop_size=32, scale_range=(0.5, 0.5), photometric=False, flip=False)
+    image = np.zeros((40, 40, 3), np.uint8)
+    image[:, 20:] = 255
+    labels = np.zeros((2, 40, 40), np.uint8)
+    labels[:, :, 20:] = 1
+    img, lab = augment(image, labels, config, np.random.default_rng(0), (0, 0, 0), (1, 1, 1))
+    assert img.shape == (3, 32, 32) and lab.shape == (2, 32, 32) and lab.dtype == torch.uint8
+    # short side 0.5 x 32 = 16 px: the rest is padding (image 0, labels 255)
+    assert (lab[:, 16:, :] == IGNORE_INDEX).all() and (lab[:, :, 16:] == IGNORE_INDEX).all()
+    assert (img[:, 16:, :] == 0).all()
+    # labels follow the pixels: white where label 1
+    white = img[0, :16, :16] > 0.5
+    assert torch.equal(white, lab[0, :16, :16] == 1)
+
+
+def test_poly_lr_schedule():
+    assert poly_lr(0, 100, 1e-4, 1e-5, 0.9) == pytest.approx(1e-4)
+    assert poly_lr(100, 100, 1e-4, 1e-5, 0.9) == pytest.approx(1e-5)
+    assert poly_lr(50, 100, 1e-4, 1e-5, 0.9) == pytest.approx(9e-5 * 0.5**0.9 + 1e-5)
+
+
+def test_config_errors():
+    with pytest.raises(WeakTrError, match="unknown architecture"):
+        RetrainConfig(arch="nope").check()
+    with pytest.raises(WeakTrError, match="invalid tau"):
+        RetrainConfig(tau="sometimes").check()
+    with pytest.raises(WeakTrError, match="scale range"):
+        RetrainConfig(scale_range=(2.0, 1.0)).check()
+    for recipe in RETRAIN_RECIPES.values():
+        recipe.check()
+    assert RETRAIN_RECIPES["voc"].scale_range[0] * 480 == pytest.approx(260)
+    assert RETRAIN_RECIPES["voc"].scale_range[1] * 480 == pytest.approx(1040)
+
+
+def test_encoder_from_a_cam_checkpoint_or_imagenet_weights(tmp_path):
+    from weaktr_cli.checkpoints import save_checkpoint
+    from weaktr_cli.models.cam_vit import WeakTrCAM
+    from weaktr_cli.models.registry import build_vit, get_arch
+    from weaktr_cli.retrain import build_model, load_encoder_weights
+
+    torch.manual_seed(0)
+    cam = WeakTrCAM("micro", 2)
+    save_checkpoint(tmp_path / "cam.ckpt", cam.state_dict(), {"kind": "cam", "model": cam.config()})
+    model = build_model(tiny_config(crop_size=48), 3)  # 6x6 grid: the 4x4 pos-embed resamples
+    assert load_encoder_weights(model, tmp_path / "cam.ckpt") == "cam"
+    enc = model.encoder.state_dict()
+    for key, value in cam.state_dict().items():
+        if key.startswith("backbone.blocks."):
+            assert torch.equal(enc[key[len("backbone."):]], value)
+    assert torch.allclose(enc["cls_token"], cam.cls_token.mean(dim=1, keepdim=True))
+    assert enc["pos_embed"].shape == (1, 1 + 36, 64)
+    assert torch.equal(enc["norm.weight"], torch.ones(64))  # never trained by the CAM model
+
+    vit = build_vit(get_arch("micro"), num_classes=10)  # an ImageNet-style ViT with a head
+    torch.save({"model": vit.state_dict()}, tmp_path / "imagenet.pth")
+    assert load_encoder_weights(model, tmp_path / "imagenet.pth") == "imagenet"
+    assert torch.equal(model.encoder.state_dict()["blocks.0.attn.qkv.weight"],
+                       vit.state_dict()["blocks.0.attn.qkv.weight"])
+    save_checkpoint(tmp_path / "seg.ckpt", {"x": torch.zeros(1)}, {"kind": "segmenter"})
+    with pytest.raises(WeakTrError, match="retrained segmenter"):
+        load_encoder_weights(model, tmp_path / "seg.ckpt")

@@ -1,0 +1,365 @@
+"""Segmentation inference with a retrained Segmenter: sliding windows, multi-scale, flip, CRF.
+
+Per image (METHOD.md Phase 4 inference, reference `segm/model/utils.py:inference`), for each
+scale and (with `flip`) the mirrored image:
+
+1. resize (bilinear) so the short side is scale x `base_size` (or scale x the image's own short
+   side when `base_size` is None); then, if the short side is below `window`, upsample it to
+   `window` (aspect kept), so every window is full;
+2. run `window` x `window` crops at `stride` (the last row/column of windows is aligned to the
+   bottom/right border) and average the logits where windows overlap;
+3. upsample the logits bilinearly to the original size, un-mirror, softmax over classes;
+4. with `layer_weights`, do this for every decoder layer and mix the probabilities
+   (reference: 0.8 P1 + P2, normalised here by the weight sum so they stay probabilities).
+
+The probabilities of all passes are averaged. The label is the argmax, optionally refined by a
+dense CRF on the probabilities of the classes present in the argmax (as the reference does).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from weaktr_cli.artifacts import PARTIAL_SUFFIX, ArtifactWriter, new_meta, open_artifact, read_meta
+from weaktr_cli.data.base import SegmentationDataset
+from weaktr_cli.data.loader import to_tensor
+from weaktr_cli.errors import WeakTrError
+from weaktr_cli.models.segmenter import Segmenter
+from weaktr_cli.runtime import autocast, resolve_precision, select_device
+from weaktr_cli.shards import select_shard
+
+__all__ = [
+    "PAPER_PREDICT",
+    "PredictSettings",
+    "label_from_probs",
+    "predict_probs",
+    "predict_split",
+    "settings_for_checkpoint",
+    "write_png_dir",
+]
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """How `predict_probs` runs a model over one image (see the module docstring).
+
+    window / stride: sliding-window crop and step in pixels (reference 480 / 320).
+    scales / base_size: passes at short side scale x base_size (reference: ratios 0.5-1.75 of
+        512); base_size None scales the image's own size.
+    flip: also run the mirrored image of every scale.
+    layer_weights: per-decoder-layer weights for the probabilities ((0.8, 1.0) is the
+        reference's 0.8 P1 + P2); None uses the last layer only.
+    normalization: input normalisation name (`weaktr_cli.retrain.NORMALIZATIONS`); take it
+        from the checkpoint (`settings_for_checkpoint`).
+    precision: "auto" (bf16 on CUDA or fast-bf16 CPUs, else fp32), "fp32", "bf16", "fp16".
+    crf: a `weaktr_cli.crf` preset name ("voc-test") or None.
+    batch_size: windows per forward pass.
+    """
+
+    window: int = 480
+    stride: int = 320
+    scales: tuple[float, ...] = (1.0,)
+    base_size: int | None = None
+    flip: bool = True
+    layer_weights: tuple[float, ...] | None = None
+    normalization: str = "imagenet"
+    precision: str = "auto"
+    crf: str | None = None
+    batch_size: int = 4
+
+    def check(self, model: Segmenter | None = None) -> None:
+        """Raise `WeakTrError` for settings that cannot work (with `model`: layer count too)."""
+        from weaktr_cli.retrain import NORMALIZATIONS
+
+        if self.window < 1 or self.stride < 1:
+            raise WeakTrError(f"invalid window {self.window} / stride {self.stride}")
+        if self.stride > self.window:
+            raise WeakTrError(
+                f"stride {self.stride} is larger than the window {self.window}: pixels between "
+                "windows would get no prediction", hint="use a stride <= the window",
+            )
+        if not self.scales or any(not s > 0 for s in self.scales):
+            raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. 0.5,1.0,1.5")
+        if self.base_size is not None and self.base_size < 1:
+            raise WeakTrError(f"invalid base size {self.base_size}")
+        if self.normalization not in NORMALIZATIONS:
+            raise WeakTrError(f"unknown normalization {self.normalization!r}",
+                              hint=f"use {', '.join(NORMALIZATIONS)}")
+        if self.batch_size < 1:
+            raise WeakTrError("batch size must be >= 1")
+        if self.layer_weights is not None:
+            if not self.layer_weights or any(w < 0 for w in self.layer_weights) or not sum(
+                    self.layer_weights) > 0:
+                raise WeakTrError(f"invalid layer weights {self.layer_weights}",
+                                  hint="non-negative numbers, e.g. 0.8,1.0")
+            if model is not None and len(self.layer_weights) != model.num_decoder_layers:
+                raise WeakTrError(
+                    f"{len(self.layer_weights)} layer weights for a decoder of "
+                    f"{model.num_decoder_layers} layers",
+                    hint="give one weight per decoder layer",
+                )
+        if self.crf is not None:
+            from weaktr_cli.crf import get_preset
+
+            get_preset(self.crf)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: The reference's test-time settings for VOC (window 480 stride 320, ratios 0.5-1.75 of a 512
+#: short side with flips, 0.8 P1 + P2, CRF); take the normalisation from the checkpoint.
+PAPER_PREDICT = PredictSettings(
+    window=480,
+    stride=320,
+    scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
+    base_size=512,
+    flip=True,
+    layer_weights=(0.8, 1.0),
+    crf="voc-test",
+)
+
+
+def settings_for_checkpoint(meta: dict[str, Any], settings: PredictSettings | None = None,
+                            **overrides: Any) -> PredictSettings:
+    """`settings` (default `PredictSettings()`) with the checkpoint's normalisation and, unless
+    overridden, a window of its training crop and a stride of 2/3 of it (reference 480 / 320)."""
+    model_meta = meta.get("model", {})
+    crop = int(model_meta.get("img_size", 480))
+    base = settings or PredictSettings()
+    # The window is the model's training crop (a recipe cannot know it in advance).
+    values: dict[str, Any] = {"normalization": model_meta.get("normalization", "imagenet"),
+                              "window": crop, "stride": max(1, crop * 2 // 3)}
+    values.update(overrides)
+    return replace(base, **values)
+
+
+def _anchors(size: int, window: int, stride: int) -> list[int]:
+    """Window starts along one axis; the last window ends at the border (size >= window)."""
+    starts = [a for a in range(0, size, stride) if a < size - window]
+    return [*starts, size - window]
+
+
+def _sliding_logits(model: Segmenter, image: torch.Tensor, settings: PredictSettings,
+                    device: torch.device, precision: str, layers: bool) -> list[torch.Tensor]:
+    """Merged window logits of a (1, 3, H, W) normalised image with H, W >= window.
+
+    Returns one float32 (n_cls, H, W) tensor per decoder layer (or only the last one).
+    """
+    _, _, h, w = image.shape
+    ws = settings.window
+    rows, cols = _anchors(h, ws, settings.stride), _anchors(w, ws, settings.stride)
+    boxes = [(y, x) for y in rows for x in cols]
+    n_out = model.num_decoder_layers if layers else 1
+    sums = [torch.zeros(model.n_cls, h, w, device=device) for _ in range(n_out)]
+    count = torch.zeros(1, h, w, device=device)
+    for start in range(0, len(boxes), settings.batch_size):
+        chunk = boxes[start : start + settings.batch_size]
+        crops = torch.cat([image[:, :, y : y + ws, x : x + ws] for y, x in chunk])
+        with autocast(device, precision):
+            outs = model(crops, return_layers=True) if layers else (model(crops),)
+        for k, logits in enumerate(outs):
+            logits = logits.float()
+            for i, (y, x) in enumerate(chunk):
+                sums[k][:, y : y + ws, x : x + ws] += logits[i]
+        for y, x in chunk:
+            count[:, y : y + ws, x : x + ws] += 1
+    return [s / count for s in sums]
+
+
+def _pass_size(h: int, w: int, scale: float, settings: PredictSettings) -> tuple[int, int]:
+    """(H', W') of one scale: the scaled size, short side raised to the window if below."""
+    short = min(h, w)
+    target = scale * (settings.base_size if settings.base_size is not None else short)
+    factor = max(target, settings.window) / short
+    return max(settings.window, round(h * factor)), max(settings.window, round(w * factor))
+
+
+@torch.inference_mode()
+def predict_probs(
+    model: Segmenter,
+    image: np.ndarray,
+    settings: PredictSettings = PredictSettings(),
+    device: str | torch.device = "auto",
+) -> np.ndarray:
+    """Class probabilities of one image.
+
+    Args:
+        model: a Segmenter in eval mode (moved to `device` here if it is elsewhere).
+        image: RGB (H, W, 3) uint8.
+        settings: see `PredictSettings`.
+
+    Returns:
+        float32 (n_cls, H, W) softmax probabilities (each pixel sums to 1).
+    """
+    from weaktr_cli.retrain import NORMALIZATIONS
+
+    settings.check(model)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise WeakTrError(f"expected an RGB (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    dev = select_device(device) if isinstance(device, str) else device
+    precision = resolve_precision(settings.precision, dev, training=False)
+    if next(model.parameters()).device != dev:
+        model.to(dev)
+    model.eval()
+    h, w = image.shape[:2]
+    mean, std = NORMALIZATIONS[settings.normalization]
+    m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=dev).view(1, 3, 1, 1)
+    pixels = to_tensor(image)[None].to(dev).float()
+    weights = settings.layer_weights
+    total = torch.zeros(model.n_cls, h, w, device=dev)
+    passes = 0
+    for scale in settings.scales:
+        size = _pass_size(h, w, scale, settings)
+        scaled = pixels if size == (h, w) else F.interpolate(
+            pixels, size=size, mode="bilinear", align_corners=False)
+        batch = (scaled.clamp(0, 255) / 255.0 - m) / s
+        for flipped in (False, True) if settings.flip else (False,):
+            view = batch.flip(-1) if flipped else batch
+            layers = _sliding_logits(model, view, settings, dev, precision, weights is not None)
+            mix = weights if weights is not None else (1.0,)
+            for weight, logits in zip(mix, layers, strict=True):
+                if weight == 0:
+                    continue
+                up = F.interpolate(logits[None], size=(h, w), mode="bilinear",
+                                   align_corners=False)[0]
+                if flipped:
+                    up = up.flip(-1)
+                total += (weight / sum(mix)) * up.softmax(dim=0)
+            passes += 1
+    probs: np.ndarray = (total / passes).cpu().numpy().astype(np.float32)
+    return probs
+
+
+def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
+                     crf: str | None = None) -> np.ndarray:
+    """(H, W) uint8 argmax of (n_cls, H, W) probabilities, optionally CRF-refined.
+
+    With a `crf` preset, the CRF runs on the image (RGB uint8, required) with the planes of
+    the classes present in the argmax only (renormalised; a per-pixel constant in the unary
+    does not change the CRF), as the reference does; one present class is returned as is.
+    """
+    if probs.shape[0] > 255:
+        raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
+    label = np.argmax(probs, axis=0).astype(np.uint8)
+    if crf is None:
+        return label
+    from weaktr_cli.crf import crf_from_probs, get_preset
+
+    if image is None:
+        raise WeakTrError("the CRF needs the image")
+    keys = np.unique(label)
+    if len(keys) == 1:
+        return label
+    planes = probs[keys]
+    planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
+    refined = crf_from_probs(image, planes, get_preset(crf))
+    out: np.ndarray = keys.astype(np.uint8)[refined]
+    return out
+
+
+def _check_resumable(out_path: Path, config: dict[str, Any]) -> None:
+    partial = out_path.with_name(out_path.name + PARTIAL_SUFFIX)
+    if not partial.is_file():
+        return
+    try:
+        previous = read_meta(partial)
+    except WeakTrError:
+        return  # unreadable: the writer starts over
+    wanted = json.loads(json.dumps(config, sort_keys=True, default=str))
+    if previous.config != wanted:
+        raise WeakTrError(
+            f"{partial} was started with other settings or another checkpoint",
+            hint="rerun with the same settings to resume, or delete the .partial file",
+        )
+
+
+def predict_split(
+    model: Segmenter,
+    dataset: SegmentationDataset,
+    out_path: str | Path,
+    settings: PredictSettings = PredictSettings(),
+    *,
+    class_names: Sequence[str],
+    device: str = "auto",
+    shard: tuple[int, int] | None = None,
+    resume: bool = True,
+    checkpoint: str | Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """Predict every image of `dataset` (or one shard) into a ``labels`` artifact.
+
+    `class_names` are the model's classes (the checkpoint's); they must equal the dataset's so
+    the artifact can be scored against it. Ids already in a resumable `<out>.partial` made with
+    the same settings and checkpoint are skipped. Returns the final artifact path.
+    """
+    from weaktr_cli.artifacts import file_sha256
+
+    settings.check(model)
+    names = tuple(class_names)
+    if len(names) != model.n_cls:
+        raise WeakTrError(f"{len(names)} class names for a model with {model.n_cls} outputs")
+    if names != tuple(dataset.class_names):
+        raise WeakTrError(
+            f"the model predicts {len(names)} classes ({', '.join(names[1:4])}, ...), dataset "
+            f"{dataset.name!r} has {dataset.num_classes} ({', '.join(dataset.class_names[1:4])}, "
+            "...)",
+            hint="use the checkpoint trained on this dataset",
+        )
+    out_path = Path(out_path)
+    dev = select_device(device)
+    model = model.to(dev).eval()
+    config = {
+        "settings": settings.to_dict(),
+        "precision": resolve_precision(settings.precision, dev, training=False),
+        "shard": list(shard) if shard else None,
+        "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+    }
+    meta = new_meta("labels", dataset.name, dataset.split, names, config=config,
+                    parents=[checkpoint] if checkpoint else [])
+    if resume:
+        _check_resumable(out_path, meta.config)
+    ids = select_shard(dataset.ids, shard)
+    with ArtifactWriter(out_path, meta, resume=resume) as writer:
+        todo = [i for i in ids if i not in writer.done_ids]
+        done = len(ids) - len(todo)
+        if progress:
+            progress(done, len(ids))
+        for image_id in todo:
+            image = dataset.load_image(image_id)
+            probs = predict_probs(model, image, settings, dev)
+            writer.write_labels(image_id, label_from_probs(probs, image, settings.crf))
+            done += 1
+            if progress:
+                progress(done, len(ids))
+        return writer.finalize()
+
+
+def write_png_dir(artifact_path: str | Path, folder: str | Path,
+                  palette: Sequence[int] | None = None) -> int:
+    """Write every label map of a ``labels`` artifact as `<folder>/<id>.png` (palette PNG,
+    pixel value = class id, VOC colours by default); returns the number of files written."""
+    from weaktr_cli.data.images import write_label_png
+
+    folder = Path(folder)
+    root = folder.resolve()
+    count = 0
+    with open_artifact(artifact_path, kind="labels") as reader:
+        for image_id in reader.ids:
+            path = folder / f"{image_id}.png"
+            # An id is a relative path at most (COCO-style subfolders); never leave the folder.
+            if root not in path.resolve().parents:
+                raise WeakTrError(f"image id {image_id!r} would be written outside {folder}")
+            write_label_png(path, reader.read_labels(image_id), palette)
+            count += 1
+    return count
