@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# pytest puts tests/ on sys.path (rootdir conftest, no __init__.py); spawn workers inherit it
-# and import the tiny dataset class from there.
+# The tiny dataset lives in a module (tests is a package on pytest's sys.path, which spawn
+# workers inherit) so that make_seeds(workers=2) can unpickle it.
 from tests._tiny_data import TinyDataset, blob, write_tiny_cams
-
 from weaktr_cli.artifacts import ArtifactWriter, CamRecord, new_meta, open_artifact
 from weaktr_cli.crf import (
     PRESETS,

@@ -16,5 +16,9 @@ class WeakTrError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple[type[WeakTrError], tuple[str, str | None]]:
+        # Keep the hint when the error crosses a process boundary (worker pools pickle it).
+        return (type(self), (self.message, self.hint))
+
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
