@@ -18,7 +18,7 @@ import torch
 
 from weaktr_cli import __version__
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.io import temp_path_beside
+from weaktr_cli.io import give_default_permissions, temp_path_beside
 
 META_KEY = "weaktr"
 FORMAT_VERSION = 1
@@ -36,6 +36,7 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
     tmp = temp_path_beside(path)
     try:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(header, default=str)})
+        give_default_permissions(tmp)  # safetensors recreates the file owner-only
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -7,14 +7,19 @@ import tempfile
 from pathlib import Path
 
 
+def give_default_permissions(path: str | Path) -> None:
+    """chmod to what a plain `open()` would create (0o666 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def temp_path_beside(path: Path) -> Path:
     """A fresh temp file next to `path` (same file system, so a rename is atomic), with the
     permissions a plain `open()` would give (mkstemp's are owner-only)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    give_default_permissions(tmp)
     return Path(tmp)
 
 

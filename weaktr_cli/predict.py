@@ -130,16 +130,20 @@ PAPER_PREDICT = PredictSettings(
 
 def settings_for_checkpoint(meta: dict[str, Any], settings: PredictSettings | None = None,
                             **overrides: Any) -> PredictSettings:
-    """`settings` (default `PredictSettings()`) with the checkpoint's normalisation and, unless
-    overridden, a window of its training crop and a stride of 2/3 of it (reference 480 / 320)."""
+    """`settings` (default `PredictSettings()`) fitted to a segmenter checkpoint's metadata.
+
+    The window becomes the training crop and the stride 2/3 of it (reference 480 / 320), and the
+    normalisation the encoder's, unless `overrides` name them; other `overrides` replace fields.
+    """
     model_meta = meta.get("model", {})
     crop = int(model_meta.get("img_size", 480))
-    base = settings or PredictSettings()
-    # The window is the model's training crop (a recipe cannot know it in advance).
-    values: dict[str, Any] = {"normalization": model_meta.get("normalization", "imagenet"),
-                              "window": crop, "stride": max(1, crop * 2 // 3)}
+    values: dict[str, Any] = {
+        "window": crop,
+        "stride": max(1, crop * 2 // 3),
+        "normalization": model_meta.get("normalization", "imagenet"),
+    }
     values.update(overrides)
-    return replace(base, **values)
+    return replace(settings or PredictSettings(), **values)
 
 
 def _anchors(size: int, window: int, stride: int) -> list[int]:
