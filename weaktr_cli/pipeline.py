@@ -116,6 +116,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
         CAM_RECIPES,
         DUMP_RECIPES,
         PREDICT_RECIPES,
+        RETRAIN_FROM_CAM,
         RETRAIN_RECIPES,
         SEED_RECIPES,
     )
@@ -193,18 +194,21 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
 
     runner.run("crf", [seeds], {"seeds": dataclasses.asdict(seed_recipe)}, [cams], crf_phase)
 
+    # Without ImageNet weights, recipes may start the encoder from the CAM backbone.
+    encoder_init = config.pretrained or (cam_ckpt if recipe in RETRAIN_FROM_CAM else None)
+
     def retrain_phase() -> dict[str, Any]:
         from weaktr_cli.retrain import retrain
 
         (work / "seg.ckpt.jsonl").unlink(missing_ok=True)
-        result = retrain(train_set, seeds, seg_ckpt, retrain_config,
-                         pretrained=config.pretrained, device=config.device, log=say,
-                         log_jsonl=work / "seg.ckpt.jsonl", progress=bar("retrain"))
-        return {"steps": getattr(result, "steps", None)}
+        result = retrain(train_set, seeds, seg_ckpt, retrain_config, pretrained=encoder_init,
+                         device=config.device, log=say, log_jsonl=work / "seg.ckpt.jsonl",
+                         progress=bar("retrain"))
+        return {"steps": result.steps, "tau": result.tau}
 
     runner.run("retrain", [seg_ckpt], {"retrain": retrain_config.to_dict(),
-                                      "pretrained": str(config.pretrained)}, [seeds],
-               retrain_phase)
+                                      "encoder_init": str(encoder_init)},
+               [seeds] + ([cam_ckpt] if encoder_init == cam_ckpt else []), retrain_phase)
 
     def predict_phase() -> dict[str, Any]:
         from weaktr_cli.predict import predict_split, settings_for_checkpoint

@@ -25,6 +25,7 @@ __all__ = [
     "CAM_RECIPES",
     "DUMP_RECIPES",
     "PREDICT_RECIPES",
+    "RETRAIN_FROM_CAM",
     "RETRAIN_RECIPES",
     "SEED_RECIPES",
     "SeedRecipe",
@@ -121,6 +122,11 @@ RETRAIN_RECIPES: dict[str, RetrainConfig] = {
                            optimizer="adamw", lr=1e-3, encoder_lr_mult=1.0, tau="auto",
                            tau_auto_steps=2, clip_patch=8, drop_path=0.0, log_every=2),
 }
+
+#: Recipes whose retraining encoder starts from the phase-1 CAM backbone when no ImageNet
+#: weights are given (`weaktr retrain --pretrained cam.ckpt`): the built-in dataset has no
+#: pretrained ViT, and a tiny segmenter from scratch learns too slowly on 2 cores.
+RETRAIN_FROM_CAM: frozenset[str] = frozenset({"shapes", "smoke"})
 
 #: Test-time settings; `predict` fills window, stride and normalisation from the checkpoint.
 PREDICT_RECIPES: dict[str, PredictSettings] = {
