@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import tempfile
 import time
@@ -172,7 +173,22 @@ def write_seeds(dataset: Any, path: Path, *, seed: int = 0, limit: int | None = 
         return writer.finalize()
 
 
-def quality(out_dir: Path, config: RetrainConfig) -> list[dict[str, Any]]:
+def colour_miou(confusion: np.ndarray) -> float:
+    """mIoU over background + colour families of the default shapes classes (red-circle and
+    red-square -> red, ...): the score with the circle/square distinction left out."""
+    group = np.array([0, *((np.arange(1, confusion.shape[0]) + 1) // 2)])
+    n = int(group.max()) + 1
+    merged = np.zeros((n, n), np.int64)
+    np.add.at(merged, (group[:, None].repeat(len(group), 1), group[None, :].repeat(len(group), 0)),
+              confusion)
+    tp = np.diag(merged)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = tp / (merged.sum(0) + merged.sum(1) - tp)
+    return float(np.nanmean(iou) * 100)
+
+
+def quality(out_dir: Path, config: RetrainConfig, seeds: Path | None,
+            pretrained: Path | None) -> list[dict[str, Any]]:
     from weaktr_cli.artifacts import open_artifact
     from weaktr_cli.data.shapes import open_shapes
     from weaktr_cli.evaluation import evaluate_artifact
@@ -180,14 +196,16 @@ def quality(out_dir: Path, config: RetrainConfig) -> list[dict[str, Any]]:
     from weaktr_cli.retrain import load_segmenter
 
     train, val = open_shapes("train"), open_shapes("val")
-    seeds = write_seeds(train, out_dir / "seeds.h5")
+    if seeds is None:
+        seeds = write_seeds(train, out_dir / "seeds.h5")
     with open_artifact(seeds) as reader:
-        seeds_miou = evaluate_artifact(reader, train).scores.miou * 100
-    rows: list[dict[str, Any]] = [{"run": "seeds", "train_miou": seeds_miou}]
+        scores = evaluate_artifact(reader, train).scores
+    rows: list[dict[str, Any]] = [{"run": "seeds", "train_miou": scores.miou * 100,
+                                   "train_colour_miou": colour_miou(scores.confusion)}]
     for name, cfg in (("clip", config), ("no-clip", dataclasses.replace(config, clip=False))):
         ckpt = out_dir / f"{name}.ckpt"
         start = time.perf_counter()
-        result = retrain(train, seeds, ckpt, cfg, device="cpu",
+        result = retrain(train, seeds, ckpt, cfg, device="cpu", pretrained=pretrained,
                          log_jsonl=out_dir / f"{name}.jsonl")
         row: dict[str, Any] = {"run": name, "tau": result.tau,
                                "train_s": time.perf_counter() - start}
@@ -197,7 +215,9 @@ def quality(out_dir: Path, config: RetrainConfig) -> list[dict[str, Any]]:
             pred = predict_split(model, ds, out_dir / f"{name}.{split}.h5", settings,
                                  class_names=meta["class_names"], device="cpu", resume=False)
             with open_artifact(pred) as reader:
-                row[f"{split}_miou"] = evaluate_artifact(reader, ds).scores.miou * 100
+                scores = evaluate_artifact(reader, ds).scores
+            row[f"{split}_miou"] = scores.miou * 100
+            row[f"{split}_colour_miou"] = colour_miou(scores.confusion)
         last = result.history[-1]
         row["kept_precision"] = last.get("kept_precision")
         row["clipped_precision"] = last.get("clipped_precision")
@@ -212,6 +232,10 @@ def main() -> None:
     parser.add_argument("--no-large", action="store_true", help="skip the 480 px models")
     parser.add_argument("--quality", action="store_true", help="run the acceptance check")
     parser.add_argument("--keep", type=Path, default=None, help="folder for quality outputs")
+    parser.add_argument("--seeds", type=Path, default=None,
+                        help="quality: a labels artifact of shapes/train instead of degraded GT")
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help="quality: encoder weights (e.g. the shapes train-cam checkpoint)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -219,7 +243,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out_dir = args.keep or Path(tmp)
             out_dir.mkdir(parents=True, exist_ok=True)
-            rows = quality(out_dir, RETRAIN_RECIPES["shapes"])
+            rows = quality(out_dir, RETRAIN_RECIPES["shapes"], args.seeds, args.pretrained)
         report("retrain_quality", rows, {"threads": args.threads,
                                          "recipe": RETRAIN_RECIPES["shapes"].to_dict(),
                                          "degrade": DEGRADE})
@@ -239,7 +263,8 @@ def main() -> None:
                                   1))
     for row in rows:
         row["peak_rss_mb"] = peak_rss_mb()
-    report("retrain", rows, {"threads": args.threads})
+    # Other processes share the CPU when this runs on a busy machine: record the load.
+    report("retrain", rows, {"threads": args.threads, "loadavg_1m": os.getloadavg()[0]})
 
 
 if __name__ == "__main__":

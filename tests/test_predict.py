@@ -156,6 +156,12 @@ def test_settings_for_checkpoint_takes_crop_and_normalization():
     settings = settings_for_checkpoint(meta)
     assert (settings.window, settings.stride, settings.normalization) == (96, 64, "inception")
     assert settings_for_checkpoint(meta, scales=(1.0, 1.5)).scales == (1.0, 1.5)
+    # a recipe's settings keep their scales etc. but get the checkpoint's window
+    base = PredictSettings(window=480, stride=320, scales=(0.5, 1.0), crf="voc-test")
+    fitted = settings_for_checkpoint(meta, base)
+    assert (fitted.window, fitted.stride, fitted.scales, fitted.crf) == (96, 64, (0.5, 1.0),
+                                                                         "voc-test")
+    assert settings_for_checkpoint(meta, base, window=128).window == 128
 
 
 def test_label_from_probs_with_crf_keeps_present_classes():

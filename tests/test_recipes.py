@@ -31,11 +31,11 @@ def _spec(arch: str | ArchSpec) -> ArchSpec:
 
 
 def test_every_dataset_has_both_recipes() -> None:
-    assert recipe_names() == ["shapes", "voc", "coco"]
+    assert recipe_names()[:3] == ["shapes", "voc", "coco"]
     assert set(DUMP_RECIPES) == set(CAM_RECIPES)
 
 
-@pytest.mark.parametrize("name", ["shapes", "voc", "coco"])
+@pytest.mark.parametrize("name", list(CAM_RECIPES))
 def test_recipes_are_valid(name: str) -> None:
     config = cam_recipe(name)
     spec = _spec(config.arch)

@@ -233,7 +233,7 @@ class ArtifactReader:
         if group is None:
             raise WeakTrError(f"{path} has no /{meta.kind} group", hint="see docs/artifacts.md")
         self._group = group
-        self.ids: list[str] = [_decode_id(name) for name in group.keys()]
+        self.ids: list[str] = [_decode_id(name) for name in group]
 
     @property
     def kind(self) -> str:
@@ -267,7 +267,8 @@ class ArtifactReader:
             )
         if class_ids.size and (class_ids.min() < 1 or class_ids.max() >= self.meta.num_classes):
             raise WeakTrError(
-                f"{self.path}: entry {image_id!r} has class ids outside 1..{self.meta.num_classes - 1}"
+                f"{self.path}: entry {image_id!r} has class ids outside "
+                f"1..{self.meta.num_classes - 1}"
             )
         return CamRecord(class_ids=class_ids, maps=maps)
 
@@ -340,6 +341,13 @@ def read_meta(path: str | Path) -> ArtifactMeta:
         return reader.meta
 
 
+def _same_recipe(previous: ArtifactMeta, wanted: ArtifactMeta) -> bool:
+    """A partial file may be continued only with the same settings and the same inputs."""
+    config = json.loads(json.dumps(wanted.config, sort_keys=True, default=str))
+    sha = [p.get("sha256") for p in previous.parents]
+    return previous.config == config and sha == [p.get("sha256") for p in wanted.parents]
+
+
 class ArtifactWriter:
     """Streams per-image entries into `<path>.partial`, then `finalize()` renames it to `path`.
 
@@ -359,7 +367,7 @@ class ArtifactWriter:
         self._group = group if group is not None else self._h5.create_group(
             meta.kind, track_order=True
         )
-        self.done_ids: set[str] = {_decode_id(name) for name in self._group.keys()}
+        self.done_ids: set[str] = {_decode_id(name) for name in self._group}
 
     def _open_partial(self, resume: bool) -> Any:
         if resume and self.partial_path.exists():
@@ -370,13 +378,14 @@ class ArtifactWriter:
                 # A run killed mid-write can leave an unreadable file: start over.
                 self.partial_path.unlink()
             else:
-                if previous.same_content_as(self.meta):
+                if previous.same_content_as(self.meta) and _same_recipe(previous, self.meta):
                     return h5
                 h5.close()
                 raise WeakTrError(
-                    f"{self.partial_path} is an unfinished artifact of other content "
-                    f"({previous.kind}, {previous.dataset}/{previous.split})",
-                    hint="delete it or choose another --out",
+                    f"{self.partial_path} is an unfinished artifact of other content or other "
+                    f"settings ({previous.kind}, {previous.dataset}/{previous.split}, "
+                    f"{json.dumps(previous.config, sort_keys=True)})",
+                    hint="rerun with the same settings to resume, or delete the .partial file",
                 )
         h5 = _open_h5(self.partial_path, "w")
         _write_meta(h5, self.meta)

@@ -67,7 +67,8 @@ def bash_script(root: Node) -> str:
     ]
     for group in groups:
         for child in group.children:
-            lines.append(f'            "{" ".join(child.path)}") path="$path ${{COMP_WORDS[i]}}" ;;')
+            step = 'path="$path ${COMP_WORDS[i]}"'
+            lines.append(f'            "{" ".join(child.path)}") {step} ;;')
     lines += ["        esac", "    done", "    local words=", '    case "$path $prev" in']
     for node in nodes:
         for option, values in node.choices.items():
@@ -106,7 +107,8 @@ def zsh_script(root: Node) -> str:
     for node in nodes:
         for option, values in node.choices.items():
             lines.append(
-                f'        "{" ".join(node.path)} {option}") compadd -- {" ".join(values)}; return ;;'
+                f'        "{" ".join(node.path)} {option}") '
+                f'compadd -- {" ".join(values)}; return ;;'
             )
     lines += ["    esac", '    case "$path" in']
     for node in nodes:

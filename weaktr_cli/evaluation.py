@@ -113,7 +113,7 @@ def parse_thresholds(text: str) -> list[float]:
             start, stop, step = (float(x) for x in text.split(":"))
             if step <= 0 or stop < start:
                 raise ValueError
-            count = int(round((stop - start) / step)) + 1
+            count = round((stop - start) / step) + 1
             values = [round(start + i * step, 6) for i in range(count)]
         else:
             values = [float(x) for x in text.split(",") if x.strip()]

@@ -482,22 +482,6 @@ class OnnxSegmenter:
 # ----------------------------------------------------------------------------- splits
 
 
-def _check_resumable(out_path: Path, config: dict[str, Any]) -> None:
-    from weaktr_cli.artifacts import read_meta
-
-    partial = out_path.with_name(out_path.name + _PARTIAL_SUFFIX)
-    if not partial.is_file():
-        return
-    try:
-        previous = read_meta(partial)
-    except WeakTrError:
-        return  # unreadable: the writer starts over
-    wanted = json.loads(json.dumps(config, sort_keys=True, default=str))
-    if previous.config != wanted:
-        raise WeakTrError(
-            f"{partial} was started with other settings or another model",
-            hint="rerun with the same settings to resume, or delete the .partial file",
-        )
 
 
 def predict_split_onnx(
@@ -539,8 +523,6 @@ def predict_split_onnx(
         "onnx_sha256": file_sha256(path),
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config, parents=[path])
-    if resume:
-        _check_resumable(out_path, meta.config)
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]

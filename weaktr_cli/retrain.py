@@ -129,7 +129,7 @@ class RetrainConfig:
     encoder_lr_mult: float = 0.1
     clip: bool = True
     tau: float | str = 1.2
-    tau_auto_fraction: float = 0.6
+    tau_auto_fraction: float = 1.0
     tau_auto_steps: int | None = None  # warm-up window of tau="auto"; None = one epoch
     clip_patch: int = 120
     drop_path: float = 0.1
@@ -191,6 +191,7 @@ RETRAIN_RECIPES: dict[str, RetrainConfig] = {
         arch="tiny-p8",
         crop_size=96,
         scale_range=(0.75, 1.5),
+        photometric=False,  # colour defines the class here: no hue/saturation jitter
         batch_size=8,
         epochs=6,
         optimizer="adamw",

@@ -30,7 +30,8 @@ def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise WeakTrError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N") from None
+        raise WeakTrError(f"unknown device {name!r}",
+                          hint="use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise WeakTrError(f"device {name!r} requested but CUDA is not available",
                           hint="use --device cpu")
@@ -117,7 +118,7 @@ def dist_info_from_env() -> DistInfo:
 
 @contextlib.contextmanager
 def distributed(device_name: str = "auto") -> Iterator[tuple[DistInfo, torch.device]]:
-    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA); leave it after."""
+    """Join torchrun's process group if there is one (gloo on CPU, nccl on CUDA), then leave."""
     info = dist_info_from_env()
     device = select_device(device_name, info.local_rank)
     if not info.enabled:

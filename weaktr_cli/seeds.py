@@ -14,7 +14,6 @@ order, so the output is the same for any number of workers.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import multiprocessing
 import signal
@@ -25,13 +24,11 @@ from typing import Any
 import numpy as np
 
 from weaktr_cli.artifacts import (
-    PARTIAL_SUFFIX,
     ArtifactReader,
     ArtifactWriter,
     CamRecord,
     new_meta,
     open_artifact,
-    read_meta,
 )
 from weaktr_cli.crf import CrfParams, crf_from_labels, crf_from_probs, import_densecrf
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
@@ -195,24 +192,6 @@ def seeds_config(
     }
 
 
-def _check_resumable(out_path: Path, config: dict[str, Any], parents: list[dict[str, str]]) -> None:
-    """Refuse to continue a partial file made with other settings or from other CAMs."""
-    partial = out_path.with_name(out_path.name + PARTIAL_SUFFIX)
-    if not partial.is_file():
-        return
-    try:
-        previous = read_meta(partial)
-    except WeakTrError:
-        return  # unreadable: the writer starts over
-    # The stored config went through JSON; compare like with like.
-    wanted = json.loads(json.dumps(config, sort_keys=True, default=str))
-    old_parents = [p.get("sha256") for p in previous.parents]
-    if previous.config != wanted or old_parents != [p["sha256"] for p in parents]:
-        raise WeakTrError(
-            f"{partial} was started with other settings or other CAMs "
-            f"(was {json.dumps(previous.config, sort_keys=True)})",
-            hint="rerun with the same settings to resume, or delete the .partial file",
-        )
 
 
 # Worker state: each spawn worker opens the CAM file itself (h5py handles must not cross
@@ -289,8 +268,6 @@ def make_seeds(
     out_meta = new_meta(
         "labels", meta.dataset, meta.split, meta.class_names, config=config, parents=[cams_path]
     )
-    if resume:
-        _check_resumable(out_path, config, out_meta.parents)
     options = {
         "bg": bg,
         "params": params,
