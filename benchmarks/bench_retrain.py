@@ -18,7 +18,26 @@ recipe: imperfect seeds are made from the ground truth of the shapes train split
 each object may be dropped to background or given another class, its outline grown or shrunk
 and made wobbly, part of it cut off; spurious blobs are added; about 58 mIoU), the recipe
 retrains on them with clipping and with `clip=False`, and both models predict the train and
-val splits. The bar: train mIoU above the seeds', and clipping above no clipping.
+val splits. The bar: train mIoU above the seeds', and clipping above no clipping. `colour`
+scores merge each colour family's two shapes (red-circle + red-square -> red): the score
+without the circle/square distinction. `--seeds` uses a given labels artifact instead.
+
+Measured (shapes recipe, 1 thread on a shared 2-core machine, ~35 images per CPU-second;
+mIoU / colour mIoU on the 2000 train and 500 val images):
+
+    seeds                      run            tau     train        val
+    degraded GT  59.3 / 64.9   clip=False     -       29.6 / 68.4  28.3 / 68.1
+                               tau auto       0.507   26.7 / 55.8  25.9 / 55.2
+                               tau 1.2        1.2     11.9 / 20.9  12.0 / 20.9
+    CAM + CRF    82.0 / 96.4   clip=False     -       33.3 / 85.3  33.0 / 85.0
+                               tau auto       0.375   29.1 / 66.4  29.1 / 65.9
+
+The bar is not met: the tiny-p8 Segmenter learns the colour families (above the degraded
+seeds there) but not circle vs square (35 mIoU even when trained on the ground truth for 24k
+crops), so the pixels it cannot fit are mostly correct object pixels, and clipping them
+(clipped-pixel precision 0.65 on degraded seeds, 0.89 on CRF seeds, against 0.95 / 0.99 for
+kept pixels) shrinks the objects. The CRF seeds came from a model of the shapes train-cam
+recipe (shapes dump recipe, bg 0.43, VOC CRF).
 """
 
 from __future__ import annotations

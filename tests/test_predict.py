@@ -239,3 +239,14 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataset(tmp_path, ("cat", "dog"))
     with pytest.raises(WeakTrError, match="does not exist"):
         ImageFolderDataset(tmp_path / "missing", CLASSES)
+
+
+def test_predict_split_refuses_a_partial_file_of_other_settings(model, tmp_path):
+    from weaktr_cli.artifacts import ArtifactWriter, new_meta
+
+    dataset = Boxes()
+    meta = new_meta("labels", dataset.name, dataset.split, CLASSES, config={"other": 1})
+    ArtifactWriter(tmp_path / "p.h5", meta).close()  # an interrupted run with other settings
+    with pytest.raises(WeakTrError, match="other settings"):
+        predict_split(model, dataset, tmp_path / "p.h5", SETTINGS, class_names=CLASSES,
+                      device="cpu")

@@ -18,7 +18,6 @@ dense CRF on the probabilities of the classes present in the argmax (as the refe
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifacts import PARTIAL_SUFFIX, ArtifactWriter, new_meta, open_artifact, read_meta
+from weaktr_cli.artifacts import ArtifactWriter, new_meta, open_artifact
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
 from weaktr_cli.errors import WeakTrError
@@ -272,22 +271,6 @@ def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
     return out
 
 
-def _check_resumable(out_path: Path, config: dict[str, Any]) -> None:
-    partial = out_path.with_name(out_path.name + PARTIAL_SUFFIX)
-    if not partial.is_file():
-        return
-    try:
-        previous = read_meta(partial)
-    except WeakTrError:
-        return  # unreadable: the writer starts over
-    wanted = json.loads(json.dumps(config, sort_keys=True, default=str))
-    if previous.config != wanted:
-        raise WeakTrError(
-            f"{partial} was started with other settings or another checkpoint",
-            hint="rerun with the same settings to resume, or delete the .partial file",
-        )
-
-
 def predict_split(
     model: Segmenter,
     dataset: SegmentationDataset,
@@ -305,7 +288,8 @@ def predict_split(
 
     `class_names` are the model's classes (the checkpoint's); they must equal the dataset's so
     the artifact can be scored against it. Ids already in a resumable `<out>.partial` made with
-    the same settings and checkpoint are skipped. Returns the final artifact path.
+    the same settings and checkpoint are skipped (`ArtifactWriter` refuses one made otherwise).
+    Returns the final artifact path.
     """
     from weaktr_cli.artifacts import file_sha256
 
@@ -331,8 +315,6 @@ def predict_split(
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config,
                     parents=[checkpoint] if checkpoint else [])
-    if resume:
-        _check_resumable(out_path, meta.config)
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]
