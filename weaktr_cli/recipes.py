@@ -37,7 +37,7 @@ __all__ = [
 CAM_RECIPES: dict[str, CamTrainConfig] = {
     "shapes": CamTrainConfig(
         arch="tiny-p8",
-        epochs=3,
+        epochs=4,
         batch_size=64,
         base_lr=4e-3,
         weight_decay=0.05,
