@@ -16,9 +16,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.common import report  # noqa: E402
+from benchmarks.common import report
 
 H, W, CLASSES = 375, 500, 21
 

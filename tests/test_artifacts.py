@@ -150,13 +150,16 @@ def test_truncated_and_missing_files(tmp_path: Path) -> None:
         open_artifact(out)
     with pytest.raises(WeakTrError, match="does not exist"):
         open_artifact(tmp_path / "missing.h5")
-    with pytest.raises(WeakTrError, match="not 'cams'|a 'cams' artifact is needed"):
+    with pytest.raises(WeakTrError, match=r"not 'cams'|a 'cams' artifact is needed"):
         out.write_bytes(data)
         open_artifact(out, kind="cams")
 
 
 def test_nan_cams_are_rejected(tmp_path: Path) -> None:
-    with ArtifactWriter(tmp_path / "c.h5", _meta()) as writer, pytest.raises(WeakTrError, match="NaN"):
+    with (
+        ArtifactWriter(tmp_path / "c.h5", _meta()) as writer,
+        pytest.raises(WeakTrError, match="NaN"),
+    ):
         writer.write_cams("a", np.array([1]), np.full((1, 2, 2), np.nan, np.float32))
 
 

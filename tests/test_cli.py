@@ -1,4 +1,5 @@
-"""The CLI shell: exit codes, the error boundary, stdout/stderr discipline, completions, evaluate."""
+"""The CLI shell: exit codes, the error boundary, stdout/stderr discipline, completions,
+help text and evaluate."""
 
 from __future__ import annotations
 
@@ -232,3 +233,27 @@ def test_cli_import_stays_light() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=REPO).stdout.strip()
     assert out == "[]"
+
+
+def test_help_shows_every_option_text(capsys, monkeypatch) -> None:
+    # Rich markup eats anything in square brackets ("[default: x]" vanished from --help once),
+    # so every option's help must come out of the renderer word for word.
+    import click
+    import typer
+
+    from weaktr_cli.commands.app import app
+
+    monkeypatch.setenv("COLUMNS", "400")
+    root = typer.main.get_command(app)
+
+    def walk(command: click.Command, path: tuple[str, ...]):
+        yield path, command
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                yield from walk(sub, (*path, name))
+
+    for path, command in walk(root, ()):
+        rendered = " ".join(run_cli(capsys, *path, "--help").stdout.split())
+        for param in command.params:
+            text = " ".join((getattr(param, "help", None) or "").split())
+            assert text in rendered, f"weaktr {' '.join(path)} --help lost: {text!r}"

@@ -14,8 +14,8 @@ def naive_scores(preds, gts, n):
     tp = [0] * n
     fp = [0] * n
     fn = [0] * n
-    for pred, gt in zip(preds, gts):
-        for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist()):
+    for pred, gt in zip(preds, gts, strict=True):
+        for p, g in zip(pred.ravel().tolist(), gt.ravel().tolist(), strict=True):
             if g == 255:
                 continue
             p = 0 if p == 255 else p
@@ -87,9 +87,9 @@ def test_threshold_sweep_matches_naive(seed: int, k: int) -> None:
         gt = rng.integers(0, n, (h, w)).astype(np.uint8)
         gt[0, 1] = 255
         sweep.update(class_ids, maps, gt)
-        for t, matrix in zip(thresholds, per_t):
+        for t, matrix in zip(thresholds, per_t, strict=True):
             matrix.update(naive_cam_label(class_ids, maps, np.float32(t)).astype(np.uint8), gt)
-    for (t, scores), matrix in zip(sweep.results(), per_t):
+    for (t, scores), matrix in zip(sweep.results(), per_t, strict=True):
         np.testing.assert_array_equal(scores.confusion, matrix.matrix, err_msg=f"t={t}")
 
 

@@ -33,9 +33,9 @@ def crf(
     out: Annotated[Path, typer.Option("--out", "-o", help="The seeds artifact.")] = Path(
         "seeds.h5"),
     bg: Annotated[float | None, typer.Option(
-        min=0.0, max=1.0, help="Background threshold [default: the dataset's recipe].")] = None,
+        min=0.0, max=1.0, help="Background threshold (default: the dataset's recipe).")] = None,
     preset: Annotated[str | None, typer.Option(
-        help="CRF parameter preset [default: the dataset's].")] = None,
+        help="CRF parameter preset (default: the dataset's).")] = None,
     no_crf: Annotated[bool, typer.Option("--no-crf", help="Plain threshold seeds.")] = False,
     unary: Annotated[str, typer.Option(
         help="hard (unary from the label map, gt_prob) or soft (from CAM probabilities).")

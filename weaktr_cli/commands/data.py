@@ -65,7 +65,7 @@ deterministic (same settings, same pixels on any machine) and atomic.
 @app.command("shapes", help=reflow(SHAPES_HELP))
 def shapes(
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Folder to generate into [default: $WEAKTR_CACHE].")] = None,
+        "--out", "-o", help="Folder to generate into (default: $WEAKTR_CACHE).")] = None,
     num_train: Annotated[int, typer.Option(min=1)] = 2000,
     num_val: Annotated[int, typer.Option(min=1)] = 500,
     image_size: Annotated[int, typer.Option(min=16)] = 96,

@@ -35,7 +35,7 @@ def dump_cams(
     split: options.Split = "train",
     out: Annotated[Path, typer.Option("--out", "-o", help="The cams artifact.")] = Path("cams.h5"),
     scales: Annotated[str | None, typer.Option(
-        help="Comma-separated scales [default: the dataset's recipe].")] = None,
+        help="Comma-separated scales (default: the dataset's recipe).")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip",
                                               help="Add horizontally flipped passes.")] = None,
     variant: Annotated[str | None, typer.Option(

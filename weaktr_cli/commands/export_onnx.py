@@ -34,10 +34,10 @@ def export_onnx(
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path(
         "model.onnx"),
     cam: Annotated[bool, typer.Option("--cam", help="Export the CAM model instead.")] = False,
-    height: Annotated[int | None, typer.Option(min=1, help="Input height [default: "
-                                               "training crop].")] = None,
-    width: Annotated[int | None, typer.Option(min=1, help="Input width [default: "
-                                              "training crop].")] = None,
+    height: Annotated[int | None, typer.Option(
+        min=1, help="Input height (default: the training crop).")] = None,
+    width: Annotated[int | None, typer.Option(
+        min=1, help="Input width (default: the training crop).")] = None,
     dynamic: Annotated[bool, typer.Option(help="Variable batch, height and width.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch of a fixed-size export.")] = 1,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18).")] = 18,

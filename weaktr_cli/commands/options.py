@@ -23,7 +23,7 @@ DataOptional = Annotated[
     DatasetName | None,
     typer.Option(
         "--data",
-        help="Dataset: shapes, voc or coco [default: the one the artifact was made from].",
+        help="Dataset: shapes, voc or coco (default: the one the artifact was made from).",
         rich_help_panel="Data",
     ),
 ]
@@ -31,8 +31,8 @@ DataRoot = Annotated[
     Path | None,
     typer.Option(
         "--data-root",
-        help="Dataset folder (VOCdevkit/VOC2012 or COCO root) [default: $WEAKTR_DATA_ROOT]. "
-        "For shapes: a generated shapes folder or the cache [default: $WEAKTR_CACHE].",
+        help="Dataset folder (VOCdevkit/VOC2012 or COCO root) (default: $WEAKTR_DATA_ROOT). "
+        "For shapes: a generated shapes folder or the cache (default: $WEAKTR_CACHE).",
         rich_help_panel="Data",
     ),
 ]
@@ -45,7 +45,7 @@ SplitOptional = Annotated[
     str | None,
     typer.Option(
         "--split",
-        help="Split name or list file [default: the artifact's split].",
+        help="Split name or list file (default: the artifact's split).",
         rich_help_panel="Data",
     ),
 ]

@@ -38,12 +38,12 @@ def pipeline(
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
     val_split: Annotated[str, typer.Option(help="Split to validate on.")] = "val",
     recipe: Annotated[str | None, typer.Option(
-        help="Settings of every phase [default: the dataset's].")] = None,
+        help="Settings of every phase (default: the dataset's).")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Local ImageNet ViT weights for both models.")] = None,
     force: Annotated[list[str] | None, typer.Option(
         help="Redo this phase and all after it (repeatable).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Seed [default: the recipe's].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed (default: the recipe's).")] = None,
     workers: options.Workers = 2,
     device: options.Device = "auto",
     json_mode: options.Json = False,
@@ -80,28 +80,29 @@ def pipeline(
     output.result(payload, lambda console: render(console, payload))
 
 
-_MIOU_OF = {"dump-cams": ("cams_train", "CAM, train (best threshold)"),
+_MIOU_OF = {"dump-cams": ("cams_train", "CAMs, train *"),
             "crf": ("seeds_train", "seeds, train"),
-            "retrain": ("model_train", "model, train")}
+            "retrain": ("model_train", "model, train"),
+            "predict": ("model_val", "model, val")}
 
 
 def render(console: Console, payload: dict) -> None:
-    table = Table(title=f"weaktr pipeline: {payload['work']}")
-    for column in ("phase", "status", "wall s", "artifact size", "mIoU"):
-        table.add_column(column, justify="left" if column in ("phase", "status") else "right")
+    table = Table(title=f"weaktr pipeline: {payload['work']}",
+                  caption="* at the best background threshold")
+    for column in ("phase", "status", "wall s", "size", "mIoU of", "mIoU"):
+        right = column in ("wall s", "size", "mIoU")
+        table.add_column(column, justify="right" if right else "left")
     metrics = payload["metrics"]
     for row in payload["phases"]:
-        miou = ""
-        if row["phase"] in _MIOU_OF and metrics.get(_MIOU_OF[row["phase"]][0]) is not None:
-            key, label = _MIOU_OF[row["phase"]]
-            miou = f"{metrics[key]:.1f}  ({label})"
-        if row["phase"] == "predict" and metrics.get("model_val") is not None:
-            miou = f"{metrics['model_val']:.1f}  (model, val)"
+        scored, miou = "", ""
+        key, label = _MIOU_OF.get(row["phase"], (None, ""))
+        if key is not None and metrics.get(key) is not None:
+            scored, miou = label, f"{metrics[key]:.1f}"
         table.add_row(row["phase"], "cached" if row["skipped"] else "ran", f"{row['wall_s']:.1f}",
-                      _size(row["size_bytes"]), miou)
+                      _size(row["size_bytes"]), scored, miou)
     total = sum(r["wall_s"] for r in payload["phases"] if not r["skipped"])
     table.add_section()
-    table.add_row("total (this run)", "", f"{total:.1f}", "", "")
+    table.add_row("total (this run)", "", f"{total:.1f}", "", "", "")
     console.print(table)
     console.print("pictures: " + ", ".join(payload["pictures"]))
 

@@ -47,9 +47,9 @@ def predict(
         help="Fuse the decoder layers as 0.8 P1 + P2 (the reference's inference).")] = False,
     crf: Annotated[str | None, typer.Option(help="Test-time CRF preset, e.g. voc-test.")
                    ] = None,
-    window: Annotated[int | None, typer.Option(help="Sliding window [default: training crop].")
+    window: Annotated[int | None, typer.Option(help="Sliding window (default: training crop).")
                       ] = None,
-    stride: Annotated[int | None, typer.Option(help="Window stride [default: 2/3 window].")
+    stride: Annotated[int | None, typer.Option(help="Window stride (default: 2/3 window).")
                       ] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     shard: options.Shard = None,

@@ -35,9 +35,9 @@ def retrain(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
         "seg.ckpt"),
     recipe: Annotated[str | None, typer.Option(
-        help="Starting settings: shapes, voc or coco [default: the dataset's].")] = None,
+        help="Starting settings: shapes, voc or coco (default: the dataset's).")] = None,
     tau: Annotated[str | None, typer.Option(
-        help="Clipping threshold: a number or 'auto' [default: the recipe's].")] = None,
+        help="Clipping threshold: a number or 'auto' (default: the recipe's).")] = None,
     patch: Annotated[int | None, typer.Option(min=1, help="Clipping patch size S.")] = None,
     clip: Annotated[bool, typer.Option("--clip/--no-clip",
                                        help="Gradient clipping (off: plain CE).")] = True,
@@ -56,8 +56,8 @@ def retrain(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of --out.")] = False,
     log_jsonl: Annotated[Path | None, typer.Option(
-        help="Per-step JSONL log [default: OUT.jsonl].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [default: the recipe's].")] = None,
+        help="Per-step JSONL log (default: OUT.jsonl).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")] = None,
     device: options.Device = "auto",
     workers: Annotated[int | None, typer.Option(min=0, help="Data loader workers.")] = None,
     json_mode: options.Json = False,

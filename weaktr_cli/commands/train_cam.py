@@ -34,7 +34,7 @@ def train_cam(
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
         "cam.ckpt"),
     recipe: Annotated[str | None, typer.Option(
-        help="Starting settings: shapes, voc or coco [default: the dataset's].")] = None,
+        help="Starting settings: shapes, voc or coco (default: the dataset's).")] = None,
     arch: Annotated[str | None, typer.Option(help="Backbone (e.g. deit-small, tiny-p8).")] = None,
     fusion: Annotated[str | None, typer.Option(help="aaf, aaf-feat or mean-sum.")] = None,
     aaf_pool: Annotated[str | None, typer.Option(help="AAF pooling: avg or max.")] = None,
@@ -52,8 +52,8 @@ def train_cam(
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted run of --out.")] = False,
     log_jsonl: Annotated[Path | None, typer.Option(
-        help="Per-epoch JSONL log [default: OUT.jsonl].")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed [default: the recipe's].")] = None,
+        help="Per-epoch JSONL log (default: OUT.jsonl).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")] = None,
     device: options.Device = "auto",
     workers: Annotated[int | None, typer.Option(min=0, help="Data loader workers.")] = None,
     json_mode: options.Json = False,
