@@ -19,13 +19,13 @@ from weaktr_cli.evaluation import evaluate_artifact
 from weaktr_cli.models.segmenter import build_segmenter
 from weaktr_cli.predict import (
     PredictSettings,
-    _anchors,
     label_from_probs,
     predict_probs,
     predict_split,
     settings_for_checkpoint,
     write_png_dir,
 )
+from weaktr_cli.windows import window_starts
 
 CLASSES = ("background", "red", "blue")
 SETTINGS = PredictSettings(window=32, stride=20, flip=False, precision="fp32")
@@ -77,11 +77,11 @@ class Boxes(SegmentationDataset):
         return True
 
 
-def test_anchors_cover_and_end_at_the_border():
-    assert _anchors(75, 32, 21) == [0, 21, 42, 43]  # the reference's rule
-    assert _anchors(32, 32, 20) == [0]
+def testwindow_starts_cover_and_end_at_the_border():
+    assert window_starts(75, 32, 21) == [0, 21, 42, 43]  # the reference's rule
+    assert window_starts(32, 32, 20) == [0]
     for size in (32, 33, 50, 97):
-        starts = _anchors(size, 32, 20)
+        starts = window_starts(size, 32, 20)
         covered = np.zeros(size, bool)
         for a in starts:
             covered[a : a + 32] = True

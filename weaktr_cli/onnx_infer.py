@@ -35,6 +35,7 @@ import numpy as np
 
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.windows import label_from_probs, pass_size, window_starts
 
 __all__ = [
     "OnnxModelInfo",
@@ -295,40 +296,6 @@ def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
     return out
 
 
-def _anchors(size: int, window: int, stride: int) -> list[int]:
-    """Window starts along one axis; the last window ends at the border (size >= window)."""
-    starts = [a for a in range(0, size, stride) if a < size - window]
-    return [*starts, size - window]
-
-
-def _pass_size(h: int, w: int, scale: float, window: int,
-               base_size: int | None) -> tuple[int, int]:
-    """(H', W') of one scale: the scaled size, short side raised to the window if below."""
-    short = min(h, w)
-    target = scale * (base_size if base_size is not None else short)
-    factor = max(target, window) / short
-    return max(window, round(h * factor)), max(window, round(w * factor))
-
-
-def _label_from_probs(probs: np.ndarray, image: np.ndarray, crf: str | None) -> np.ndarray:
-    """Argmax, optionally CRF-refined exactly as `weaktr_cli.predict.label_from_probs`."""
-    if probs.shape[0] > 255:
-        raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
-    label: np.ndarray = np.argmax(probs, axis=0).astype(np.uint8)
-    if crf is None:
-        return label
-    from weaktr_cli.crf import crf_from_probs, get_preset
-
-    keys = np.unique(label)
-    if len(keys) == 1:
-        return label
-    planes = probs[keys]
-    planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
-    refined = crf_from_probs(image, planes, get_preset(crf))
-    out: np.ndarray = keys.astype(np.uint8)[refined]
-    return out
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -410,7 +377,7 @@ class OnnxSegmenter:
         _, h, w = pixels.shape
         ws, stride = settings.window, settings.stride
         assert ws is not None and stride is not None
-        boxes = [(y, x) for y in _anchors(h, ws, stride) for x in _anchors(w, ws, stride)]
+        boxes = [(y, x) for y in window_starts(h, ws, stride) for x in window_starts(w, ws, stride)]
         n_out = self.info.layers if layers else 1
         sums = np.zeros((n_out, self.info.num_classes, h, w), dtype=np.float32)
         count = np.zeros((1, h, w), dtype=np.float32)
@@ -455,7 +422,7 @@ class OnnxSegmenter:
         total = np.zeros((self.info.num_classes, h, w), dtype=np.float32)
         passes = 0
         for scale in settings.scales:
-            size = _pass_size(h, w, scale, settings.window, settings.base_size)
+            size = pass_size(h, w, scale, settings.window, settings.base_size)
             scaled = np.clip(resize_bilinear(pixels, size), 0, 255)
             for flipped in (False, True) if settings.flip else (False,):
                 view = scaled[:, :, ::-1] if flipped else scaled
@@ -476,7 +443,7 @@ class OnnxSegmenter:
         """(H, W) uint8 class-id label map of an RGB (H, W, 3) uint8 image (argmax of
         `predict_probs`, CRF-refined when `settings.crf` names a preset)."""
         settings = (settings or OnnxPredictSettings()).resolved(self.info)
-        return _label_from_probs(self.predict_probs(image, settings), image, settings.crf)
+        return label_from_probs(self.predict_probs(image, settings), image, settings.crf)
 
 
 # ----------------------------------------------------------------------------- splits
@@ -532,7 +499,7 @@ def predict_split_onnx(
         for image_id in todo:
             image = dataset.load_image(image_id)
             probs = segmenter.predict_probs(image, settings)
-            writer.write_labels(image_id, _label_from_probs(probs, image, settings.crf))
+            writer.write_labels(image_id, label_from_probs(probs, image, settings.crf))
             done += 1
             if progress:
                 progress(done, len(ids))

@@ -34,6 +34,7 @@ from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.segmenter import Segmenter
 from weaktr_cli.runtime import autocast, resolve_precision, select_device
 from weaktr_cli.shards import select_shard
+from weaktr_cli.windows import label_from_probs, pass_size, window_starts
 
 __all__ = [
     "PAPER_PREDICT",
@@ -145,12 +146,6 @@ def settings_for_checkpoint(meta: dict[str, Any], settings: PredictSettings | No
     return replace(settings or PredictSettings(), **values)
 
 
-def _anchors(size: int, window: int, stride: int) -> list[int]:
-    """Window starts along one axis; the last window ends at the border (size >= window)."""
-    starts = [a for a in range(0, size, stride) if a < size - window]
-    return [*starts, size - window]
-
-
 def _sliding_logits(model: Segmenter, image: torch.Tensor, settings: PredictSettings,
                     device: torch.device, precision: str, layers: bool) -> list[torch.Tensor]:
     """Merged window logits of a (1, 3, H, W) normalised image with H, W >= window.
@@ -159,7 +154,7 @@ def _sliding_logits(model: Segmenter, image: torch.Tensor, settings: PredictSett
     """
     _, _, h, w = image.shape
     ws = settings.window
-    rows, cols = _anchors(h, ws, settings.stride), _anchors(w, ws, settings.stride)
+    rows, cols = window_starts(h, ws, settings.stride), window_starts(w, ws, settings.stride)
     boxes = [(y, x) for y in rows for x in cols]
     n_out = model.num_decoder_layers if layers else 1
     sums = [torch.zeros(model.n_cls, h, w, device=device) for _ in range(n_out)]
@@ -176,14 +171,6 @@ def _sliding_logits(model: Segmenter, image: torch.Tensor, settings: PredictSett
         for y, x in chunk:
             count[:, y : y + ws, x : x + ws] += 1
     return [s / count for s in sums]
-
-
-def _pass_size(h: int, w: int, scale: float, settings: PredictSettings) -> tuple[int, int]:
-    """(H', W') of one scale: the scaled size, short side raised to the window if below."""
-    short = min(h, w)
-    target = scale * (settings.base_size if settings.base_size is not None else short)
-    factor = max(target, settings.window) / short
-    return max(settings.window, round(h * factor)), max(settings.window, round(w * factor))
 
 
 @torch.inference_mode()
@@ -223,7 +210,7 @@ def predict_probs(
     total = torch.zeros(model.n_cls, h, w, device=dev)
     passes = 0
     for scale in settings.scales:
-        size = _pass_size(h, w, scale, settings)
+        size = pass_size(h, w, scale, settings.window, settings.base_size)
         scaled = pixels if size == (h, w) else F.interpolate(
             pixels, size=size, mode="bilinear", align_corners=False)
         batch = (scaled.clamp(0, 255) / 255.0 - m) / s
@@ -242,33 +229,6 @@ def predict_probs(
             passes += 1
     probs: np.ndarray = (total / passes).cpu().numpy().astype(np.float32)
     return probs
-
-
-def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
-                     crf: str | None = None) -> np.ndarray:
-    """(H, W) uint8 argmax of (n_cls, H, W) probabilities, optionally CRF-refined.
-
-    With a `crf` preset, the CRF runs on the image (RGB uint8, required) with the planes of
-    the classes present in the argmax only (renormalised; a per-pixel constant in the unary
-    does not change the CRF), as the reference does; one present class is returned as is.
-    """
-    if probs.shape[0] > 255:
-        raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
-    label = np.argmax(probs, axis=0).astype(np.uint8)
-    if crf is None:
-        return label
-    from weaktr_cli.crf import crf_from_probs, get_preset
-
-    if image is None:
-        raise WeakTrError("the CRF needs the image")
-    keys = np.unique(label)
-    if len(keys) == 1:
-        return label
-    planes = probs[keys]
-    planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
-    refined = crf_from_probs(image, planes, get_preset(crf))
-    out: np.ndarray = keys.astype(np.uint8)[refined]
-    return out
 
 
 def predict_split(
