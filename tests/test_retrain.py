@@ -257,6 +257,11 @@ def test_poly_lr_schedule():
     assert poly_lr(0, 100, 1e-4, 1e-5, 0.9) == pytest.approx(1e-4)
     assert poly_lr(100, 100, 1e-4, 1e-5, 0.9) == pytest.approx(1e-5)
     assert poly_lr(50, 100, 1e-4, 1e-5, 0.9) == pytest.approx(9e-5 * 0.5**0.9 + 1e-5)
+    # linear warm-up over the first 10 steps, then the same poly curve
+    assert poly_lr(0, 100, 1e-4, 1e-5, 0.9, warmup=10) == pytest.approx(1e-5)
+    assert poly_lr(4, 100, 1e-4, 1e-5, 0.9, warmup=10) == pytest.approx(
+        0.5 * poly_lr(4, 100, 1e-4, 1e-5, 0.9))
+    assert poly_lr(50, 100, 1e-4, 1e-5, 0.9, warmup=10) == poly_lr(50, 100, 1e-4, 1e-5, 0.9)
 
 
 def test_config_errors():

@@ -102,7 +102,8 @@ class RetrainConfig:
     255 (labels) when the image is smaller.
 
     Schedule: `iterations` optimizer steps if given, else `epochs` x (images // (batch x world)).
-    lr(t) = (lr - min_lr) * (1 - t / T) ** poly_power + min_lr, per iteration; the encoder
+    lr(t) = (lr - min_lr) * (1 - t / T) ** poly_power + min_lr, per iteration, times
+    (t + 1) / warmup_iters during an optional linear warm-up; the encoder
     group gets lr(t) * encoder_lr_mult, the decoder lr(t) (so the encoder ends at
     min_lr * encoder_lr_mult).
 
@@ -124,6 +125,7 @@ class RetrainConfig:
     lr: float = 1e-4
     min_lr: float = 1e-5
     poly_power: float = 0.9
+    warmup_iters: int = 0  # linear warm-up steps (the paper: none)
     momentum: float = 0.9
     weight_decay: float = 0.0
     encoder_lr_mult: float = 0.1
@@ -165,6 +167,8 @@ class RetrainConfig:
             raise WeakTrError("epochs must be >= 1 (or give iterations)")
         if self.iterations is not None and self.iterations < 1:
             raise WeakTrError("iterations must be >= 1")
+        if self.warmup_iters < 0:
+            raise WeakTrError("warmup_iters must be >= 0")
         if not (0 <= self.min_lr <= self.lr):
             raise WeakTrError(f"need 0 <= min_lr <= lr, got {self.min_lr} and {self.lr}")
         if isinstance(self.tau, str):
@@ -625,10 +629,13 @@ def load_encoder_weights(model: Segmenter, path: str | Path) -> str:
     return "cam"
 
 
-def poly_lr(step: int, total: int, lr: float, min_lr: float, power: float) -> float:
-    """Polynomial decay per iteration: (lr - min_lr) * (1 - step/total) ** power + min_lr."""
+def poly_lr(step: int, total: int, lr: float, min_lr: float, power: float,
+            warmup: int = 0) -> float:
+    """Polynomial decay per iteration: (lr - min_lr) * (1 - step/total) ** power + min_lr,
+    scaled by (step + 1) / warmup during the first `warmup` steps (linear warm-up)."""
     frac = min(max(step / max(total, 1), 0.0), 1.0)
-    return (lr - min_lr) * (1.0 - frac) ** power + min_lr
+    decayed = (lr - min_lr) * (1.0 - frac) ** power + min_lr
+    return decayed * min(1.0, (step + 1) / warmup) if warmup > 0 else decayed
 
 
 def _make_optimizer(model: Segmenter, config: RetrainConfig) -> torch.optim.Optimizer:
@@ -867,8 +874,9 @@ def _retrain(
                 labels = labels.to(dev, non_blocking=True).long()
                 seed_map, gt = labels[:, 0], labels[:, 1]
                 for group in optimizer.param_groups:
-                    group["lr"] = poly_lr(step, total, config.lr, config.min_lr,
-                                          config.poly_power) * group["lr_mult"]
+                    lr = poly_lr(step, total, config.lr, config.min_lr, config.poly_power,
+                                 config.warmup_iters)
+                    group["lr"] = lr * group["lr_mult"]
                 with autocast(dev, precision):
                     logits = train_model(inputs)
                 if tau is None:

@@ -10,11 +10,13 @@ checkpoints load without renaming.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from timm.models.vision_transformer import VisionTransformer
 
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.models.stem import ConvStemPatchEmbed, stem_stride
 
 __all__ = ["ARCHS", "ArchSpec", "arch_names", "build_vit", "get_arch"]
 
@@ -36,6 +38,13 @@ class ArchSpec:
     #: timm model name with the same parameter layout (for pretrained checkpoints), if any
     timm_name: str | None = None
     description: str = ""
+    #: conv stem layers (channels, stride, dilation) replacing the linear patch embedding
+    #: (`weaktr_cli.models.stem`); empty = a plain ViT. The strides multiply to `patch_size`.
+    stem: tuple[tuple[int, int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.stem and stem_stride(self.stem) != self.patch_size:
+            raise ValueError(f"{self.name}: stem stride != patch size {self.patch_size}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -54,7 +63,7 @@ class ArchSpec:
 
     def vit_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `timm.models.vision_transformer.VisionTransformer`."""
-        return {
+        kwargs: dict[str, Any] = {
             "img_size": self.img_size,
             "patch_size": self.patch_size,
             "embed_dim": self.embed_dim,
@@ -63,6 +72,9 @@ class ArchSpec:
             "mlp_ratio": self.mlp_ratio,
             "qkv_bias": True,
         }
+        if self.stem:
+            kwargs["embed_layer"] = partial(ConvStemPatchEmbed, stem=self.stem)
+        return kwargs
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -106,6 +118,18 @@ ARCHS: dict[str, ArchSpec] = {
             num_heads=4,
             img_size=96,
             description="CPU-sized: patch 8, dim 128, depth 4 at 96 px (built-in dataset)",
+        ),
+        ArchSpec(
+            name="tiny-c8",
+            patch_size=8,
+            embed_dim=128,
+            depth=2,
+            num_heads=4,
+            img_size=96,
+            # stride 2, 2, 2, then dilations 2, 4, 8: a receptive field as wide as the image
+            stem=((32, 2, 1), (64, 2, 1), (128, 2, 1), (128, 1, 2), (128, 1, 4), (128, 1, 8)),
+            description="CPU-sized hybrid: conv stem (stride 8) + ViT dim 128, depth 2 at 96 px "
+            "(built-in dataset's segmenter)",
         ),
         ArchSpec(
             name="micro",
