@@ -32,6 +32,17 @@ mIoU / colour mIoU on the 2000 train and 500 val images):
     CAM + CRF    82.0 / 96.4   clip=False     -       33.3 / 85.3  33.0 / 85.0
                                tau auto       0.375   29.1 / 66.4  29.1 / 65.9
 
+Same CAM + CRF seeds (81.5 / 96.4, pipeline of 2026-11-29), the conv-stem hybrid `tiny-c8`,
+batch 16, 2000 steps (32k crops), AdamW 5e-4 with 100 warm-up steps, bf16:
+
+    clip=False     -       39.1 / 83.9  38.0 / 83.2
+    tau auto       0.489   30.5 / 71.9  30.1 / 71.4
+
+And a plain dilated CNN (throwaway, not part of weaktr) trained on the ground truth: 44 / 55
+mIoU on val / train after 1200 steps of 16, then 90 / 93 after 1800: the shape is learnable,
+but it takes ~25k crops to "click", and the Segmenter's ViT + mask-transformer decoder is 3-5x
+slower per crop than that CNN on this CPU, so it does not get there within the pipeline's budget.
+
 The bar is not met: the tiny-p8 Segmenter learns the colour families (above the degraded
 seeds there) but not circle vs square (35 mIoU even when trained on the ground truth for 24k
 crops), so the pixels it cannot fit are mostly correct object pixels, and clipping them

@@ -188,8 +188,8 @@ class RetrainConfig:
 #: Built-in recipes. "voc" is the paper's (METHOD.md Phase 4, ViT-S/16 at 480 px: pass local
 #: ImageNet weights as `pretrained`); METHOD.md gives no COCO-specific retraining settings, so
 #: "coco" uses the same. "shapes" is sized for the built-in 96 px dataset on a CPU: tiny-p8
-#: from scratch, 6 epochs x 250 steps of 8 (12,000 crops: ~6 min at the 35 images per
-#: CPU-second measured on one thread, ~4 min on 2 idle cores). Colour defines the shapes
+#: from scratch, 6 epochs x 250 steps of 8 (12,000 crops: 338 s on 2 idle cores inside
+#: `weaktr pipeline`). Colour defines the shapes
 #: classes, so no photometric distortion; AdamW because SGD at 1e-4 barely moves a randomly
 #: initialised encoder. Measured on shapes/train (benchmarks/bench_retrain.py --quality): the
 #: model learns the colour families but not circle vs square (even from ground truth: 35 mIoU
