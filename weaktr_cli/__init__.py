@@ -1,3 +1,3 @@
 """weaktr: WeakTr weakly-supervised semantic segmentation as a command-line toolkit."""
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
