@@ -21,7 +21,12 @@ from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import normalize, to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.cam_vit import CAM_VARIANTS, WeakTrCAM, cam_maps
-from weaktr_cli.runtime import autocast, resolve_precision, select_device
+from weaktr_cli.runtime import (
+    autocast,
+    release_freed_memory,
+    resolve_precision,
+    select_device,
+)
 from weaktr_cli.shards import select_shard
 
 NORM_EPS = 1e-5
@@ -155,6 +160,7 @@ def dump_cams(
                 strict=True,
             ):
                 writer.write_cams(image_id, ids_present, maps)
+            release_freed_memory()
             done += len(batch)
             if progress:
                 progress(done, len(ids))

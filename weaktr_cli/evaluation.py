@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,10 +72,11 @@ def evaluate_artifact(
     if total == 0:
         raise WeakTrError(f"{reader.path} holds no images")
     n = dataset.num_classes
+    truths = _prefetched_ground_truth(dataset, reader.ids)
     if reader.kind == "labels":
         matrix = ConfusionMatrix(n)
-        for done, image_id in enumerate(reader.ids, 1):
-            matrix.update(reader.read_labels(image_id), _ground_truth(dataset, image_id))
+        for done, (image_id, truth) in enumerate(zip(reader.ids, truths, strict=True), 1):
+            matrix.update(reader.read_labels(image_id), truth)
             if progress:
                 progress(done, total)
         return Evaluation("labels", dataset.class_names, total, matrix.scores())
@@ -81,9 +84,9 @@ def evaluate_artifact(
     if thresholds is None or len(thresholds) == 0:
         raise WeakTrError("no background thresholds to sweep")
     sweep = ThresholdSweep(n, thresholds)
-    for done, image_id in enumerate(reader.ids, 1):
+    for done, (image_id, truth) in enumerate(zip(reader.ids, truths, strict=True), 1):
         record = reader.read_cams(image_id)
-        sweep.update(record.class_ids, record.maps, _ground_truth(dataset, image_id))
+        sweep.update(record.class_ids, record.maps, truth)
         if progress:
             progress(done, total)
     results = sweep.results()
@@ -97,6 +100,21 @@ def evaluate_artifact(
         threshold=best_t,
         sweep=[(t, s.miou) for t, s in results],
     )
+
+
+def _prefetched_ground_truth(dataset: SegmentationDataset, ids: Sequence[str],
+                             ahead: int = 8) -> Iterator[np.ndarray]:
+    """The ground-truth masks of `ids` in order, decoded by one helper thread up to `ahead`
+    images in advance: PNG decoding releases the GIL, so it overlaps the HDF5 reads and the
+    confusion updates of the main thread, while memory stays bounded."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: deque[Future[np.ndarray]] = deque()
+        for image_id in ids:
+            pending.append(pool.submit(_ground_truth, dataset, image_id))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _ground_truth(dataset: SegmentationDataset, image_id: str) -> np.ndarray:

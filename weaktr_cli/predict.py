@@ -32,7 +32,12 @@ from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.segmenter import Segmenter
-from weaktr_cli.runtime import autocast, resolve_precision, select_device
+from weaktr_cli.runtime import (
+    autocast,
+    release_freed_memory,
+    resolve_precision,
+    select_device,
+)
 from weaktr_cli.shards import select_shard
 from weaktr_cli.windows import label_from_probs, pass_size, window_starts
 
@@ -285,6 +290,7 @@ def predict_split(
             image = dataset.load_image(image_id)
             probs = predict_probs(model, image, settings, dev)
             writer.write_labels(image_id, label_from_probs(probs, image, settings.crf))
+            release_freed_memory()
             done += 1
             if progress:
                 progress(done, len(ids))

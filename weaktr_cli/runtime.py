@@ -139,3 +139,29 @@ def limit_cpu_threads(threads: int | None) -> None:
     """Cap intra-op threads (e.g. one per torchrun process on a small machine)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows)
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS (glibc `malloc_trim`).
+
+    Per-image inference loops allocate and free many large, differently sized buffers; glibc
+    keeps the freed pages in its heaps, so the resident size of `dump-cams` grew with the
+    number of images (measured: DeiT-Ti at 500x375, peak RSS 2.0 GB for 50 images, 7.6 GB for
+    500) while nothing was referenced. Trimming after each batch keeps it flat. A no-op where
+    the C library has no `malloc_trim`.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
