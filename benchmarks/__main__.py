@@ -49,26 +49,35 @@ def main() -> None:
 
 
 def gather(status: dict[str, dict[str, float]]) -> None:
-    results = {"runs": status, "benchmarks": {}}
+    previous = HERE / "results.json"
+    runs = json.loads(previous.read_text()).get("runs", {}) if previous.exists() else {}
+    results = {"runs": {**runs, **status}, "benchmarks": {}}
     lines = ["# weaktr benchmarks", ""]
     for path in sorted((HERE / "out").glob("*.json")):
         data = json.loads(path.read_text())
         results["benchmarks"][path.stem] = data
         lines += [f"## {path.stem}", ""]
-        rows = data.get("rows", [])
-        if rows:
-            columns = list(dict.fromkeys(k for row in rows for k in row))
-            lines.append("| " + " | ".join(columns) + " |")
-            lines.append("|" + "---|" * len(columns))
-            for row in rows:
-                lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
-        extras = {k: v for k, v in data.items() if k not in ("rows", "benchmark")}
+        tables = [k for k in ("table", "rows", "runs") if _is_table(data.get(k))]
+        for key in tables:  # the ablation's summary table first, then rows, then runs
+            lines += _markdown_table(data[key])
+        extras = {k: v for k, v in data.items() if k not in (*tables, "benchmark")}
         if extras:
             lines += ["", "```json", json.dumps(extras, indent=1, default=str), "```"]
         lines.append("")
     (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (HERE / "results.md").write_text("\n".join(lines))
     print(f"-> {HERE / 'results.json'}, {HERE / 'results.md'}")
+
+
+def _is_table(value: object) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(r, dict) for r in value)
+
+
+def _markdown_table(rows: list[dict[str, object]]) -> list[str]:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return [*lines, ""]
 
 
 def _fmt(value: object) -> str:
