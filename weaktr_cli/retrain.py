@@ -188,7 +188,7 @@ class RetrainConfig:
 #: Built-in recipes. "voc" is the paper's (METHOD.md Phase 4, ViT-S/16 at 480 px: pass local
 #: ImageNet weights as `pretrained`); METHOD.md gives no COCO-specific retraining settings, so
 #: "coco" uses the same. "shapes" is sized for the built-in 96 px dataset on a CPU: tiny-p8
-#: from scratch, 6 epochs x 250 steps of 8 (12,000 crops: 338 s on 2 idle cores inside
+#: from scratch, 6 epochs x 250 steps of 8 (12,000 crops: 235 s on 2 idle cores inside
 #: `weaktr pipeline`). Colour defines the shapes
 #: classes, so no photometric distortion; AdamW because SGD at 1e-4 barely moves a randomly
 #: initialised encoder. Measured on shapes/train (benchmarks/bench_retrain.py --quality): the
