@@ -35,3 +35,14 @@ def coco_sample() -> Path:
     if not root.is_dir():
         pytest.skip(f"real COCO samples not found at {root} (../shared/data beside the repo)")
     return root
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test on one torch thread (tiny models: threads only add overhead and noise)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

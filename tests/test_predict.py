@@ -31,12 +31,7 @@ CLASSES = ("background", "red", "blue")
 SETTINGS = PredictSettings(window=32, stride=20, flip=False, precision="fp32")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +72,7 @@ class Boxes(SegmentationDataset):
         return True
 
 
-def testwindow_starts_cover_and_end_at_the_border():
+def test_window_starts_cover_and_end_at_the_border():
     assert window_starts(75, 32, 21) == [0, 21, 42, 43]  # the reference's rule
     assert window_starts(32, 32, 20) == [0]
     for size in (32, 33, 50, 97):

@@ -16,12 +16,7 @@ TINY = ArchSpec(name="test-tiny", patch_size=8, embed_dim=32, depth=2, num_heads
 N_CLS = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(seed: int = 0, **kwargs) -> Segmenter:

@@ -14,12 +14,7 @@ HYBRID = ArchSpec(name="test-hybrid", patch_size=8, embed_dim=32, depth=2, num_h
                   img_size=32, stem=((8, 2, 1), (16, 2, 1), (16, 2, 1), (16, 1, 2)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_stem_replaces_the_linear_patch_embedding() -> None:

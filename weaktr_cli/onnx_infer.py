@@ -49,7 +49,6 @@ __all__ = [
 
 #: newest metadata layout this reader understands (`weaktr_cli.export.FORMAT_VERSION`)
 SUPPORTED_FORMAT = 1
-_PARTIAL_SUFFIX = ".partial"  # artifacts.PARTIAL_SUFFIX, spelled here to keep imports light
 
 
 @dataclass(frozen=True)

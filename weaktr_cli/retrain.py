@@ -189,8 +189,8 @@ class RetrainConfig:
 #: ImageNet weights as `pretrained`); METHOD.md gives no COCO-specific retraining settings, so
 #: "coco" uses the same. "shapes" is sized for the built-in 96 px dataset on a CPU: tiny-p8
 #: from scratch, 6 epochs x 250 steps of 8 (12,000 crops: 235 s on 2 idle cores inside
-#: `weaktr pipeline`). Colour defines the shapes
-#: classes, so no photometric distortion; AdamW because SGD at 1e-4 barely moves a randomly
+#: `weaktr pipeline`). Colour defines the shapes classes, so no photometric distortion;
+#: AdamW because SGD at 1e-4 barely moves a randomly
 #: initialised encoder. Measured on shapes/train (benchmarks/bench_retrain.py --quality): the
 #: model learns the colour families but not circle vs square (even from ground truth: 35 mIoU
 #: after 24k crops), so it stays below its seeds, and clipping, which then drops correct

@@ -14,6 +14,7 @@ gives exactly (H / p) x (W / p) tokens, and the output format follows timm's set
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,10 +29,7 @@ StemLayer = tuple[int, int, int]
 
 def stem_stride(stem: Sequence[StemLayer]) -> int:
     """Total stride of a stem (the patch size it stands for)."""
-    stride = 1
-    for _, s, _ in stem:
-        stride *= s
-    return stride
+    return math.prod(stride for _, stride, _ in stem)
 
 
 class ConvStemPatchEmbed(PatchEmbed):
