@@ -90,6 +90,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l clip
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-clip
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l bg -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l decoder -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l pretrained -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l crop-size -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l batch-size -r -F

@@ -140,6 +140,15 @@ def test_retrain_writes_loadable_checkpoint(data, tmp_path):
     assert records == result.history
 
 
+def test_linear_decoder_checkpoint_round_trip(data, tmp_path):
+    dataset, seeds = data
+    retrain(dataset, seeds, tmp_path / "lin.ckpt", tiny_config(decoder="linear", iterations=2),
+            device="cpu")
+    model, meta = load_segmenter(tmp_path / "lin.ckpt")
+    assert meta["model"]["decoder"] == "linear" and model.decoder_kind == "linear"
+    assert model.num_decoder_layers == 1
+
+
 def test_resume_continues_exactly(data, tmp_path):
     # 6 steps in one go, and 4 steps + a resumed 2, give byte-identical checkpoints: this is
     # both the determinism guarantee (same seed, CPU) and the resume guarantee.
@@ -266,6 +275,8 @@ def test_config_errors():
         RetrainConfig(tau="sometimes").check()
     with pytest.raises(WeakTrError, match="scale range"):
         RetrainConfig(scale_range=(2.0, 1.0)).check()
+    with pytest.raises(WeakTrError, match="unknown decoder"):
+        RetrainConfig(decoder="conv").check()
     for recipe in RETRAIN_RECIPES.values():
         recipe.check()
     assert RETRAIN_RECIPES["voc"].scale_range[0] * 480 == pytest.approx(260)

@@ -172,3 +172,47 @@ def test_build_encoder_defaults_are_vit_small_at_480():
     assert encoder.patch_embed.patch_size == (16, 16)
     assert encoder.pos_embed.shape == (1, 1 + 30 * 30, 384)
     assert encoder.dynamic_img_size
+
+
+def test_linear_decoder_is_one_linear_layer_per_patch():
+    # Segmenter's linear baseline: logits on the patch grid are head(token), upsampled.
+    model = tiny_model(decoder="linear").eval()
+    assert model.num_decoder_layers == 1
+    assert sorted(k for k in model.state_dict() if k.startswith("decoder.")) == [
+        "decoder.head.bias", "decoder.head.weight"]
+    with torch.no_grad():
+        model.decoder.head.bias.copy_(torch.arange(N_CLS, dtype=torch.float32))
+        x = torch.randn(2, 3, 32, 40)
+        tokens = model.encoder.forward_features(x)[:, 1:]  # (2, 4 * 5, 32)
+        grid = model.decoder.head(tokens).transpose(1, 2).reshape(2, N_CLS, 4, 5)
+        expected = F.interpolate(grid, size=(32, 40), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(model(x), expected)
+        layers = model(torch.randn(1, 3, 21, 19), return_layers=True)
+    assert len(layers) == 1 and layers[0].shape == (1, N_CLS, 21, 19)
+
+
+def test_linear_decoder_learns_and_exports():
+    model = tiny_model(seed=1, decoder="linear")
+    images = torch.randn(2, 3, 32, 32)
+    target = torch.randint(0, N_CLS, (2, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)
+    optimizer = torch.optim.AdamW(param_groups(model, lr=2e-3, encoder_lr_mult=1.0))
+    losses = []
+    for _ in range(30):
+        loss = plain_ce_loss(model(images), target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    model.eval()
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    program = torch.export.export(model, (torch.randn(2, 3, 37, 45),),
+                                  dynamic_shapes={"images": dims})
+    x = torch.randn(1, 3, 50, 61)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_decoder_is_a_clear_error():
+    with pytest.raises(WeakTrError, match="unknown decoder 'conv'"):
+        tiny_model(decoder="conv")

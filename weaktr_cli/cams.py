@@ -22,8 +22,8 @@ from weaktr_cli.data.loader import normalize, to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.cam_vit import CAM_VARIANTS, WeakTrCAM, cam_maps
 from weaktr_cli.runtime import (
+    FreedMemoryReleaser,
     autocast,
-    release_freed_memory,
     resolve_precision,
     select_device,
 )
@@ -151,6 +151,7 @@ def dump_cams(
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]
+        release_freed_memory = FreedMemoryReleaser()
         done = len(ids) - len(todo)
         for batch in _batches(dataset, todo, settings.batch_size):
             images = torch.stack([to_tensor(image) for _, image in batch])

@@ -33,8 +33,8 @@ from weaktr_cli.data.loader import to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.segmenter import Segmenter
 from weaktr_cli.runtime import (
+    FreedMemoryReleaser,
     autocast,
-    release_freed_memory,
     resolve_precision,
     select_device,
 )
@@ -283,6 +283,7 @@ def predict_split(
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]
+        release_freed_memory = FreedMemoryReleaser()
         done = len(ids) - len(todo)
         if progress:
             progress(done, len(ids))

@@ -43,7 +43,7 @@ from weaktr_cli.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.losses import ClipLossResult, gradient_clipping_loss, plain_ce_loss
 from weaktr_cli.models.registry import ArchSpec, get_arch
-from weaktr_cli.models.segmenter import Segmenter, build_segmenter, param_groups
+from weaktr_cli.models.segmenter import DECODERS, Segmenter, build_segmenter, param_groups
 from weaktr_cli.runtime import (
     autocast,
     configure_determinism,
@@ -135,6 +135,7 @@ class RetrainConfig:
     tau_auto_steps: int | None = None  # warm-up window of tau="auto"; None = one epoch
     clip_patch: int = 120
     drop_path: float = 0.1
+    decoder: str = "mask"  # Segmenter's mask transformer (the paper's) or "linear"
     decoder_layers: int = 2
     decoder_dropout: float = 0.1
     precision: str = "auto"
@@ -151,6 +152,9 @@ class RetrainConfig:
     def check(self) -> None:
         """Raise `WeakTrError` for settings that cannot work."""
         get_arch(self.arch)
+        if self.decoder not in DECODERS:
+            raise WeakTrError(f"unknown decoder {self.decoder!r}",
+                              hint=f"use {' or '.join(DECODERS)}")
         lo, hi = self.scale_range
         if not (0 < lo <= hi):
             raise WeakTrError(
@@ -530,6 +534,7 @@ def build_model(config: RetrainConfig, n_cls: int) -> Segmenter:
         config.arch,
         img_size=config.crop_size,
         drop_path_rate=config.drop_path,
+        decoder=config.decoder,
         decoder_layers=config.decoder_layers,
         decoder_dropout=config.decoder_dropout,
     )
@@ -545,6 +550,7 @@ def _model_meta(config: RetrainConfig, n_cls: int) -> dict[str, Any]:
         "n_cls": n_cls,
         "img_size": config.crop_size,
         "drop_path_rate": config.drop_path,
+        "decoder": config.decoder,
         "decoder_layers": config.decoder_layers,
         "decoder_dropout": config.decoder_dropout,
         "normalization": resolve_normalization(config.normalization, config.arch),
@@ -567,6 +573,7 @@ def load_segmenter(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
         spec,
         img_size=int(cfg["img_size"]),
         drop_path_rate=float(cfg["drop_path_rate"]),
+        decoder=str(cfg.get("decoder", "mask")),  # absent before 0.2: the mask transformer
         decoder_layers=int(cfg["decoder_layers"]),
         decoder_dropout=float(cfg["decoder_dropout"]),
     )

@@ -14,7 +14,8 @@ from weaktr_cli.commands.output import Output
 HELP = """Retrain a segmentation model on pseudo-label seeds (phase 4).
 
 A ViT encoder with a
-mask-transformer decoder and the gradient clipping loss (once the mean loss is below --tau,
+Segmenter decoder (--decoder mask: the mask transformer, the paper's; linear: one linear layer)
+and the gradient clipping loss (once the mean loss is below --tau,
 pixels whose loss exceeds max(patch mean, global mean) over --patch x --patch patches get no
 gradient). --seeds takes a labels artifact (from crf) or a cams artifact, turned into seeds on
 the fly with --bg. --tau auto sets the threshold from the loss of the first epoch (for data
@@ -44,6 +45,8 @@ def retrain(
     bg: Annotated[float | None, typer.Option(
         help="Background threshold when --seeds is a cams artifact.")] = None,
     arch: Annotated[str | None, typer.Option(help="Encoder (vit-small, deit-small, ...).")] = None,
+    decoder: Annotated[str | None, typer.Option(
+        help="mask (mask transformer) or linear (default: the recipe's).")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Encoder initialisation: local ImageNet ViT weights, or a train-cam checkpoint "
         "of the same backbone (what the built-in recipe uses).")] = None,
@@ -84,7 +87,8 @@ def retrain(
             tau_value = float(tau)
         except ValueError:
             raise WeakTrError(f"invalid --tau {tau!r}", hint="a number or 'auto'") from None
-    overrides = {"tau": tau_value, "clip_patch": patch, "arch": arch, "crop_size": crop_size,
+    overrides = {"tau": tau_value, "clip_patch": patch, "arch": arch, "decoder": decoder,
+                 "crop_size": crop_size,
                  "batch_size": batch_size, "epochs": epochs, "iterations": iterations, "lr": lr,
                  "precision": precision, "seed": seed, "workers": workers}
     config = dataclasses.replace(RETRAIN_RECIPES[recipe_name], clip=clip,

@@ -1,4 +1,4 @@
-"""The online-retraining segmentation model: a timm ViT encoder and a Segmenter mask transformer.
+"""The online-retraining segmentation model: a timm ViT encoder and a Segmenter decoder.
 
 Architecture (METHOD.md, Phase 4; Strudel et al., "Segmenter", 2021):
 
@@ -11,6 +11,10 @@ Architecture (METHOD.md, Phase 4; Strudel et al., "Segmenter", 2021):
   outputs are projected (`proj_patch`, `proj_classes`), L2-normalised, multiplied
   (masks = patches @ classes^T), normalised over classes (`mask_norm`), reshaped to the patch
   grid and upsampled bilinearly to the input size.
+- Or `LinearDecoder` (`decoder="linear"`), Segmenter's linear baseline: one linear layer from
+  each patch token to the class logits. The built-in CPU recipe uses it (measured there: a
+  hybrid ViT with it learns to tell a circle from a square within the CPU budget, with the mask
+  transformer it does not; see `weaktr_cli.retrain.RETRAIN_RECIPES`).
 
 Parameter names follow the reference implementation (`encoder.*` as timm, `decoder.cls_emb`,
 `decoder.proj_dec`, `decoder.proj_patch`, ...), so a reference retraining checkpoint maps
@@ -36,6 +40,8 @@ from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.registry import ArchSpec, build_vit, get_arch
 
 __all__ = [
+    "DECODERS",
+    "LinearDecoder",
     "MaskTransformerDecoder",
     "Segmenter",
     "build_encoder",
@@ -192,8 +198,30 @@ class MaskTransformerDecoder(nn.Module):
         return layers
 
 
+class LinearDecoder(nn.Module):
+    """Segmenter's linear decoder: patch token -> class logits, one linear layer (`head`, the
+    reference's name). Returns a one-element list, like `MaskTransformerDecoder` with 1 layer."""
+
+    n_layers = 1
+
+    def __init__(self, n_cls: int, d_encoder: int) -> None:
+        super().__init__()
+        self.n_cls = n_cls
+        self.head = nn.Linear(d_encoder, n_cls)
+        self.apply(_init_decoder_weights)
+
+    def forward(self, patch_tokens: torch.Tensor, grid_h: int, grid_w: int) -> list[torch.Tensor]:
+        """(B, grid_h * grid_w, d_encoder) -> [(B, n_cls, grid_h, grid_w)]."""
+        masks = self.head(patch_tokens)
+        return [masks.transpose(1, 2).reshape(masks.shape[0], self.n_cls, grid_h, grid_w)]
+
+
+#: Decoder kinds `Segmenter(decoder=...)` accepts.
+DECODERS = ("mask", "linear")
+
+
 class Segmenter(nn.Module):
-    """ViT encoder + mask-transformer decoder; `forward(images)` -> per-pixel class logits.
+    """ViT encoder + Segmenter decoder; `forward(images)` -> per-pixel class logits.
 
     Args:
         encoder: a timm `VisionTransformer` with a class token, the final norm applied and
@@ -203,6 +231,8 @@ class Segmenter(nn.Module):
             decoder_drop_path: see `MaskTransformerDecoder`; `decoder_heads` defaults to the
             encoder's head count (the reference uses width // 64, the same for ViT-S/B/L) and
             `decoder_dim` to the encoder width.
+        decoder: "mask" (the mask transformer, the paper's) or "linear" (`LinearDecoder`;
+            the mask transformer's settings are then unused).
     """
 
     def __init__(
@@ -216,9 +246,12 @@ class Segmenter(nn.Module):
         decoder_mlp_ratio: float = 4.0,
         decoder_dropout: float = 0.1,
         decoder_drop_path: float = 0.0,
+        decoder: str = "mask",
     ) -> None:
         super().__init__()
         _check_encoder(encoder)
+        if decoder not in DECODERS:
+            raise WeakTrError(f"unknown decoder {decoder!r}", hint=f"use {' or '.join(DECODERS)}")
         if n_cls < 2:
             raise WeakTrError(f"a segmenter needs at least 2 classes (background + 1), got {n_cls}")
         patch = encoder.patch_embed.patch_size
@@ -226,6 +259,11 @@ class Segmenter(nn.Module):
         self.n_cls = n_cls
         self.num_prefix_tokens = int(encoder.num_prefix_tokens)
         self.encoder = encoder
+        self.decoder_kind = decoder
+        self.decoder: MaskTransformerDecoder | LinearDecoder
+        if decoder == "linear":
+            self.decoder = LinearDecoder(n_cls, int(encoder.embed_dim))
+            return
         heads = decoder_heads if decoder_heads is not None else _encoder_heads(encoder)
         self.decoder = MaskTransformerDecoder(
             n_cls,
