@@ -199,6 +199,11 @@ class RetrainConfig:
 #: model learns the colour families but not circle vs square (even from ground truth: 35 mIoU
 #: after 24k crops), so it stays below its seeds, and clipping, which then drops correct
 #: object pixels, scores below clip=False. See the report in benchmarks/bench_retrain.py.
+#: Also measured, on the same CRF seeds (81.5), none of which reaches them: the encoder
+#: started from the CAM backbone (which knows colour only: val mAP 0.65) 29.4 (encoder lr x1)
+#: and 31.1 (x0.1); the `tiny-c8` hybrid, 2000 steps of 16, lr 1e-3, no clip: 33.5 (37.2 from
+#: ground truth; 38.3 with the class LayerNorm's gain started at 4); `tiny-c8` with the linear
+#: decoder, 2400 steps of 16: 44.9 without clipping, 36.3 with tau auto (0.215).
 RETRAIN_RECIPES: dict[str, RetrainConfig] = {
     "voc": RetrainConfig(),
     "coco": RetrainConfig(),
