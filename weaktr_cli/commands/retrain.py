@@ -22,7 +22,7 @@ the fly with --bg. --tau auto sets the threshold from the loss of the first epoc
 whose loss scale differs from VOC's, where 1.2 is the paper's value).
 
 [dim]Examples:[/]
-  weaktr retrain --seeds seeds.h5 --pretrained cam.ckpt --out seg.ckpt   # built-in dataset
+  weaktr retrain --seeds seeds.h5 --out seg.ckpt                     # built-in dataset
   weaktr retrain --seeds cams.h5 --tau 1.2 --data voc --data-root ~/VOCdevkit --pretrained vit_s.pth
   weaktr retrain --seeds seeds.h5 --no-clip --out naive.ckpt          # the naive decoder baseline
   torchrun --nproc-per-node 4 -m weaktr_cli retrain --seeds seeds.h5 --data voc ...
@@ -49,7 +49,7 @@ def retrain(
         help="mask (mask transformer) or linear (default: the recipe's).")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Encoder initialisation: local ImageNet ViT weights, or a train-cam checkpoint "
-        "of the same backbone (what the built-in recipe uses).")] = None,
+        "of the same backbone.")] = None,
     crop_size: Annotated[int | None, typer.Option(min=8)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
