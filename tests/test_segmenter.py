@@ -116,6 +116,29 @@ def test_param_groups():
     assert [g["name"] for g in param_groups(model, lr=1e-3, encoder_lr_mult=0.5)] == ["decoder"]
 
 
+def fit_losses(model: Segmenter, images: torch.Tensor, target: torch.Tensor,
+               steps: int) -> list[float]:
+    """Train `model` on one batch with AdamW for `steps` steps; the loss of every step."""
+    optimizer = torch.optim.AdamW(param_groups(model, lr=2e-3, encoder_lr_mult=1.0))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = plain_ce_loss(model(images), target).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def export_dynamic(model: Segmenter) -> torch.nn.Module:
+    """`model` through torch.export with dynamic batch, H and W."""
+    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
+    example = torch.randn(2, 3, 37, 45)  # batch 2: a size-1 dim would be specialised
+    program = torch.export.export(model, (example,), dynamic_shapes={"images": dims})
+    return program.module()
+
+
 def test_tiny_overfit_loss_decreases():
     torch.manual_seed(0)
     model = tiny_model(seed=1)
@@ -124,24 +147,13 @@ def test_tiny_overfit_loss_decreases():
     # LayerNorm bounds the logits, so sub-patch detail would floor the loss high)
     target = torch.randint(0, N_CLS, (2, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)
     target[:, :2, :] = 255
-    optimizer = torch.optim.AdamW(param_groups(model, lr=2e-3, encoder_lr_mult=1.0))
-    model.train()
-    losses = []
-    for _ in range(40):
-        loss = plain_ce_loss(model(images), target).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, images, target, 40)
     assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_torch_export_dynamic_height_width():
     model = tiny_model().eval()
-    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    example = torch.randn(2, 3, 37, 45)  # batch 2: a size-1 dim would be specialised
-    program = torch.export.export(model, (example,), dynamic_shapes={"images": dims})
-    exported = program.module()
+    exported = export_dynamic(model)
     # a multiple of the patch size (no padding), odd sizes, other batch sizes, a 40 x 2 grid
     for shape in [(1, 3, 32, 32), (3, 3, 50, 61), (2, 3, 17, 320)]:
         x = torch.randn(shape)
@@ -195,22 +207,13 @@ def test_linear_decoder_learns_and_exports():
     model = tiny_model(seed=1, decoder="linear")
     images = torch.randn(2, 3, 32, 32)
     target = torch.randint(0, N_CLS, (2, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)
-    optimizer = torch.optim.AdamW(param_groups(model, lr=2e-3, encoder_lr_mult=1.0))
-    losses = []
-    for _ in range(30):
-        loss = plain_ce_loss(model(images), target).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_losses(model, images, target, 30)
     assert losses[-1] < 0.5 * losses[0], losses
     model.eval()
-    dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    program = torch.export.export(model, (torch.randn(2, 3, 37, 45),),
-                                  dynamic_shapes={"images": dims})
+    exported = export_dynamic(model)
     x = torch.randn(1, 3, 50, 61)
     with torch.no_grad():
-        torch.testing.assert_close(program.module()(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_unknown_decoder_is_a_clear_error():

@@ -583,7 +583,7 @@ def load_segmenter(path: str | Path) -> tuple[Segmenter, dict[str, Any]]:
         spec,
         img_size=int(cfg["img_size"]),
         drop_path_rate=float(cfg["drop_path_rate"]),
-        decoder=str(cfg.get("decoder", "mask")),  # absent before 0.2: the mask transformer
+        decoder=str(cfg.get("decoder", "mask")),  # absent in 0.1.0 checkpoints: mask
         decoder_layers=int(cfg["decoder_layers"]),
         decoder_dropout=float(cfg["decoder_dropout"]),
     )

@@ -184,7 +184,7 @@ class FreedMemoryReleaser:
 
     def __call__(self) -> None:
         trim = _malloc_trim()
-        size = resident_memory_bytes()
+        size = resident_memory_bytes() if trim is not None else None
         if trim is None or size is None:
             return
         if self.reference is None:

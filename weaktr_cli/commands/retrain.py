@@ -88,9 +88,9 @@ def retrain(
         except ValueError:
             raise WeakTrError(f"invalid --tau {tau!r}", hint="a number or 'auto'") from None
     overrides = {"tau": tau_value, "clip_patch": patch, "arch": arch, "decoder": decoder,
-                 "crop_size": crop_size,
-                 "batch_size": batch_size, "epochs": epochs, "iterations": iterations, "lr": lr,
-                 "precision": precision, "seed": seed, "workers": workers}
+                 "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
+                 "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
+                 "workers": workers}
     config = dataclasses.replace(RETRAIN_RECIPES[recipe_name], clip=clip,
                                  **{k: v for k, v in overrides.items() if v is not None})
     if meta.kind == "cams":

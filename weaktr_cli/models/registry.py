@@ -128,7 +128,8 @@ ARCHS: dict[str, ArchSpec] = {
             img_size=96,
             # stride 2, 2, 2, then dilations 2, 4, 8: a receptive field as wide as the image
             stem=((32, 2, 1), (64, 2, 1), (128, 2, 1), (128, 1, 2), (128, 1, 4), (128, 1, 8)),
-            description="CPU-sized hybrid: conv stem (stride 8) + ViT dim 128, depth 2 at 96 px",
+            description="CPU-sized hybrid: conv stem (stride 8) + ViT dim 128, depth 2 at 96 px "
+            "(built-in dataset's segmenter)",
         ),
         ArchSpec(
             name="micro",

@@ -260,7 +260,6 @@ class Segmenter(nn.Module):
         self.n_cls = n_cls
         self.num_prefix_tokens = int(encoder.num_prefix_tokens)
         self.encoder = encoder
-        self.decoder_kind = decoder
         self.decoder: MaskTransformerDecoder | LinearDecoder
         if decoder == "linear":
             self.decoder = LinearDecoder(n_cls, int(encoder.embed_dim))
@@ -276,6 +275,11 @@ class Segmenter(nn.Module):
             dropout=decoder_dropout,
             drop_path_rate=decoder_drop_path,
         )
+
+    @property
+    def decoder_kind(self) -> str:
+        """"linear" or "mask" (see `DECODERS`)."""
+        return "linear" if isinstance(self.decoder, LinearDecoder) else "mask"
 
     @property
     def num_decoder_layers(self) -> int:
