@@ -63,7 +63,7 @@ def evaluate_artifact(
     reader: ArtifactReader,
     dataset: SegmentationDataset,
     *,
-    thresholds: Sequence[float] | None = None,
+    thresholds: Sequence[float] | np.ndarray | None = None,
     progress: Progress | None = None,
 ) -> Evaluation:
     """Score a `labels` artifact, or sweep background thresholds for a `cams` artifact."""

@@ -111,7 +111,7 @@ class ThresholdSweep:
     (gt, top class, threshold bin) per image gives every threshold's confusion exactly.
     """
 
-    def __init__(self, num_classes: int, thresholds: Sequence[float]) -> None:
+    def __init__(self, num_classes: int, thresholds: Sequence[float] | np.ndarray) -> None:
         self.num_classes = num_classes
         self.thresholds = np.sort(np.asarray(thresholds, dtype=np.float64))
         # CAMs are float32: compare as `maps > t` does for float32 maps (NumPy casts t down).

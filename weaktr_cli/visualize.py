@@ -7,7 +7,7 @@ each labelled, with a class legend in the dataset palette below.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,14 +32,15 @@ class Layer:
     reader: ArtifactReader
 
 
-def _font() -> ImageFont.ImageFont:
+def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default()
 
 
 def _fit(image: Image.Image) -> Image.Image:
     scale = TILE / max(image.size)
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
-    return image.resize(size, Image.NEAREST if image.mode == "P" else Image.BILINEAR)
+    resample = Image.Resampling.NEAREST if image.mode == "P" else Image.Resampling.BILINEAR
+    return image.resize(size, resample)
 
 
 def colour_labels(label: np.ndarray) -> Image.Image:
@@ -126,7 +127,7 @@ def panel_sheet(dataset: SegmentationDataset, ids: Sequence[str], layers: Sequen
     return _save(sheet, out_path)
 
 
-def iou_chart(series: dict[str, Sequence[float | None]], class_names: Sequence[str],
+def iou_chart(series: Mapping[str, Sequence[float | None]], class_names: Sequence[str],
               out_path: str | Path, title: str = "per-class IoU") -> Path:
     """Grouped horizontal bars: one group per class, one bar per series (e.g. CAM, seeds, model).
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -74,11 +74,13 @@ def crf(
     dataset = open_dataset(data or meta.dataset, meta.split, data_root)
     recipe = SEED_RECIPES.get(dataset.name, SEED_RECIPES["voc"])
     params = None
-    if not no_crf:
-        overrides = {"gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
-                     "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,
-                     "bilateral_srgb": bilateral_srgb, "bilateral_compat": bilateral_compat}
-        params = dataclasses.replace(get_preset(preset or recipe.preset),
+    preset_name = preset or recipe.preset
+    if not no_crf and preset_name is not None:  # a recipe without a preset means no CRF
+        overrides: dict[str, Any] = {
+            "gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
+            "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,
+            "bilateral_srgb": bilateral_srgb, "bilateral_compat": bilateral_compat}
+        params = dataclasses.replace(get_preset(preset_name),
                                      **{k: v for k, v in overrides.items() if v is not None})
     threshold = recipe.bg if bg is None else bg
     with output.progress(f"crf {dataset.name}/{dataset.split}") as update:

@@ -28,7 +28,7 @@ For [bold]shapes[/] this also generates the built-in dataset into the cache if n
 
 @app.command("check", help=reflow(CHECK_HELP))
 def check(
-    data: options.Data = "shapes",
+    data: options.Data = options.DatasetName.shapes,
     data_root: options.DataRoot = None,
     json_mode: options.Json = False,
     quiet: options.Quiet = False,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -72,11 +72,11 @@ def dump_cams(
         dataset_name = data or "voc"
     dataset = open_dataset(dataset_name, split, data_root)
     settings = DUMP_RECIPES.get(str(dataset_name), DUMP_RECIPES["voc"])
-    overrides = {"flip": flip, "variant": variant, "batch_size": batch_size,
-                 "precision": precision}
+    overrides: dict[str, Any] = {"flip": flip, "variant": variant, "batch_size": batch_size,
+                                 "precision": precision}
     if scales is not None:
         try:
-            overrides["scales"] = tuple(float(s) for s in scales.split(","))  # type: ignore[assignment]
+            overrides["scales"] = tuple(float(s) for s in scales.split(","))
         except ValueError:
             raise WeakTrError(f"invalid --scales {scales!r}", hint="e.g. 1.0,1.2") from None
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items()

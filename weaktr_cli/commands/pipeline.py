@@ -58,7 +58,7 @@ def pipeline(
                             force=tuple(force or ()))
     bars = []
 
-    def progress(name: str):  # type: ignore[no-untyped-def]
+    def progress(name: str):
         context = output.progress(name)
         update = context.__enter__()
         bars.append(context)

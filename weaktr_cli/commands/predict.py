@@ -64,15 +64,15 @@ def predict(
     output = Output(json_mode=json_mode, quiet=quiet)
     if (checkpoint is None) == (onnx is None):
         raise WeakTrError("pass exactly one of --checkpoint and --onnx")
-    if onnx is not None:
-        path = _predict_onnx(onnx, data, data_root, split, images, out, flip, output,
-                             parse_shard(shard), resume)
-    else:
+    if checkpoint is not None:
         path = predict_checkpoint(
             checkpoint, data=data, data_root=data_root, split=split, images=images, out=out,
             multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, window=window,
             stride=stride, precision=precision, shard=parse_shard(shard), resume=resume,
             device=device, output=output)
+    else:
+        path = _predict_onnx(onnx, data, data_root, split, images, out, flip, output,
+                             parse_shard(shard), resume)
     if png_dir is not None:
         from weaktr_cli.predict import write_png_dir
 
@@ -81,7 +81,7 @@ def predict(
     output.artifact(path)
 
 
-def _open(data, data_root, split, images, class_names):  # type: ignore[no-untyped-def]
+def _open(data, data_root, split, images, class_names):
     from weaktr_cli.data import open_dataset
 
     if images is not None:
@@ -91,7 +91,7 @@ def _open(data, data_root, split, images, class_names):  # type: ignore[no-untyp
     return open_dataset(data, split, data_root)
 
 
-def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,  # type: ignore[no-untyped-def]
+def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
                        multiscale, flip, fuse_layers, crf, window, stride, precision, shard,
                        resume, device, output) -> Path:
     """Shared by `predict` and `evaluate --checkpoint`."""
@@ -117,7 +117,7 @@ def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
                              progress=update)
 
 
-def _predict_onnx(onnx, data, data_root, split, images, out, flip, output, shard, resume  # type: ignore[no-untyped-def]
+def _predict_onnx(onnx, data, data_root, split, images, out, flip, output, shard, resume
                   ) -> Path:
     from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
 

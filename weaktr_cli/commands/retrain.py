@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -87,10 +87,11 @@ def retrain(
             tau_value = float(tau)
         except ValueError:
             raise WeakTrError(f"invalid --tau {tau!r}", hint="a number or 'auto'") from None
-    overrides = {"tau": tau_value, "clip_patch": patch, "arch": arch, "decoder": decoder,
-                 "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
-                 "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
-                 "workers": workers}
+    overrides: dict[str, Any] = {
+        "tau": tau_value, "clip_patch": patch, "arch": arch, "decoder": decoder,
+        "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
+        "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
+        "workers": workers}
     config = dataclasses.replace(RETRAIN_RECIPES[recipe_name], clip=clip,
                                  **{k: v for k, v in overrides.items() if v is not None})
     if meta.kind == "cams":

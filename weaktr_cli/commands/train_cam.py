@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -70,7 +70,7 @@ def train_cam(
     if recipe_name not in CAM_RECIPES:
         raise WeakTrError(f"unknown recipe {recipe_name!r}",
                           hint=f"choose one of {', '.join(CAM_RECIPES)}")
-    overrides = {
+    overrides: dict[str, Any] = {
         "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "epochs": epochs,
         "batch_size": batch_size, "base_lr": lr, "accum_steps": accum_steps,
         "input_size": input_size, "precision": precision, "seed": seed, "workers": workers,
@@ -96,7 +96,7 @@ def train_cam(
                                         "final": last, "config": config.to_dict()})
 
 
-def _cam_miou_scorer(val_set, recipe_name: str):  # type: ignore[no-untyped-def]
+def _cam_miou_scorer(val_set, recipe_name: str):
     """CAM mIoU (best threshold) of a model on val_set, for the opt-in selection."""
     import tempfile
 
@@ -106,7 +106,7 @@ def _cam_miou_scorer(val_set, recipe_name: str):  # type: ignore[no-untyped-def]
     from weaktr_cli.metrics import default_thresholds
     from weaktr_cli.recipes import DUMP_RECIPES
 
-    def score(model) -> float:  # type: ignore[no-untyped-def]
+    def score(model) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             path = dump_cams(model, val_set, Path(tmp) / "cams.h5",
                              settings=DUMP_RECIPES[recipe_name], resume=False)

@@ -58,4 +58,5 @@ class ConvStemPatchEmbed(PatchEmbed):
             ]
             in_channels = channels
         layers.append(nn.Conv2d(in_channels, self.proj.out_channels, 1))
-        self.proj = nn.Sequential(*layers)
+        # timm types `proj` as a Conv2d; swapping in the stem is the point of this class.
+        self.proj = nn.Sequential(*layers)  # type: ignore[assignment]
