@@ -68,8 +68,29 @@ steps of 16 (78.4 at 1440), tiny-c8 with the linear decoder 80.7 (50.5 at 1440),
 the mask transformer 44.7 at 1920: the ViT blocks and, more so, the mask transformer slow the
 "click"; on seeds with the recipe's augmentation none of the Segmenter variants got there.
 
-The shapes recipe is now the last row above (tiny-c8 + linear, no scale jitter, tau at
-0.6 x the first epoch's loss). The older analysis follows.
+Then with bf16 autocast, explicit attention and cached images (~105 images/s per thread, same
+seeds; the 2400-step recipe above reruns at 63.4 / 92.8 and 50.5 / 92.5 in bf16):
+
+    model                                  steps  run         tau    train        val
+    tiny-c8, linear, ground-truth labels   2400   clip=False  -      92.8 / 98.1  87.0 / 97.9
+    tiny-c8, linear, LayerScale 1e-4       2400   clip=False  -      61.2 / 92.4  47.9 / 92.3
+    tiny-c8, linear, lr 3e-3, 100 warm-up  2400   clip=False  -      48.7 / 92.2  43.7 / 91.9
+    tiny-c8, linear, random quarter turns  2400   clip=False  -      53.3 / 92.4  48.5 / 92.0
+    tiny-c8, linear                        4800   clip=False  -      79.8 / 93.7  61.9 / 92.9
+    tiny-c8, linear, tau x 0.6             4800   tau auto    0.109  70.0 / 91.4  51.4 / 91.1
+    tiny-c8, linear, tau x 0.5             4800   tau auto    0.091  75.7 / 92.4  59.3 / 91.9
+    tiny-c8, linear, tau x 0.4             4800   tau auto    0.073  77.7 / 92.8  59.1 / 91.9
+      + test-time CRF (voc-test)           4800   clip=False  -      82.5 / 96.8  64.0 / 96.4
+      + test-time CRF (voc-test)           4800   tau x 0.4   0.073  80.9 / 96.2  61.4 / 95.7
+
+The seeds are wrong in a structured way: in the 388 of 2000 train images that hold both shapes
+of one colour, 35 % of the object pixels carry the other shape's label (CAMs that see colour
+cannot split them); elsewhere they are 96-97 % right and never confuse shapes. That noise
+delays the circle/square "click" from ~1500 steps (ground truth) to ~3000, hence the recipe's
+4800 steps. Clipping does not help at any tau: once on, 79-87 % of the pixels it drops agree
+with the ground truth (97.6 % of all seed pixels do), outlines the stride-8 model cannot draw
+yet rather than wrong labels, so the recipe trains with plain cross-entropy and predicts with
+the test-time CRF (the shapes `PREDICT_RECIPES` entry). The older analysis follows.
 
 The bar is not met: the tiny-p8 Segmenter learns the colour families (above the degraded
 seeds there) but not circle vs square (35 mIoU even when trained on the ground truth for 24k

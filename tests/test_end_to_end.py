@@ -142,6 +142,23 @@ def test_onnx_export_and_predict(capsys, chain: dict[str, Path], tiny_shapes: Pa
     assert wrong.code == 1 and "add --cam" in wrong.stderr
 
 
+def test_predict_crf_follows_the_dataset_recipe_unless_none(capsys, chain, tiny_shapes,
+                                                          tmp_path) -> None:
+    """shapes predicts with the voc-test CRF by default; --crf none turns it off (torch and ONNX)."""
+    with open_artifact(chain["preds.h5"]) as reader:
+        assert reader.meta.config["settings"]["crf"] == "voc-test"
+    onnx_path = tmp_path / "model.onnx"
+    assert run_cli(capsys, "export-onnx", "--checkpoint", chain["seg.ckpt"], "--dynamic",
+                   "--out", onnx_path, "--quiet").code == 0
+    for source in (["--checkpoint", chain["seg.ckpt"]], ["--onnx", onnx_path]):
+        out = tmp_path / f"raw{len(str(source[1]))}.h5"
+        result = run_cli(capsys, "predict", *source, "--data", "shapes", "--data-root",
+                         tiny_shapes, "--split", "val", "--crf", "none", "--out", out, "--quiet")
+        assert result.code == 0, result.stderr
+        with open_artifact(out) as reader:
+            assert reader.meta.config["settings"]["crf"] is None, source[0]
+
+
 def test_show_and_inspect(capsys, chain: dict[str, Path], tiny_shapes: Path,
                           tmp_path: Path) -> None:
     from PIL import Image
@@ -162,6 +179,23 @@ def test_wrong_kind_and_wrong_checkpoint_fail_clearly(capsys, chain, tiny_shapes
     result = run_cli(capsys, "dump-cams", "--checkpoint", chain["seg.ckpt"], "--data-root",
                      tiny_shapes)
     assert result.code == 1 and "'segmenter' checkpoint" in result.stderr
+
+
+def test_retrain_clip_follows_the_recipe_unless_asked(capsys, chain, tiny_shapes,
+                                                     tmp_path) -> None:
+    """The shapes recipe trains without clipping; --tau (or --clip) switches it on."""
+    from weaktr_cli.checkpoints import load_checkpoint
+
+    small = ["--recipe", "shapes", "--arch", "micro", "--crop-size", "32", "--batch-size", "2",
+             "--iterations", "1", "--precision", "fp32", "--quiet"]
+    for extra, expected in (([], False), (["--tau", "0.5"], True), (["--clip"], True),
+                            (["--tau", "0.5", "--no-clip"], False)):
+        out = tmp_path / f"seg{len(extra)}{expected}.ckpt"
+        result = run_cli(capsys, "retrain", "--seeds", chain["seeds.h5"], "--data-root",
+                         tiny_shapes, *small, *extra, "--out", out)
+        assert result.code == 0, result.stderr
+        _, meta = load_checkpoint(out, kind="segmenter")
+        assert meta["train"]["clip"] is expected, extra
 
 
 def test_corrupt_image_gives_one_line(capsys, chain, tiny_shapes, tmp_path) -> None:

@@ -257,6 +257,19 @@ def test_augment_shapes_padding_and_label_alignment():
     assert torch.equal(white, lab[0, :16, :16] == 1)
 
 
+def test_explicit_attention_matches_the_fused_kernel():
+    from weaktr_cli.retrain import _use_explicit_attention, build_model
+
+    model = build_model(tiny_config(decoder="linear"), 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fused = model(x)
+        _use_explicit_attention(model)
+        explicit = model(x)
+    assert all(not block.attn.fused_attn for block in model.encoder.blocks)
+    torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)
+
+
 def test_poly_lr_schedule():
     assert poly_lr(0, 100, 1e-4, 1e-5, 0.9) == pytest.approx(1e-4)
     assert poly_lr(100, 100, 1e-4, 1e-5, 0.9) == pytest.approx(1e-5)

@@ -158,7 +158,9 @@ RETRAIN_FROM_CAM: frozenset[str] = frozenset({"smoke"})
 PREDICT_RECIPES: dict[str, PredictSettings] = {
     "voc": PredictSettings(),
     "coco": PredictSettings(),
-    "shapes": PredictSettings(),
+    # The paper's headline numbers use test-time CRF (METHOD.md: 74.0 with CRF vs 73.0). On
+    # shapes it sharpens the stride-8 model's outlines: 82.5 vs 79.8 train, 64.0 vs 61.9 val.
+    "shapes": PredictSettings(crf="voc-test"),
     "smoke": PredictSettings(flip=False),
 }
 

@@ -37,7 +37,8 @@ def evaluate(
                                              rich_help_panel="Model")] = False,
     fuse_layers: Annotated[bool, typer.Option(help="With --checkpoint: 0.8 P1 + P2.",
                                               rich_help_panel="Model")] = False,
-    crf: Annotated[str | None, typer.Option(help="With --checkpoint: test-time CRF preset.",
+    crf: Annotated[str | None, typer.Option(help="With --checkpoint: test-time CRF preset or "
+                                                 "none (default: the dataset's recipe).",
                                             rich_help_panel="Model")] = None,
     predictions: Annotated[Path | None, typer.Option(
         help="With --checkpoint: keep the predictions artifact here.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -45,8 +46,9 @@ def predict(
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip")] = None,
     fuse_layers: Annotated[bool, typer.Option(
         help="Fuse the decoder layers as 0.8 P1 + P2 (the reference's inference).")] = False,
-    crf: Annotated[str | None, typer.Option(help="Test-time CRF preset, e.g. voc-test.")
-                   ] = None,
+    crf: Annotated[str | None, typer.Option(
+        help="Test-time CRF preset (voc-test, ...) or none (default: the dataset's recipe: "
+             "voc-test for shapes, none for voc and coco).")] = None,
     window: Annotated[int | None, typer.Option(help="Sliding window (default: training crop).")
                       ] = None,
     stride: Annotated[int | None, typer.Option(help="Window stride (default: 2/3 window).")
@@ -71,7 +73,7 @@ def predict(
             stride=stride, precision=precision, shard=parse_shard(shard), resume=resume,
             device=device, output=output)
     else:
-        path = _predict_onnx(onnx, data, data_root, split, images, out, flip, output,
+        path = _predict_onnx(onnx, data, data_root, split, images, out, flip, crf, output,
                              parse_shard(shard), resume)
     if png_dir is not None:
         from weaktr_cli.predict import write_png_dir
@@ -91,6 +93,15 @@ def _open(data, data_root, split, images, class_names):
     return open_dataset(data, split, data_root)
 
 
+def _crf_choice(crf: str | None, dataset_name: str) -> str | None:
+    """--crf: a preset name, "none", or unset for the dataset's predict recipe."""
+    if crf is None:
+        from weaktr_cli.recipes import PREDICT_RECIPES
+
+        return PREDICT_RECIPES.get(dataset_name, PREDICT_RECIPES["voc"]).crf
+    return None if crf.lower() == "none" else crf
+
+
 def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
                        multiscale, flip, fuse_layers, crf, window, stride, precision, shard,
                        resume, device, output) -> Path:
@@ -103,27 +114,29 @@ def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
     dataset_name = data or meta.get("dataset", "shapes")
     dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
     base = PREDICT_RECIPES.get(str(dataset_name), PREDICT_RECIPES["voc"])
-    overrides = {"flip": flip, "crf": crf, "window": window, "stride": stride,
-                 "precision": precision}
+    overrides = {k: v for k, v in {"flip": flip, "window": window, "stride": stride,
+                                   "precision": precision}.items() if v is not None}
+    overrides["crf"] = _crf_choice(crf, str(dataset_name))
     if multiscale:
         overrides["scales"] = MULTISCALE
     if fuse_layers:
         overrides["layer_weights"] = (0.8, 1.0)
-    settings = settings_for_checkpoint(meta, base, **{k: v for k, v in overrides.items()
-                                                      if v is not None})
+    settings = settings_for_checkpoint(meta, base, **overrides)
     with output.progress(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
         return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
                              device=device, shard=shard, resume=resume, checkpoint=checkpoint,
                              progress=update)
 
 
-def _predict_onnx(onnx, data, data_root, split, images, out, flip, output, shard, resume
+def _predict_onnx(onnx, data, data_root, split, images, out, flip, crf, output, shard, resume
                   ) -> Path:
     from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
 
     info = read_onnx_info(onnx)
     dataset = _open(data or "shapes", data_root, split, images, info.class_names)
-    settings = OnnxPredictSettings() if flip is None else OnnxPredictSettings(flip=flip)
+    settings = OnnxPredictSettings(crf=_crf_choice(crf, data or "shapes"))
+    if flip is not None:
+        settings = dataclasses.replace(settings, flip=flip)
     with output.progress(f"predict (onnx) {dataset.name}/{dataset.split}", len(dataset)) as up:
         return predict_split_onnx(onnx, dataset, out, settings, shard=shard, resume=resume,
                                   progress=up)

@@ -40,8 +40,10 @@ def retrain(
     tau: Annotated[str | None, typer.Option(
         help="Clipping threshold: a number or 'auto' (default: the recipe's).")] = None,
     patch: Annotated[int | None, typer.Option(min=1, help="Clipping patch size S.")] = None,
-    clip: Annotated[bool, typer.Option("--clip/--no-clip",
-                                       help="Gradient clipping (off: plain CE).")] = True,
+    clip: Annotated[bool | None, typer.Option(
+        "--clip/--no-clip", show_default=False,
+        help="Gradient clipping (off: plain CE). Default: on with --tau, else the recipe's.",
+    )] = None,
     bg: Annotated[float | None, typer.Option(
         help="Background threshold when --seeds is a cams artifact.")] = None,
     arch: Annotated[str | None, typer.Option(help="Encoder (vit-small, deit-small, ...).")] = None,
@@ -92,7 +94,10 @@ def retrain(
         "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
         "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
         "workers": workers}
-    config = dataclasses.replace(RETRAIN_RECIPES[recipe_name], clip=clip,
+    if clip is None and tau is not None:
+        clip = True  # asking for a threshold asks for clipping
+    overrides["clip"] = clip
+    config = dataclasses.replace(RETRAIN_RECIPES[recipe_name],
                                  **{k: v for k, v in overrides.items() if v is not None})
     if meta.kind == "cams":
         threshold = bg if bg is not None else SEED_RECIPES.get(
