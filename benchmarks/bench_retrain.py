@@ -4,12 +4,14 @@
     python benchmarks/bench_retrain.py --quality [--threads 2]      # ~2 x 5 min on 2 free cores
 
 Speed rows (table + benchmarks/out/retrain.json):
-- `step`: one optimizer step (forward, gradient clipping loss, backward, SGD/AdamW) on random
-  tensors of the recipe's crop and batch, images/s; for tiny-p8 at 96 px (the 0.1.0 recipe's)
-  and for DeiT-S / ViT-S at 480 px, batch 4 (the paper's).
+- `step fp32` / `step bf16`: one optimizer step (forward, gradient clipping loss, backward,
+  SGD/AdamW) on random tensors of a recipe's model, crop and batch, as `retrain` runs it
+  (autocast, explicit attention under bf16), images/s; for the shapes recipe (tiny-c8 + linear
+  decoder, 96 px, batch 16) and for DeiT-S / ViT-S + mask transformer at 480 px, batch 4 (the
+  paper's). bf16 rows only where the CPU has native bf16.
 - `retrain()`: the library loop end to end on the built-in shapes dataset (augmentation,
   loss, logging), images/s.
-- `predict`: `predict_probs` per image: tiny-p8 on a 96 px image (one window, flip) and the
+- `predict`: `predict_probs` per image: tiny-c8 on a 96 px image (one window, flip) and the
   480 px models on a 500x375 image (short side upsampled to 480: 2 windows, x2 with flip),
   single scale; and the paper's 6 scales x flip setting for the 480 px models.
 
@@ -123,23 +125,37 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.common import peak_rss_mb, report  # noqa: E402
 from weaktr_cli.losses import gradient_clipping_loss  # noqa: E402
 from weaktr_cli.predict import PAPER_PREDICT, PredictSettings, predict_probs  # noqa: E402
-from weaktr_cli.retrain import RETRAIN_RECIPES, RetrainConfig, build_model, retrain  # noqa: E402
+from weaktr_cli.retrain import (  # noqa: E402
+    RETRAIN_RECIPES,
+    RetrainConfig,
+    build_model,
+    retrain,
+    use_explicit_attention,
+)
+from weaktr_cli.runtime import autocast, cpu_bf16_is_fast  # noqa: E402
 
 N_CLS = 21
 
 
-def bench_step(arch: str, crop: int, batch: int, steps: int, optimizer: str) -> dict[str, Any]:
-    config = dataclasses.replace(RETRAIN_RECIPES["voc"], arch=arch, crop_size=crop)
+def bench_step(config: RetrainConfig, steps: int, precision: str) -> dict[str, Any]:
+    """Optimizer steps of `config`'s model, crop and batch on random tensors, as `retrain` runs
+    them (autocast, explicit attention under CPU bf16)."""
     torch.manual_seed(0)
     model = build_model(config, N_CLS).train()
+    if precision == "bf16":
+        use_explicit_attention(model)
     opt: torch.optim.Optimizer = (
         torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, nesterov=True)
-        if optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=1e-3))
+        if config.optimizer == "sgd" else torch.optim.AdamW(model.parameters(), lr=1e-3))
+    crop, batch = config.crop_size, config.batch_size
     x = torch.randn(batch, 3, crop, crop)
     y = torch.randint(0, N_CLS, (batch, crop, crop))
 
     def one() -> None:
-        result = gradient_clipping_loss(model(x), y, tau=1e9, patch_size=max(8, crop // 4))
+        with autocast(torch.device("cpu"), precision):
+            logits = model(x)
+        result = gradient_clipping_loss(logits.float(), y, tau=1e9,
+                                        patch_size=max(8, crop // 4))
         opt.zero_grad(set_to_none=True)
         result.loss.backward()
         opt.step()
@@ -150,13 +166,12 @@ def bench_step(arch: str, crop: int, batch: int, steps: int, optimizer: str) -> 
         one()
     seconds = (time.perf_counter() - start) / steps
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    return {"what": "step", "arch": arch, "size": crop, "batch": batch, "params_m": params,
-            "s_per_step": seconds, "images_per_s": batch / seconds}
+    return {"what": f"step {precision}", "arch": config.arch, "size": crop, "batch": batch,
+            "params_m": params, "s_per_step": seconds, "images_per_s": batch / seconds}
 
 
-def bench_predict(arch: str, crop: int, image_hw: tuple[int, int], settings: PredictSettings,
+def bench_predict(config: RetrainConfig, image_hw: tuple[int, int], settings: PredictSettings,
                   label: str, repeat: int) -> dict[str, Any]:
-    config = dataclasses.replace(RETRAIN_RECIPES["voc"], arch=arch, crop_size=crop)
     torch.manual_seed(0)
     model = build_model(config, N_CLS).eval()
     image = np.random.default_rng(0).integers(0, 256, (*image_hw, 3), dtype=np.uint8)
@@ -165,7 +180,7 @@ def bench_predict(arch: str, crop: int, image_hw: tuple[int, int], settings: Pre
     for _ in range(repeat):
         predict_probs(model, image, settings, "cpu")
     seconds = (time.perf_counter() - start) / repeat
-    return {"what": f"predict {label}", "arch": arch, "size": f"{image_hw[0]}x{image_hw[1]}",
+    return {"what": f"predict {label}", "arch": config.arch, "size": f"{image_hw[0]}x{image_hw[1]}",
             "batch": 1, "s_per_image": seconds, "images_per_s": 1 / seconds}
 
 
@@ -281,7 +296,8 @@ def quality(out_dir: Path, config: RetrainConfig, seeds: Path | None,
         scores = evaluate_artifact(reader, train).scores
     rows: list[dict[str, Any]] = [{"run": "seeds", "train_miou": scores.miou * 100,
                                    "train_colour_miou": colour_miou(scores.confusion)}]
-    for name, cfg in (("clip", config), ("no-clip", dataclasses.replace(config, clip=False))):
+    for name, cfg in (("clip", dataclasses.replace(config, clip=True)),
+                      ("no-clip", dataclasses.replace(config, clip=False))):
         ckpt = out_dir / f"{name}.ckpt"
         start = time.perf_counter()
         result = retrain(train, seeds, ckpt, cfg, device="cpu", pretrained=pretrained,
@@ -328,18 +344,20 @@ def main() -> None:
                                          "degrade": DEGRADE})
         return
 
-    rows = [bench_step("tiny-p8", 96, RETRAIN_RECIPES["shapes"].batch_size, 10, "adamw"),
-            bench_retrain_loop(20)]
+    precisions = ["fp32", "bf16"] if cpu_bf16_is_fast() else ["fp32"]
+    shapes = RETRAIN_RECIPES["shapes"]
+    rows = [bench_step(shapes, 10, p) for p in precisions]
+    rows.append(bench_retrain_loop(20))
     single = PredictSettings(window=96, stride=64, precision="fp32")
-    rows.append(bench_predict("tiny-p8", 96, (96, 96), single, "1 scale + flip", 20))
+    rows.append(bench_predict(shapes, (96, 96), single, "1 scale + flip", 20))
     if not args.no_large:
         # DeiT-S/16 and ViT-S/16 have the same shapes (only their weights differ): one row.
-        rows.append(bench_step("vit-small", 480, 4, args.steps, "sgd"))
+        paper_recipe = dataclasses.replace(RETRAIN_RECIPES["voc"], arch="vit-small")
+        rows += [bench_step(paper_recipe, args.steps, p) for p in precisions]
         one = PredictSettings(window=480, stride=320, precision="fp32")
         paper = dataclasses.replace(PAPER_PREDICT, crf=None, precision="fp32")
-        rows.append(bench_predict("vit-small", 480, (375, 500), one, "1 scale + flip", 2))
-        rows.append(bench_predict("vit-small", 480, (375, 500), paper, "paper 6 scales + flip",
-                                  1))
+        rows.append(bench_predict(paper_recipe, (375, 500), one, "1 scale + flip", 2))
+        rows.append(bench_predict(paper_recipe, (375, 500), paper, "paper 6 scales + flip", 1))
     for row in rows:
         row["peak_rss_mb"] = peak_rss_mb()
     # Other processes share the CPU when this runs on a busy machine: record the load.

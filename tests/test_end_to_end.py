@@ -144,7 +144,7 @@ def test_onnx_export_and_predict(capsys, chain: dict[str, Path], tiny_shapes: Pa
 
 def test_predict_crf_follows_the_dataset_recipe_unless_none(capsys, chain, tiny_shapes,
                                                           tmp_path) -> None:
-    """shapes predicts with the voc-test CRF by default; --crf none turns it off (torch and ONNX)."""
+    """shapes predicts with the voc-test CRF by default; --crf none turns it off (torch, ONNX)."""
     with open_artifact(chain["preds.h5"]) as reader:
         assert reader.meta.config["settings"]["crf"] == "voc-test"
     onnx_path = tmp_path / "model.onnx"

@@ -258,13 +258,13 @@ def test_augment_shapes_padding_and_label_alignment():
 
 
 def test_explicit_attention_matches_the_fused_kernel():
-    from weaktr_cli.retrain import _use_explicit_attention, build_model
+    from weaktr_cli.retrain import build_model, use_explicit_attention
 
     model = build_model(tiny_config(decoder="linear"), 3).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         fused = model(x)
-        _use_explicit_attention(model)
+        use_explicit_attention(model)
         explicit = model(x)
     assert all(not block.attn.fused_attn for block in model.encoder.blocks)
     torch.testing.assert_close(explicit, fused, atol=1e-5, rtol=1e-4)

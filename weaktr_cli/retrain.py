@@ -66,6 +66,7 @@ __all__ = [
     "poly_lr",
     "resolve_normalization",
     "retrain",
+    "use_explicit_attention",
 ]
 
 Log = Callable[[str], None]
@@ -563,7 +564,7 @@ def build_model(config: RetrainConfig, n_cls: int) -> Segmenter:
     )
 
 
-def _use_explicit_attention(model: torch.nn.Module) -> None:
+def use_explicit_attention(model: torch.nn.Module) -> None:
     """Switch timm's attention layers from the fused kernel to softmax(q k^T) v.
 
     On CPU under bf16 autocast the fused kernel's backward is the slow part of a step: per
@@ -813,7 +814,7 @@ def _retrain(
         if pretrained is not None:
             load_encoder_weights(model, pretrained)
         if dev.type == "cpu" and precision == "bf16":
-            _use_explicit_attention(model)
+            use_explicit_attention(model)
         model.to(dev)
 
         images = _RetrainImages(train_set, ids, seeds, config, with_gt)
