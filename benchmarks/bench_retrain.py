@@ -82,8 +82,12 @@ seeds; the 2400-step recipe above reruns at 63.4 / 92.8 and 50.5 / 92.5 in bf16)
     tiny-c8, linear, tau x 0.6             4800   tau auto    0.109  70.0 / 91.4  51.4 / 91.1
     tiny-c8, linear, tau x 0.5             4800   tau auto    0.091  75.7 / 92.4  59.3 / 91.9
     tiny-c8, linear, tau x 0.4             4800   tau auto    0.073  77.7 / 92.8  59.1 / 91.9
+    tiny-c8, linear, tau x 0.3             4800   tau auto    0.054  79.0 / 93.4  60.4 / 92.7
+    tiny-c8, linear, tau x 0.4, S 96       4800   tau auto    0.073  77.5 / 93.0  59.8 / 92.3
       + test-time CRF (voc-test)           4800   clip=False  -      82.5 / 96.8  64.0 / 96.4
       + test-time CRF (voc-test)           4800   tau x 0.4   0.073  80.9 / 96.2  61.4 / 95.7
+      + test-time CRF (voc-test)           4800   tau x 0.3   0.054  81.8 / 96.6  63.3 / 96.4
+      + test-time CRF (voc-test)           4800   x 0.4, S 96 0.073  80.4 / 96.4  62.3 / 96.1
 
 The seeds are wrong in a structured way: in the 388 of 2000 train images that hold both shapes
 of one colour, 35 % of the object pixels carry the other shape's label (CAMs that see colour
