@@ -1,7 +1,7 @@
 """Retraining and prediction throughput on the CPU, and the shapes acceptance check.
 
     python benchmarks/bench_retrain.py [--threads 2] [--steps 3] [--no-large]
-    python benchmarks/bench_retrain.py --quality [--threads 2]      # ~2 x 5 min on 2 free cores
+    python benchmarks/bench_retrain.py --quality [--threads 2]      # ~2 x 8 min on 2 free cores
 
 Speed rows (table + benchmarks/out/retrain.json):
 - `step fp32` / `step bf16`: one optimizer step (forward, gradient clipping loss, backward,
