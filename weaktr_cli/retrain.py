@@ -44,7 +44,7 @@ from weaktr_cli.data.loader import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.losses import ClipLossResult, gradient_clipping_loss, plain_ce_loss
 from weaktr_cli.models.registry import ArchSpec, get_arch
-from weaktr_cli.models.segmenter import DECODERS, Segmenter, build_segmenter, param_groups
+from weaktr_cli.models.segmenter import Segmenter, build_segmenter, check_decoder, param_groups
 from weaktr_cli.runtime import (
     autocast,
     configure_determinism,
@@ -155,9 +155,7 @@ class RetrainConfig:
     def check(self) -> None:
         """Raise `WeakTrError` for settings that cannot work."""
         get_arch(self.arch)
-        if self.decoder not in DECODERS:
-            raise WeakTrError(f"unknown decoder {self.decoder!r}",
-                              hint=f"use {' or '.join(DECODERS)}")
+        check_decoder(self.decoder)
         lo, hi = self.scale_range
         if not (0 < lo <= hi):
             raise WeakTrError(

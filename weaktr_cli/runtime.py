@@ -184,8 +184,8 @@ class FreedMemoryReleaser:
 
     def __call__(self) -> None:
         trim = _malloc_trim()
-        size = resident_memory_bytes() if trim is not None else None
-        if trim is None or size is None:
+        size = None if trim is None else resident_memory_bytes()
+        if size is None:
             return
         if self.reference is None:
             self.reference = size

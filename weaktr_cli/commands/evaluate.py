@@ -63,7 +63,11 @@ def evaluate(
 
     output = Output(json_mode=json_mode, quiet=quiet)
     sweep = parse_thresholds(thresholds)
-    if artifact is None and checkpoint is not None:
+    if (artifact is None) == (checkpoint is None):
+        from weaktr_cli.errors import WeakTrError
+
+        raise WeakTrError("pass an artifact or --checkpoint (not both)")
+    if checkpoint is not None:
         import tempfile
 
         from weaktr_cli.commands.predict import predict_checkpoint
@@ -76,10 +80,7 @@ def evaluate(
             out=target, multiscale=multiscale, flip=None, fuse_layers=fuse_layers, crf=crf,
             window=None, stride=None, precision=None, shard=None, resume=False, device=device,
             output=output)
-    elif artifact is None or checkpoint is not None:  # neither or both
-        from weaktr_cli.errors import WeakTrError
-
-        raise WeakTrError("pass an artifact or --checkpoint (not both)")
+    assert artifact is not None  # one of the two was given, and predict filled it in
     with open_artifact(artifact) as reader:
         dataset = open_dataset(data or reader.meta.dataset, split or reader.meta.split, data_root)
         with output.progress(f"evaluate {artifact.name}", len(reader)) as update:

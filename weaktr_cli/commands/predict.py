@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+
+if TYPE_CHECKING:
+    from weaktr_cli.predict import PredictSettings
 
 #: METHOD.md Phase 4 inference: ratios 0.5-1.75 of the image
 MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
@@ -93,12 +96,17 @@ def _open(data, data_root, split, images, class_names):
     return open_dataset(data, split, data_root)
 
 
-def _crf_choice(crf: str | None, dataset_name: str) -> str | None:
-    """--crf: a preset name, "none", or unset for the dataset's predict recipe."""
-    if crf is None:
-        from weaktr_cli.recipes import PREDICT_RECIPES
+def _predict_recipe(dataset_name: str) -> PredictSettings:
+    """The dataset's predict settings (VOC's for datasets without a recipe)."""
+    from weaktr_cli.recipes import PREDICT_RECIPES
 
-        return PREDICT_RECIPES.get(dataset_name, PREDICT_RECIPES["voc"]).crf
+    return PREDICT_RECIPES.get(dataset_name, PREDICT_RECIPES["voc"])
+
+
+def _crf_choice(crf: str | None, recipe_crf: str | None) -> str | None:
+    """--crf: a preset name, "none", or unset for the recipe's."""
+    if crf is None:
+        return recipe_crf
     return None if crf.lower() == "none" else crf
 
 
@@ -107,16 +115,15 @@ def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
                        resume, device, output) -> Path:
     """Shared by `predict` and `evaluate --checkpoint`."""
     from weaktr_cli.predict import predict_split, settings_for_checkpoint
-    from weaktr_cli.recipes import PREDICT_RECIPES
     from weaktr_cli.retrain import load_segmenter
 
     model, meta = load_segmenter(checkpoint)
     dataset_name = data or meta.get("dataset", "shapes")
     dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
-    base = PREDICT_RECIPES.get(str(dataset_name), PREDICT_RECIPES["voc"])
+    base = _predict_recipe(str(dataset_name))
     overrides = {k: v for k, v in {"flip": flip, "window": window, "stride": stride,
                                    "precision": precision}.items() if v is not None}
-    overrides["crf"] = _crf_choice(crf, str(dataset_name))
+    overrides["crf"] = _crf_choice(crf, base.crf)
     if multiscale:
         overrides["scales"] = MULTISCALE
     if fuse_layers:
@@ -134,7 +141,7 @@ def _predict_onnx(onnx, data, data_root, split, images, out, flip, crf, output, 
 
     info = read_onnx_info(onnx)
     dataset = _open(data or "shapes", data_root, split, images, info.class_names)
-    settings = OnnxPredictSettings(crf=_crf_choice(crf, data or "shapes"))
+    settings = OnnxPredictSettings(crf=_crf_choice(crf, _predict_recipe(data or "shapes").crf))
     if flip is not None:
         settings = dataclasses.replace(settings, flip=flip)
     with output.progress(f"predict (onnx) {dataset.name}/{dataset.split}", len(dataset)) as up:

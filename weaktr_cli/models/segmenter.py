@@ -47,6 +47,7 @@ __all__ = [
     "Segmenter",
     "build_encoder",
     "build_segmenter",
+    "check_decoder",
     "param_groups",
 ]
 
@@ -221,6 +222,12 @@ class LinearDecoder(nn.Module):
 DECODERS = ("mask", "linear")
 
 
+def check_decoder(name: str) -> None:
+    """Raise `WeakTrError` unless `name` is one of `DECODERS`."""
+    if name not in DECODERS:
+        raise WeakTrError(f"unknown decoder {name!r}", hint=f"use {' or '.join(DECODERS)}")
+
+
 class Segmenter(nn.Module):
     """ViT encoder + Segmenter decoder; `forward(images)` -> per-pixel class logits.
 
@@ -251,8 +258,7 @@ class Segmenter(nn.Module):
     ) -> None:
         super().__init__()
         _check_encoder(encoder)
-        if decoder not in DECODERS:
-            raise WeakTrError(f"unknown decoder {decoder!r}", hint=f"use {' or '.join(DECODERS)}")
+        check_decoder(decoder)
         if n_cls < 2:
             raise WeakTrError(f"a segmenter needs at least 2 classes (background + 1), got {n_cls}")
         patch = encoder.patch_embed.patch_size
