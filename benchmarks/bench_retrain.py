@@ -96,7 +96,9 @@ delays the circle/square "click" from ~1500 steps (ground truth) to ~3000, hence
 4800 steps. Clipping does not help at any tau: once on, 79-87 % of the pixels it drops agree
 with the ground truth (97.6 % of all seed pixels do), outlines the stride-8 model cannot draw
 yet rather than wrong labels, so the recipe trains with plain cross-entropy and predicts with
-the test-time CRF (the shapes `PREDICT_RECIPES` entry). The older analysis follows.
+the test-time CRF (the shapes `PREDICT_RECIPES` entry). `benchmarks/clip_study.py` repeats
+the comparison over three run seeds and measures how much of the wrong seeds each model
+memorises. The older analysis follows.
 
 The bar is not met: the tiny-p8 Segmenter learns the colour families (above the degraded
 seeds there) but not circle vs square (35 mIoU even when trained on the ground truth for 24k

@@ -343,3 +343,16 @@ def test_open_shapes_rejects_unknown_split(tmp_path: Path) -> None:
     with pytest.raises(WeakTrError, match="no split"):
         open_shapes("trainaug", root=tmp_path, config=TINY)
     assert not os.listdir(tmp_path)  # nothing generated for a bad request
+
+
+def test_open_shapes_takes_a_list_file_of_train_and_val_ids(tmp_path: Path) -> None:
+    train = open_shapes("train", root=tmp_path / "cache", config=TINY)
+    val = open_shapes("val", root=tmp_path / "cache", config=TINY)
+    chosen = [train.ids[3], val.ids[0], train.ids[0]]
+    listed = tmp_path / "some.txt"
+    listed.write_text("".join(f"{i}\n" for i in chosen))
+    subset = open_shapes(str(listed), root=tmp_path / "cache", config=TINY)
+    assert subset.ids == chosen
+    assert np.array_equal(subset.load_mask(chosen[1]), val.load_mask(chosen[1]))
+    with pytest.raises(WeakTrError, match="not found"):
+        open_shapes(str(tmp_path / "missing.txt"), root=tmp_path / "cache", config=TINY)

@@ -633,15 +633,17 @@ def ensure_shapes(
 def open_shapes(
     split: str, root: str | Path | None = None, config: ShapesConfig | None = None
 ) -> SegmentationDataset:
-    """Split `split` ("train" or "val") of the shapes dataset, generated on first use.
+    """Split `split` ("train" or "val", or a list file of their image ids) of the shapes
+    dataset, generated on first use.
 
     `root` is the cache folder (default: `default_cache_dir()`), or a generated shapes folder
     (`shapes-<fingerprint>` or its VOC2012) to open as-is when `config` is None.
     Image-level labels come from the masks.
     """
-    from weaktr_cli.data.voc import VocDataset
+    from weaktr_cli.data.voc import VocDataset, is_list_file_path
 
-    _check_split(split)
+    if not is_list_file_path(split):
+        _check_split(split)
     if root is not None and config is None:
         path = Path(root).expanduser()
         for cand in (path, path / "VOC2012"):

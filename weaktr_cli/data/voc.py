@@ -136,11 +136,16 @@ def available_splits(data_dir: Path) -> list[str]:
     return sorted(p.stem for p in seg.glob("*.txt") if p.is_file())
 
 
+def is_list_file_path(split: str) -> bool:
+    """Whether `split` names a list file (a path, or a name ending in .txt), not a split."""
+    return "/" in split or os.sep in split or Path(split).suffix == ".txt"
+
+
 def resolve_split_file(data_dir: Path, split: str) -> Path:
     """The list file for a split name ("train", "train_aug", ...) or a list-file path."""
     seg = data_dir / "ImageSets" / "Segmentation"
     as_path = Path(split).expanduser()
-    if "/" in split or os.sep in split or as_path.suffix == ".txt":
+    if is_list_file_path(split):
         if as_path.is_file():
             return as_path
         raise WeakTrError(
