@@ -13,7 +13,8 @@ benchmarks/out/clip_study.json.
     python benchmarks/clip_study.py --seeds S.h5 --max-steps 2 --settings noclip --run-seeds 0
 
 Settings: `noclip`, or `clip:FRACTION:S` (tau auto at FRACTION x the first epoch's loss,
-patches of S pixels). Runs go to worker processes, `--parallel` at a time.
+patches of S pixels). Runs go to worker processes, `--parallel` at a time. `--pretrained`
+starts every run's encoder from local weights (the paper's setting; the recipe's arch must match).
 
 Measured on the pipeline's CRF seeds (81.5 train mIoU), bf16, run seeds 0-2 (mean +- std),
 on a lent H200 with 6-12 runs at a time (a throwaway driver with these settings; CPU runs of
@@ -131,7 +132,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "seg.ckpt"
         started = time.perf_counter()
-        result = retrain(train, spec["seeds"], ckpt, config, device=spec["device"])
+        result = retrain(train, spec["seeds"], ckpt, config, device=spec["device"],
+                         pretrained=spec["pretrained"])
         row["train_s"] = round(time.perf_counter() - started, 1)
         row["tau"] = result.tau
         last = result.history[-1] if result.history else {}
@@ -173,6 +175,8 @@ def main() -> None:
     parser.add_argument("--run-seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--iterations", type=int, default=None, help="default: the recipe's")
     parser.add_argument("--max-steps", type=int, default=None, help="stop early (smoke test)")
+    parser.add_argument("--pretrained", type=Path, default=None,
+                        help="encoder weights for every run (local ImageNet ViT weights)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per run")
@@ -188,7 +192,8 @@ def main() -> None:
         parse_setting(setting)  # fail before starting anything
     specs = [{"setting": s, "seed": seed, "seeds": str(args.seeds.resolve()),
               "iterations": args.iterations, "max_steps": args.max_steps,
-              "device": args.device, "threads": args.threads}
+              "device": args.device, "threads": args.threads,
+              "pretrained": str(args.pretrained) if args.pretrained else None}
              for s in args.settings for seed in args.run_seeds]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows: list[dict[str, Any]] = []
@@ -213,7 +218,8 @@ def main() -> None:
         time.sleep(0.5)
     rows.sort(key=lambda r: (args.settings.index(r["setting"]), r["seed"]))
     table = summarise(rows)
-    report("clip_study", table, {"runs": rows, "seeds_artifact": str(args.seeds)})
+    report("clip_study", table, {"runs": rows, "seeds_artifact": str(args.seeds),
+                                 "pretrained": str(args.pretrained) if args.pretrained else None})
 
 
 if __name__ == "__main__":
