@@ -63,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -124,12 +125,9 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from weaktr_cli.retrain import load_segmenter, retrain
 
     torch.set_num_threads(spec["threads"])
-    overrides = parse_setting(spec["setting"])
-    config = dataclasses.replace(RETRAIN_RECIPES["shapes"], seed=spec["seed"], **overrides)
-    if spec["iterations"]:
-        config = dataclasses.replace(config, iterations=spec["iterations"])
-    if spec["max_steps"]:
-        config = dataclasses.replace(config, max_steps=spec["max_steps"])
+    optional = {k: spec[k] for k in ("iterations", "max_steps") if spec[k]}
+    config = dataclasses.replace(RETRAIN_RECIPES["shapes"], seed=spec["seed"],
+                                 **parse_setting(spec["setting"]), **optional)
     train, val = open_shapes("train"), open_shapes("val")
     row: dict[str, Any] = {"setting": spec["setting"], "seed": spec["seed"],
                            "iterations": config.iterations}
@@ -192,38 +190,38 @@ def main() -> None:
     if args.seeds is None or not args.seeds.is_file():
         parser.error("--seeds must name a labels artifact (e.g. weaktr pipeline's "
                      "WORK/seeds_train.h5)")
-    for setting in args.settings:
-        parse_setting(setting)  # fail before starting anything
+    for setting in args.settings:  # fail before starting anything
+        try:
+            parse_setting(setting)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(str(exc))
+    pretrained = str(args.pretrained) if args.pretrained else None
     specs = [{"setting": s, "seed": seed, "seeds": str(args.seeds.resolve()),
               "iterations": args.iterations, "max_steps": args.max_steps,
-              "device": args.device, "threads": args.threads,
-              "pretrained": str(args.pretrained) if args.pretrained else None}
+              "device": args.device, "threads": args.threads, "pretrained": pretrained}
              for s in args.settings for seed in args.run_seeds]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+
+    def work(spec: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+
     rows: list[dict[str, Any]] = []
-    pending, running = list(specs), []
-    while pending or running:
-        while pending and len(running) < args.parallel:
-            spec = pending.pop(0)
-            proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)],
-                                    stdout=subprocess.PIPE, text=True, env=env)
-            running.append((spec, proc))
-        for spec, proc in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((spec, proc))
-            out = proc.stdout.read() if proc.stdout else ""
+    with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+        runs = {pool.submit(work, spec): spec for spec in specs}
+        for done in as_completed(runs):
+            spec, proc = runs[done], done.result()
             if proc.returncode:
+                pool.shutdown(cancel_futures=True)
                 sys.exit(f"run {spec['setting']} seed {spec['seed']} failed "
                          f"(exit {proc.returncode})")
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(f"{spec['setting']} seed {spec['seed']}: train {rows[-1]['train_miou']} "
                   f"val {rows[-1]['val_miou']}", flush=True)
-        time.sleep(0.5)
     rows.sort(key=lambda r: (args.settings.index(r["setting"]), r["seed"]))
     table = summarise(rows)
     report("clip_study", table, {"runs": rows, "seeds_artifact": str(args.seeds),
-                                 "pretrained": str(args.pretrained) if args.pretrained else None})
+                                 "pretrained": pretrained})
 
 
 if __name__ == "__main__":
