@@ -45,10 +45,10 @@ _weaktr() {
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;
             "weaktr show") words="--id --n --out --data --data-root --json --quiet" ;;
-            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --recipe --pretrained --force --seed --workers --device --json --quiet" ;;
+            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --test-split --recipe --pretrained --force --seed --workers --device --json --quiet" ;;
             "weaktr data") words="check shapes" ;;
             "weaktr data check") words="--data --data-root --json --quiet" ;;
-            "weaktr data shapes") words="--out --num-train --num-val --image-size --num-classes --max-objects --seed --json --quiet" ;;
+            "weaktr data shapes") words="--out --num-train --num-val --num-test --image-size --num-classes --max-objects --seed --json --quiet" ;;
         esac
     fi
     COMPREPLY=($(compgen -W "$words" -- "$cur"))

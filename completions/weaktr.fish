@@ -177,6 +177,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l data -xa 'shapes
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l train-split -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l val-split -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l test-split -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l recipe -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l pretrained -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l force -r -F
@@ -194,6 +195,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcom
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-train -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-val -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-test -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l image-size -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-classes -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l max-objects -r -F

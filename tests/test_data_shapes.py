@@ -28,7 +28,7 @@ from weaktr_cli.errors import WeakTrError
 
 
 def _tiny() -> dict:
-    return {"num_train": 20, "num_val": 6, "image_size": 48}
+    return {"num_train": 20, "num_val": 6, "num_test": 5, "image_size": 48}
 
 
 TINY = ShapesConfig(**_tiny())
@@ -89,6 +89,7 @@ def test_num_families_sets_the_grid() -> None:
         {"image_size": 8},
         {"min_size": 0.5, "max_size": 0.3},
         {"num_train": 0, "num_val": 0},
+        {"num_test": -1},
         {"occlusion_prob": 1.5},
         {"seed": -1},
     ],
@@ -111,7 +112,7 @@ def test_fingerprint_follows_the_settings() -> None:
 def test_render_is_deterministic_and_independent_of_dataset_size() -> None:
     img_a, mask_a = render_sample(TINY, "train", 7)
     img_b, mask_b = render_sample(TINY, "train", 7)
-    bigger = ShapesConfig(num_train=200, num_val=50, image_size=48)
+    bigger = ShapesConfig(num_train=200, num_val=50, num_test=0, image_size=48)
     img_c, mask_c = render_sample(bigger, "train", 7)
     assert np.array_equal(img_a, img_b) and np.array_equal(mask_a, mask_b)
     assert np.array_equal(img_a, img_c) and np.array_equal(mask_a, mask_c)
@@ -132,10 +133,28 @@ def test_render_matches_pinned_pixels() -> None:
 PINNED_DIGEST = "1542e16d5ab2ea59"
 
 
+def test_test_split_is_its_own_stream_and_leaves_train_and_val_unchanged() -> None:
+    """The held-out split came later: adding it must not move a single train or val pixel."""
+    without_test = ShapesConfig(**{**_tiny(), "num_test": 0})
+    for split, index in (("train", 3), ("val", 2)):
+        a, b = render_sample(TINY, split, index), render_sample(without_test, split, index)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    test_images = [render_sample(TINY, "test", i)[0] for i in range(TINY.num_test)]
+    others = [render_sample(TINY, s, i)[0] for s in ("train", "val") for i in range(5)]
+    assert not any(np.array_equal(t, o) for t in test_images for o in others)
+    img, mask = render_sample(TINY, "test", 0)
+    digest = hashlib.sha256(img.tobytes() + mask.tobytes()).hexdigest()[:16]
+    assert digest == PINNED_TEST_DIGEST, f"test split output changed: {digest}"
+    assert without_test.fingerprint() != TINY.fingerprint()
+
+
+PINNED_TEST_DIGEST = "44ac410e660a62b3"
+
+
 def test_samples_have_the_promised_structure() -> None:
     k = TINY.num_classes
     seen: set[int] = set()
-    for scene in _scenes(TINY) + _scenes(TINY, "val"):
+    for scene in _scenes(TINY) + _scenes(TINY, "val") + _scenes(TINY, "test"):
         img, mask, inst = scene.image, scene.mask, scene.instances
         assert img.shape == (48, 48, 3) and img.dtype == np.uint8
         assert mask.shape == (48, 48) and mask.dtype == np.uint8
@@ -192,7 +211,8 @@ def test_shape_area_matches_its_equivalent_diameter(shape: str) -> None:
 
 
 def test_all_shapes_render_with_many_classes() -> None:
-    cfg = ShapesConfig(num_classes=MAX_CLASSES, num_train=40, num_val=1, image_size=64)
+    cfg = ShapesConfig(num_classes=MAX_CLASSES, num_train=40, num_val=1, num_test=0,
+                       image_size=64)
     drawn = {o.shape for s in _scenes(cfg) for o in s.objects}
     assert drawn == set(SHAPES)
 
@@ -201,7 +221,9 @@ def test_bad_index_or_split_is_a_user_error() -> None:
     with pytest.raises(WeakTrError, match="no index 20"):
         render_sample(TINY, "train", 20)
     with pytest.raises(WeakTrError, match="no split"):
-        render_sample(TINY, "test", 0)
+        render_sample(TINY, "holdout", 0)
+    with pytest.raises(WeakTrError, match="no index 5"):
+        render_sample(TINY, "test", 5)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -218,7 +240,10 @@ def test_ensure_writes_the_voc_layout(tmp_path: Path) -> None:
     assert voc == tmp_path / f"shapes-{TINY.fingerprint()}" / "VOC2012"
     train = (voc / "ImageSets/Segmentation/train.txt").read_text().split()
     val = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
+    test = (voc / "ImageSets/Segmentation/test.txt").read_text().split()
     assert train[0] == "shapes_train_000000" and len(train) == 20 and len(val) == 6
+    assert test == [f"shapes_test_{i:06d}" for i in range(5)]
+    assert open_shapes("test", root=voc).ids == test
     info = json.loads((voc / "weaktr_dataset.json").read_text())
     assert info["name"] == "shapes"
     assert info["class_names"] == list(class_names(TINY))
@@ -261,7 +286,7 @@ def test_stale_temp_folder_does_not_break_generation(tmp_path: Path) -> None:
     stale.mkdir(parents=True)
     (stale / "shapes_train_000000.png").write_bytes(b"truncated")
     voc = ensure_shapes(TINY, cache_dir=tmp_path)
-    assert len(list((voc / "JPEGImages").iterdir())) == 26
+    assert len(list((voc / "JPEGImages").iterdir())) == 31  # 20 train, 6 val, 5 test
 
 
 def test_interrupted_generation_leaves_nothing(
@@ -297,7 +322,7 @@ def test_losing_the_rename_race_keeps_the_winner(
     voc = ensure_shapes(TINY, cache_dir=tmp_path)
     assert winner == [voc]
     assert [p.name for p in tmp_path.iterdir()] == [voc.parent.name]
-    assert len(list((voc / "SegmentationClass").iterdir())) == 26
+    assert len(list((voc / "SegmentationClass").iterdir())) == 31  # 20 train, 6 val, 5 test
 
 
 def test_incomplete_target_is_reported(tmp_path: Path) -> None:
@@ -317,7 +342,7 @@ def test_unwritable_cache_is_a_user_error(tmp_path: Path) -> None:
 def test_progress_is_reported(tmp_path: Path) -> None:
     ticks: list[tuple[int, int]] = []
     ensure_shapes(TINY, cache_dir=tmp_path, progress=lambda d, t: ticks.append((d, t)))
-    assert ticks[0] == (1, 26) and ticks[-1] == (26, 26) and len(ticks) == 26
+    assert ticks[0] == (1, 31) and ticks[-1] == (31, 31) and len(ticks) == 31
 
 
 # ----------------------------------------------------------------------------- loader

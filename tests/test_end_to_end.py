@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
 
-    config = ShapesConfig(num_train=24, num_val=8, image_size=32, seed=3)
+    config = ShapesConfig(num_train=24, num_val=8, num_test=6, image_size=32, seed=3)
     return ensure_shapes(config, cache_dir=tmp_path_factory.mktemp("shapes"))
 
 
@@ -243,12 +243,34 @@ def test_pipeline_runs_then_skips(capsys, tiny_shapes: Path, tmp_path: Path) -> 
     assert [p["phase"] for p in payload["phases"]] == [
         "train-cam", "dump-cams", "crf", "retrain", "predict", "evaluate", "report"]
     assert not any(p["skipped"] for p in payload["phases"])
-    assert set(payload["metrics"]) == {"cams_train", "seeds_train", "model_train", "model_val"}
+    # CAMs and seeds on train, the model on train and on the held-out test split
+    assert set(payload["metrics"]) == {"cams_train", "seeds_train", "model_train", "model_test",
+                                       "threshold_seeds_train", "cams_train_threshold"}
+    with open_artifact(work / "preds_test.h5") as reader:
+        assert reader.meta.split == "test" and len(reader) == 6
+    assert not (work / "preds_val.h5").exists()
     for picture in payload["pictures"]:
         assert Path(picture).stat().st_size > 1000
+    record = json.loads((work / "metrics.json").read_text())
+    assert record["figures"] == payload["metrics"]
+    assert record["splits"] == {"train": "train", "val": "val", "test": "test"}
+    assert [p["phase"] for p in record["phases"]] == [p["phase"] for p in payload["phases"]]
+    assert record["total_wall_s"] == pytest.approx(sum(p["wall_s"] for p in record["phases"]),
+                                                   abs=0.1)
+    assert record["seeds"] == {"train-cam": 0, "retrain": 0}
+    assert record["precision"]["train-cam"] == "fp32"  # the smoke recipe asks for it
+    assert isinstance(record["machine"]["native_bf16"], bool) and record["machine"]["cores"] >= 1
+    assert record["versions"]["weaktr"] and record["versions"]["torch"]
+    # the threshold seeds at the CRF's level come from the CAM sweep at 0.43
+    scores = json.loads((work / "scores.json").read_text())
+    at_bg = [r["miou"] for r in scores["cams_train"]["sweep"] if r["threshold"] == 0.43]
+    assert payload["metrics"]["threshold_seeds_train"] == at_bg[0]
     second = json.loads(run_cli(capsys, *args).stdout)
     assert all(p["skipped"] for p in second["phases"])
     assert second["metrics"] == payload["metrics"]
+    rerecord = json.loads((work / "metrics.json").read_text())
+    assert all(p["skipped"] for p in rerecord["phases"])
+    assert rerecord["total_wall_s"] == record["total_wall_s"]  # the times of the real run
     forced = json.loads(run_cli(capsys, *args, "--force", "crf").stdout)
     skipped = {p["phase"]: p["skipped"] for p in forced["phases"]}
     assert skipped["dump-cams"] and not skipped["crf"] and not skipped["retrain"]

@@ -5,6 +5,12 @@ settings and the identity (size, mtime) of its inputs. A phase whose outputs exi
 is unchanged is skipped; `force` redoes named phases (and so everything after them). Each phase
 is the ordinary library call behind its subcommand, so a user can stop after any phase, inspect
 or replace its artifact, and rerun: a replaced artifact changes the keys downstream.
+
+Scoring follows the paper's protocol: the CAMs and the seeds are scored on the training split
+(they are made for it), the retrained model on the training split too (does it correct its
+seeds?) and on a held-out test split that no recipe choice ever looked at (shapes has one; for
+datasets without, `val`). `metrics.json` in the work folder records every figure with the phase
+times, the machine (CPU kind, native bf16 or not), the precisions, the seed and the versions.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from weaktr_cli.data.base import SegmentationDataset
 
 PHASES = ("train-cam", "dump-cams", "crf", "retrain", "predict", "evaluate", "report")
 Log = Callable[[str], None]
@@ -34,6 +43,7 @@ class PipelineConfig:
     data_root: Path | None = None
     train_split: str = "train"
     val_split: str = "val"
+    test_split: str | None = None  # default: "test" for shapes, else the val split
     recipe: str | None = None  # default: the dataset's name
     seed: int | None = None  # default: the recipe's
     pretrained: Path | None = None
@@ -136,6 +146,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     runner = _Runner(work, config.force, say)
     train_set = open_dataset(config.data, config.train_split, config.data_root)
     val_set = open_dataset(config.data, config.val_split, config.data_root)
+    test_set = _held_out(config, val_set)
 
     cam_config = CAM_RECIPES[recipe]
     retrain_config = RETRAIN_RECIPES[recipe]
@@ -151,8 +162,9 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     cams = work / "cams_train.h5"
     seeds = work / "seeds_train.h5"
     seg_ckpt = work / "seg.ckpt"
-    preds_train, preds_val = work / "preds_train.h5", work / "preds_val.h5"
-    metrics_path = work / "metrics.json"
+    preds_train = work / "preds_train.h5"
+    preds_test = work / f"preds_{test_set.split}.h5"
+    scores_path = work / "scores.json"
 
     def train_cam_phase() -> dict[str, Any]:
         from weaktr_cli.train_cam import train_cam
@@ -216,13 +228,13 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
 
         model, meta = load_segmenter(seg_ckpt)
         settings = settings_for_checkpoint(meta, predict_settings)
-        for dataset, out in ((train_set, preds_train), (val_set, preds_val)):
+        for dataset, out in ((train_set, preds_train), (test_set, preds_test)):
             predict_split(model, dataset, out, settings, class_names=train_set.class_names,
                           device=config.device, resume=False, checkpoint=seg_ckpt,
                           progress=bar(f"predict {dataset.split}"))
         return {}
 
-    runner.run("predict", [preds_train, preds_val],
+    runner.run("predict", [preds_train, preds_test],
                {"predict": dataclasses.asdict(predict_settings)}, [seg_ckpt], predict_phase)
 
     def evaluate_phase() -> dict[str, Any]:
@@ -234,16 +246,21 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
         for name, path, dataset in (("cams_train", cams, train_set),
                                     ("seeds_train", seeds, train_set),
                                     ("model_train", preds_train, train_set),
-                                    ("model_val", preds_val, val_set)):
+                                    (f"model_{test_set.split}", preds_test, test_set)):
             with open_artifact(path) as reader:
                 result = evaluate_artifact(reader, dataset, thresholds=default_thresholds())
             scores[name] = result.to_dict()
             scores[name].pop("confusion", None)
-        atomic_write_text(metrics_path, json.dumps(scores, indent=2))
-        return {k: v["miou"] for k, v in scores.items()}
+        atomic_write_text(scores_path, json.dumps(scores, indent=2))
+        figures: dict[str, Any] = {k: v["miou"] for k, v in scores.items()}
+        # Plain threshold seeds at the CRF's background level: what the CRF adds.
+        figures["threshold_seeds_train"] = _sweep_at(scores["cams_train"], seed_recipe.bg)
+        figures["cams_train_threshold"] = scores["cams_train"].get("best_threshold")
+        return figures
 
-    evaluated = runner.run("evaluate", [metrics_path], {"thresholds": "default"},
-                           [cams, seeds, preds_train, preds_val], evaluate_phase)
+    evaluated = runner.run("evaluate", [scores_path],
+                           {"thresholds": "default", "bg": seed_recipe.bg},
+                           [cams, seeds, preds_train, preds_test], evaluate_phase)
 
     panels, chart = work / "panels.png", work / "iou.png"
 
@@ -258,16 +275,81 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                       for title, path in (("CAM", cams), ("seeds", seeds),
                                           ("prediction", preds_train))]
             panel_sheet(train_set, train_set.ids[: config.show_images], layers, panels)
-        scores = json.loads(metrics_path.read_text())
+        scores = json.loads(scores_path.read_text())
         series = {}
         for key, label in (("cams_train", "CAM (train)"), ("seeds_train", "seeds (train)"),
-                           ("model_train", "model (train)"), ("model_val", "model (val)")):
+                           ("model_train", "model (train)"),
+                           (f"model_{test_set.split}", f"model ({test_set.split})")):
             per_class = {row["id"]: row["iou"] for row in scores[key]["per_class"]}
             series[label] = [per_class.get(i) for i in range(train_set.num_classes)]
         iou_chart(series, train_set.class_names, chart,
                   title=f"per-class IoU, {config.data} ({recipe} recipe)")
         return {}
 
-    runner.run("report", [panels, chart], {"show": config.show_images}, [metrics_path],
+    runner.run("report", [panels, chart], {"show": config.show_images}, [scores_path],
                report_phase)
-    return PipelineResult(work, runner.records, dict(evaluated.result))
+    figures = dict(evaluated.result)
+    write_metrics(work / "metrics.json", config, recipe, runner.records, figures,
+                  seeds={"train-cam": cam_config.seed, "retrain": retrain_config.seed},
+                  splits={"train": train_set.split, "val": val_set.split,
+                                                "test": test_set.split},
+                  precisions=_precisions(config.device, cam_config.precision,
+                                         retrain_config.precision, predict_settings.precision))
+    return PipelineResult(work, runner.records, figures)
+
+
+def _held_out(config: PipelineConfig, val_set: SegmentationDataset) -> SegmentationDataset:
+    """The split the model is scored on: --test-split, else shapes' `test`, else val."""
+    from weaktr_cli.data import open_dataset
+
+    name = config.test_split or ("test" if config.data == "shapes" else None)
+    if name is None or name == val_set.split:
+        return val_set
+    return open_dataset(config.data, name, config.data_root)
+
+
+def _sweep_at(cam_scores: dict[str, Any], threshold: float) -> float | None:
+    """The CAM sweep's mIoU at `threshold` (None when the sweep does not include it)."""
+    for row in cam_scores.get("sweep", []):
+        if abs(row["threshold"] - threshold) < 1e-9:
+            return float(row["miou"])
+    return None
+
+
+def _precisions(device: str, cam: str, retrain: str, predict: str) -> dict[str, str]:
+    """The precision each phase resolves to on this machine ("auto" made concrete)."""
+    from weaktr_cli.runtime import resolve_precision, select_device
+
+    dev = select_device(device)
+    return {"train-cam": resolve_precision(cam, dev, training=True),
+            "retrain": resolve_precision(retrain, dev, training=True),
+            "dump-cams": resolve_precision("auto", dev, training=False),
+            "predict": resolve_precision(predict, dev, training=False)}
+
+
+def write_metrics(path: Path, config: PipelineConfig, recipe: str, records: list[PhaseRecord],
+                  figures: dict[str, Any], *, seeds: dict[str, int], splits: dict[str, str],
+                  precisions: dict[str, str]) -> dict[str, Any]:
+    """Write the run's record (the format benchmarks/pipeline_seeds.py gathers) and return it.
+
+    Phase times of skipped phases are those recorded when they last ran, so the record of a
+    cached rerun still tells how long the pipeline takes; `skipped` says which ones those are.
+    """
+    from weaktr_cli.run_record import machine, versions
+
+    record = {
+        "format": "weaktr-pipeline-metrics/1",
+        "data": config.data, "recipe": recipe, "seed": config.seed, "seeds": seeds,
+        "splits": splits,
+        "device": config.device, "workers": config.workers,
+        "figures": figures,
+        "phases": [{"phase": r.name, "skipped": r.skipped, "wall_s": round(r.wall_s, 2),
+                    "size_bytes": r.size_bytes} for r in records],
+        "total_wall_s": round(sum(r.wall_s for r in records), 2),
+        "precision": precisions,
+        "machine": machine(),
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    atomic_write_text(path, json.dumps(record, indent=2))
+    return record

@@ -57,7 +57,7 @@ Prints the dataset folder; pass it as --data-root with --data shapes. Generation
 deterministic (same settings, same pixels on any machine) and atomic.
 
 [dim]Examples:[/]
-  weaktr data shapes --num-train 200 --num-val 50 --image-size 64 --out /tmp/shapes
+  weaktr data shapes --num-train 200 --num-val 50 --num-test 50 --image-size 64 --out /tmp/shapes
   weaktr pipeline --data shapes --data-root "$(weaktr data shapes --num-classes 12 -q)"
 """
 
@@ -68,6 +68,8 @@ def shapes(
         "--out", "-o", help="Folder to generate into (default: $WEAKTR_CACHE).")] = None,
     num_train: Annotated[int, typer.Option(min=1)] = 2000,
     num_val: Annotated[int, typer.Option(min=1)] = 500,
+    num_test: Annotated[int, typer.Option(
+        min=0, help="Held-out images that nothing is chosen on.")] = 500,
     image_size: Annotated[int, typer.Option(min=16)] = 96,
     num_classes: Annotated[int, typer.Option(min=1, help="Foreground classes K.")] = 6,
     max_objects: Annotated[int, typer.Option(min=1)] = 3,
@@ -79,7 +81,7 @@ def shapes(
 
     output = Output(json_mode=json_mode, quiet=quiet)
     config = ShapesConfig(seed=seed, num_train=num_train, num_val=num_val,
-                          image_size=image_size, num_classes=num_classes,
+                          num_test=num_test, image_size=image_size, num_classes=num_classes,
                           max_objects=max_objects)
     path = ensure_shapes(config, cache_dir=out)
     output.artifact(path, {"classes": list(class_names(config)), "config": config.to_dict()})

@@ -11,7 +11,7 @@ Generated once from `ShapesConfig` into a cache folder in the PASCAL VOC layout,
     <cache>/shapes-<fingerprint>/VOC2012/
         JPEGImages/shapes_train_000123.png        RGB, lossless
         SegmentationClass/shapes_train_000123.png palette PNG (PASCAL palette), 255 = ignore
-        ImageSets/Segmentation/{train,val}.txt
+        ImageSets/Segmentation/{train,val,test}.txt
         weaktr_dataset.json                        {"name": "shapes", "class_names", "config", ...}
 
 Design (what a sample looks like and why):
@@ -32,6 +32,11 @@ Design (what a sample looks like and why):
   the background, or on the occluded object beneath it). It keeps evaluation from hinging on
   single boundary pixels after up-sampling and makes every consumer exercise the 255 path it
   needs for VOC. Objects never lose pixels of their own to the band, so tiny objects stay scored.
+
+Splits: `train` (the weak labels are learnt from it), `val` (pixel labels may choose settings)
+and a held-out `test` split that nothing is ever chosen on: `weaktr pipeline` reports the final
+model on it. Each split is its own seed stream (below), so adding `test` left every train and
+val image byte-identical.
 
 Determinism: image `i` of a split is drawn from its own generator
 `np.random.default_rng([seed, split_code, i])`, so it does not depend on the dataset size and
@@ -82,8 +87,8 @@ FAMILIES: tuple[tuple[str, float], ...] = (
     ("magenta", 300.0),
 )
 MAX_CLASSES = len(SHAPES) * len(FAMILIES)
-SPLITS = ("train", "val")
-_SPLIT_CODES = {"train": 0, "val": 1}
+SPLITS = ("train", "val", "test")
+_SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 _INFO_FILE = "weaktr_dataset.json"  # written last: a matching one marks a finished dataset
 
 _HUE_JITTER = 10.0  # degrees
@@ -110,6 +115,7 @@ class ShapesConfig:
     seed: int = 0
     num_train: int = 2000
     num_val: int = 500
+    num_test: int = 500
     image_size: int = 96
     num_classes: int = 6
     num_families: int | None = None
@@ -125,15 +131,17 @@ class ShapesConfig:
         def bad(field: str, why: str) -> WeakTrError:
             return WeakTrError(f"invalid shapes setting {field}={getattr(self, field)!r}: {why}")
 
-        for name in ("seed", "num_train", "num_val", "image_size", "num_classes", "max_objects"):
+        counts = ("num_train", "num_val", "num_test")
+        for name in ("seed", *counts, "image_size", "num_classes", "max_objects"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise bad(name, "must be an integer")
         if self.seed < 0:
             raise bad("seed", "must be >= 0")
-        if self.num_train < 0 or self.num_val < 0 or self.num_train + self.num_val == 0:
-            raise bad("num_train", "split sizes must be >= 0 and not both 0")
-        if max(self.num_train, self.num_val) > 999_999:
-            raise bad("num_train", "at most 999999 images per split")
+        if min(getattr(self, c) for c in counts) < 0 or self.num_train + self.num_val == 0:
+            raise bad("num_train", "split sizes must be >= 0 and train and val not both 0")
+        for name in counts:
+            if getattr(self, name) > 999_999:
+                raise bad(name, "at most 999999 images per split")
         if not 24 <= self.image_size <= 1024:
             raise bad("image_size", "must be between 24 and 1024 pixels")
         if not 1 <= self.num_classes <= MAX_CLASSES:
@@ -173,9 +181,10 @@ class ShapesConfig:
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
     def split_size(self, split: str) -> int:
-        """Number of images of `split` ("train" or "val")."""
+        """Number of images of `split` ("train", "val" or "test")."""
         _check_split(split)
-        return self.num_train if split == "train" else self.num_val
+        sizes = {"train": self.num_train, "val": self.num_val, "test": self.num_test}
+        return sizes[split]
 
 
 def _check_split(split: str) -> None:
@@ -555,7 +564,7 @@ def _is_complete(voc: Path, config: ShapesConfig) -> bool:
 def _write_dataset(
     voc: Path, config: ShapesConfig, progress: Callable[[int, int], None] | None
 ) -> None:
-    total = config.num_train + config.num_val
+    total = config.num_train + config.num_val + config.num_test
     done = 0
     lists = voc / "ImageSets" / "Segmentation"
     lists.mkdir(parents=True)
@@ -633,7 +642,7 @@ def ensure_shapes(
 def open_shapes(
     split: str, root: str | Path | None = None, config: ShapesConfig | None = None
 ) -> SegmentationDataset:
-    """Split `split` ("train" or "val", or a list file of their image ids) of the shapes
+    """Split `split` ("train", "val" or "test", or a list file of their image ids) of the shapes
     dataset, generated on first use.
 
     `root` is the cache folder (default: `default_cache_dir()`), or a generated shapes folder
