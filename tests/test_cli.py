@@ -215,7 +215,7 @@ def test_inspect_reports_provenance(capsys, tmp_path: Path) -> None:
     result = run_cli(capsys, "inspect", artifact, "--json")
     payload = json.loads(result.stdout)
     assert payload["kind"] == "labels" and payload["images"] == 2
-    assert payload["class_names"][12] == "dog" and payload["schema_version"] == 1
+    assert payload["class_names"][12] == "dog" and payload["schema_version"] == 2
     assert run_cli(capsys, "inspect", artifact).code == 0
 
 

@@ -2,9 +2,9 @@
 
 Two kinds share one schema (documented for third parties in docs/artifacts.md):
 
-- ``cams``: per image, float16 maps (K, H, W) in [0, 1] of the K classes present in the
-  image-level label, at the image's original size, with their class ids in attribute
-  ``class_ids`` (int16, K). Dataset path ``/cams/<id>``.
+- ``cams``: per image, maps (K, H, W) in [0, 1] (stored in 1/1024 steps by `cam_codec.py`)
+  of the K classes present in the image-level label, at the image's original size, with
+  their class ids in attribute ``class_ids`` (int16, K). Dataset path ``/cams/<id>``.
 - ``labels``: per image, a uint8 (H, W) label map of class ids, 255 = ignore. Used for seeds
   and predictions. Dataset path ``/labels/<id>``.
 
@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 
 from weaktr_cli import __version__
+from weaktr_cli.cam_codec import decode_maps, encode_maps
 from weaktr_cli.errors import WeakTrError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: CAMs may be stored quantised (cam_codec.py); 1 files read as before
 KINDS = ("cams", "labels")
 PARTIAL_SUFFIX = ".partial"
 _NO_SEED = -1
@@ -256,7 +257,7 @@ class ArtifactReader:
         self._expect("cams")
         ds = self._dataset(image_id)
         try:
-            maps = np.asarray(ds[()], dtype=np.float32)
+            maps = decode_maps(ds[()], ds.attrs)
             class_ids = np.asarray(ds.attrs["class_ids"], dtype=np.int64).reshape(-1)
         except (OSError, KeyError) as exc:
             raise WeakTrError(f"{self.path}: entry {image_id!r} is unreadable: {exc}") from exc
@@ -402,7 +403,8 @@ class ArtifactWriter:
             raise ValueError(f"maps {maps.shape} do not match {class_ids.shape[0]} class ids")
         if not np.isfinite(maps).all():
             raise WeakTrError(f"CAMs of image {image_id!r} contain NaN or inf")
-        self._create(image_id, maps.astype(np.float16), {"class_ids": class_ids.astype(np.int16)})
+        data, attrs = encode_maps(maps)  # 1/1024 steps as row differences (cam_codec.py)
+        self._create(image_id, data, {**attrs, "class_ids": class_ids.astype(np.int16)})
 
     def write_labels(self, image_id: str, label: np.ndarray) -> None:
         """Add one image's (H, W) uint8 label map (255 = ignore)."""
