@@ -95,15 +95,16 @@ def test_bad_background_threshold() -> None:
 
 
 def test_presets_match_the_method() -> None:
-    assert set(PRESETS) == {"voc", "coco", "voc-test"}
+    assert set(PRESETS) == {"voc", "coco", "voc-test", "coco-test"}
     assert PRESETS["voc"] == CrfParams(0.7, 10, 4, 3, 83, 5, 3)
     assert PRESETS["coco"] == CrfParams(0.7, 10, 3, 3, 50, 5, 10)
     assert PRESETS["voc-test"] == CrfParams(0.7, 10, 3, 3, 83, 5, 3)
+    assert PRESETS["coco-test"] == CrfParams(0.7, 10, 1, 3, 67, 3, 4)
     faster = dataclasses.replace(get_preset("coco"), iterations=3)
     assert faster.iterations == 3 and faster.bilateral_compat == 10
     with pytest.raises(WeakTrError, match="unknown CRF preset 'pascal'") as info:
         get_preset("pascal")
-    assert info.value.hint is not None and "voc, coco, voc-test" in info.value.hint
+    assert info.value.hint is not None and "voc, coco, voc-test, coco-test" in info.value.hint
     with pytest.raises(WeakTrError, match="gt_prob"):
         dataclasses.replace(VOC, gt_prob=1.0)
 

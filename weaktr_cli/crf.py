@@ -62,7 +62,7 @@ class CrfParams:
 
 
 #: Named parameter sets (METHOD.md): seed CRF on hard CAM labels for VOC and COCO, and the
-#: test-time VOC CRF on segmentation probabilities (Phase 4 inference).
+#: test-time VOC and COCO CRFs on segmentation probabilities (Phase 4 inference).
 PRESETS: dict[str, CrfParams] = {
     "voc": CrfParams(
         gt_prob=0.7,
@@ -91,11 +91,22 @@ PRESETS: dict[str, CrfParams] = {
         bilateral_srgb=5.0,
         bilateral_compat=3.0,
     ),
+    # The reference's COCO test-time CRF (hustvl/WeakTr 0ff9d9a
+    # OnlineRetraining/segm/eval/densecrf.py:63-64).
+    "coco-test": CrfParams(
+        gt_prob=0.7,
+        iterations=10,
+        gaussian_sxy=1.0,
+        gaussian_compat=3.0,
+        bilateral_sxy=67.0,
+        bilateral_srgb=3.0,
+        bilateral_compat=4.0,
+    ),
 }
 
 
 def get_preset(name: str) -> CrfParams:
-    """The preset called `name` ("voc", "coco", "voc-test")."""
+    """The preset called `name` ("voc", "coco", "voc-test", "coco-test")."""
     try:
         return PRESETS[name]
     except KeyError:

@@ -11,7 +11,7 @@ import numpy as np
 
 from weaktr_cli.errors import WeakTrError
 
-__all__ = ["label_from_probs", "pass_size", "window_starts"]
+__all__ = ["label_from_probs", "pass_size", "reference_pass_sizes", "window_starts"]
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -31,13 +31,43 @@ def pass_size(height: int, width: int, scale: float, window: int,
     return max(window, round(height * factor)), max(window, round(width * factor))
 
 
+def reference_pass_sizes(height: int, width: int, ratio: float, im_size: int, window: int,
+                         max_ratio: int = 8) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two sizes (H, W) one pass of the reference's test-time procedure goes through.
+
+    1. The dataset pipeline (mmseg `MultiScaleFlipAug` + `Resize(keep_ratio=True)`) rescales
+       the uint8 image to fit (int(max_ratio * im_size * ratio), int(im_size * ratio)): factor
+       min(long_target / long, short_target / short), sides rounded int(x + 0.5).
+    2. `inference` then upsamples the normalised image, only when its short side is below
+       `window`, to short side `window` with the long side truncated (int(aspect * window)).
+
+    A 500x375 VOC image at im_size 520, window 480 and ratios 0.5-1.75 gets short sides
+    480, 480, 520, 650, 780, 910 (docs/REPRODUCING.md; hustvl/WeakTr 0ff9d9a
+    OnlineRetraining/segm/model/utils.py:106-118, OnlineRetraining/segm/data/base.py:58).
+    """
+    short_target = int(im_size * ratio)
+    long_target = int(max_ratio * im_size * ratio)
+    factor = min(long_target / max(height, width), short_target / min(height, width))
+    resized = (int(height * factor + 0.5), int(width * factor + 0.5))
+    h1, w1 = resized
+    if min(h1, w1) >= window:
+        return resized, resized
+    # The reference's arithmetic, kept literally: the aspect as a float, then truncation.
+    if h1 < w1:
+        return resized, (window, int(w1 / h1 * window))
+    return resized, (int(h1 / w1 * window), window)
+
+
 def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
-                     crf: str | None = None) -> np.ndarray:
+                     crf: str | None = None, renormalize: bool = True) -> np.ndarray:
     """(H, W) uint8 argmax of (n_cls, H, W) probabilities, optionally CRF-refined.
 
     With a `crf` preset, the CRF runs on the image (RGB uint8, required) with the planes of
-    the classes present in the argmax only (renormalised; a per-pixel constant in the unary
-    does not change the CRF), as the reference does; one present class is returned as is.
+    the classes present in the argmax only, as the reference does; one present class is
+    returned as is. `renormalize` rescales those planes to sum to 1 per pixel; the reference
+    passes them as they are (`renormalize=False`: with its un-normalised 0.8 P1 + P2 they reach
+    1.8, and the unary's clip to [1e-5, 1] then flattens the confident pixels, so the CRF
+    smooths more; hustvl/WeakTr 0ff9d9a OnlineRetraining/segm/eval/miou.py:85-93).
     """
     if probs.shape[0] > 255:
         raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
@@ -52,7 +82,8 @@ def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
     if len(keys) == 1:
         return label
     planes = probs[keys]
-    planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
+    if renormalize:
+        planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
     refined = crf_from_probs(image, planes, get_preset(crf))
     out: np.ndarray = keys.astype(np.uint8)[refined]
     return out

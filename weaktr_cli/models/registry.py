@@ -160,14 +160,15 @@ def get_arch(name: str) -> ArchSpec:
         ) from None
 
 
-def build_vit(spec: ArchSpec, **overrides: Any) -> VisionTransformer:
+def build_vit(spec: ArchSpec, *, vit_class: type[VisionTransformer] = VisionTransformer,
+              **overrides: Any) -> VisionTransformer:
     """A randomly initialised timm `VisionTransformer` for `spec` (never downloads weights).
 
     Defaults: one class token, no classification head (`num_classes=0`), final norm on,
     `dynamic_img_size=True` (patch tokens come out as (B, h, w, D) and timm resamples the
     pos-embed per input). `overrides` replace or extend these kwargs (e.g. `class_token=False`,
-    `drop_path_rate=0.1`, `attn_layer=...`).
+    `drop_path_rate=0.1`, `attn_layer=...`); `vit_class` may be a subclass of timm's.
     """
     kwargs: dict[str, Any] = {"num_classes": 0, "dynamic_img_size": True, **spec.vit_kwargs()}
     kwargs.update(overrides)
-    return VisionTransformer(**kwargs)
+    return vit_class(**kwargs)

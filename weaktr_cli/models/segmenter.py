@@ -29,11 +29,12 @@ H, W > patch size (a 1-patch grid is excluded by timm's reshapes).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, trunc_normal_
+from timm.layers import Attention, LayerNorm, resample_abs_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -42,14 +43,47 @@ from weaktr_cli.models.registry import ArchSpec, build_vit, get_arch
 
 __all__ = [
     "DECODERS",
+    "POS_EMBED_INTERPOLATIONS",
+    "BilinearPosEmbedViT",
     "LinearDecoder",
     "MaskTransformerDecoder",
     "Segmenter",
     "build_encoder",
     "build_segmenter",
     "check_decoder",
+    "encoder_norm_eps",
+    "encoder_pos_embed_interp",
     "param_groups",
 ]
+
+
+#: How the encoder's positional embedding is resampled for grids other than the training
+#: crop's: timm's "bicubic" (antialiased), or "bilinear" as the reference's Segmenter ViT.
+POS_EMBED_INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+class BilinearPosEmbedViT(VisionTransformer):
+    """timm ViT whose positional embedding is resampled bilinearly (half-pixel centres, no
+    antialiasing) for other grids, as the reference's Segmenter ViT does (hustvl/WeakTr 0ff9d9a
+    OnlineRetraining/segm/model/utils.py:37, segm/model/vit.py:125-131). Same parameters and
+    state-dict keys as timm's class; only the resampling differs."""
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if (not self.dynamic_img_size or self.pos_embed is None or self.no_embed_class
+                or self.reg_token is not None or self.cls_token is None):
+            return super()._pos_embed(x)
+        batch, grid_h, grid_w, dim = x.shape
+        pos_embed = resample_abs_pos_embed(
+            self.pos_embed,
+            new_size=(grid_h, grid_w),
+            old_size=self.patch_embed.grid_size,
+            num_prefix_tokens=self.num_prefix_tokens,
+            interpolation="bilinear",
+            antialias=False,
+        )
+        tokens = torch.cat((self.cls_token.expand(batch, -1, -1), x.reshape(batch, -1, dim)), 1)
+        out: torch.Tensor = self.pos_drop(tokens + pos_embed)
+        return out
 
 
 def build_encoder(
@@ -61,13 +95,17 @@ def build_encoder(
     mlp_ratio: float = 4.0,
     img_size: int = 480,
     drop_path_rate: float = 0.1,
+    norm_eps: float = 1e-6,
+    pos_embed_interp: str = "bicubic",
 ) -> VisionTransformer:
     """A timm ViT for the retraining encoder, randomly initialised (load weights separately).
 
-    One class token, final LayerNorm (eps 1e-6) applied, no classification head, positional
-    embedding for an `img_size` x `img_size` crop, resampled by timm for other grids
-    (`dynamic_img_size=True`). Defaults are ViT-S/16 at 480 px; the reference trains the
-    encoder with stochastic depth 0.1 and no dropout.
+    One class token, final LayerNorm applied, no classification head, positional embedding
+    for an `img_size` x `img_size` crop, resampled for other grids (`dynamic_img_size=True`).
+    Defaults are ViT-S/16 at 480 px with timm's LayerNorm eps 1e-6 and bicubic resampling; the
+    reference's Segmenter uses eps 1e-5 and bilinear (`norm_eps=1e-5`,
+    `pos_embed_interp="bilinear"`). The reference trains the encoder with stochastic depth 0.1
+    and no dropout.
     """
     spec = ArchSpec(
         name="custom",
@@ -78,21 +116,41 @@ def build_encoder(
         img_size=img_size,
         mlp_ratio=mlp_ratio,
     )
-    return _encoder_for(spec, img_size, drop_path_rate)
+    return _encoder_for(spec, img_size, drop_path_rate, norm_eps, pos_embed_interp)
 
 
-def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float) -> VisionTransformer:
+def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float, norm_eps: float = 1e-6,
+                 pos_embed_interp: str = "bicubic") -> VisionTransformer:
+    if pos_embed_interp not in POS_EMBED_INTERPOLATIONS:
+        raise WeakTrError(f"unknown position-embedding interpolation {pos_embed_interp!r}",
+                          hint=f"use {' or '.join(POS_EMBED_INTERPOLATIONS)}")
+    # timm's own norm layer unless another epsilon is asked for, so default encoders stay
+    # exactly what they were.
+    norm: dict[str, Any] = {} if norm_eps == 1e-6 else {"norm_layer": partial(LayerNorm,
+                                                                                 eps=norm_eps)}
     # global_pool="" keeps every token and the final norm; class_token is explicit because the
     # decoder drops exactly the prefix tokens.
     return build_vit(
         spec,
+        vit_class=BilinearPosEmbedViT if pos_embed_interp == "bilinear" else VisionTransformer,
         img_size=img_size,
         global_pool="",
         class_token=True,
         final_norm=True,
         dynamic_img_size=True,
         drop_path_rate=drop_path_rate,
+        **norm,
     )
+
+
+def encoder_norm_eps(encoder: VisionTransformer) -> float:
+    """The LayerNorm epsilon of `encoder` (its final norm's; every block uses the same)."""
+    return float(getattr(encoder.norm, "eps", 1e-6))
+
+
+def encoder_pos_embed_interp(encoder: VisionTransformer) -> str:
+    """"bilinear" for a `BilinearPosEmbedViT`, else timm's "bicubic"."""
+    return "bilinear" if isinstance(encoder, BilinearPosEmbedViT) else "bicubic"
 
 
 def _init_decoder_weights(module: nn.Module) -> None:
@@ -357,6 +415,8 @@ def build_segmenter(
     *,
     img_size: int = 480,
     drop_path_rate: float = 0.1,
+    norm_eps: float = 1e-6,
+    pos_embed_interp: str = "bicubic",
     **decoder_kwargs: Any,
 ) -> Segmenter:
     """A randomly initialised `Segmenter` whose encoder is the registered backbone `arch`.
@@ -368,11 +428,14 @@ def build_segmenter(
         img_size: training crop the positional embedding is stored for (reference: 480,
             whatever the backbone was pretrained at; loading pretrained weights resamples).
         drop_path_rate: encoder stochastic depth (reference: 0.1).
+        norm_eps, pos_embed_interp: encoder LayerNorm epsilon and positional-embedding
+            resampling (see `build_encoder`; the reference's: 1e-5, "bilinear").
         decoder_kwargs: `Segmenter`'s keyword arguments (`decoder_layers`, `decoder_heads`,
             `decoder_dim`, `decoder_mlp_ratio`, `decoder_dropout`, `decoder_drop_path`).
     """
     spec = get_arch(arch) if isinstance(arch, str) else arch
-    return Segmenter(_encoder_for(spec, img_size, drop_path_rate), n_cls, **decoder_kwargs)
+    encoder = _encoder_for(spec, img_size, drop_path_rate, norm_eps, pos_embed_interp)
+    return Segmenter(encoder, n_cls, **decoder_kwargs)
 
 
 def param_groups(model: Segmenter, lr: float, encoder_lr_mult: float = 0.1) -> list[dict[str, Any]]:

@@ -1,0 +1,187 @@
+"""weaktr's reference test-time procedure and reference-checkpoint loading against an
+independent transcription of hustvl/WeakTr (tests/reference_transcription.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.reference_transcription import (
+    DEIT_MEAN_255,
+    DEIT_STD_255,
+    RefSegmenter,
+    deit_small_key_shapes,
+    mmseg_resized_size,
+    randomize,
+    ref_crf_input,
+    ref_crf_labels,
+    ref_inference,
+    ref_upsample_to_window,
+    ref_window_anchors,
+)
+from weaktr_cli.errors import WeakTrError
+from weaktr_cli.models.reference_segmenter import (
+    detect_reference_segmenter,
+    load_reference_segmenter,
+    reference_variant,
+)
+from weaktr_cli.test_time import REFERENCE_RATIOS, fuse_layers, reference_layer_probs
+from weaktr_cli.windows import label_from_probs, reference_pass_sizes, window_starts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+MEAN = tuple(m / 255 for m in DEIT_MEAN_255)
+STD = tuple(s / 255 for s in DEIT_STD_255)
+
+
+def test_voc_pass_sizes_of_a_500x375_image() -> None:
+    # The reference's six multi-scale passes of a 500x375 VOC image (im_size 520, window 480):
+    # mmseg resizes to short side 260..910, inference() raises the two below 480.
+    expected_resized = [(260, 347), (390, 520), (520, 693), (650, 867), (780, 1040),
+                        (910, 1213)]
+    expected_fitted = [(480, 640), (480, 640), (520, 693), (650, 867), (780, 1040), (910, 1213)]
+    for ratio, resized, fitted in zip(REFERENCE_RATIOS, expected_resized, expected_fitted,
+                                      strict=True):
+        assert mmseg_resized_size(375, 500, ratio, 520) == resized
+        dummy = torch.zeros(1, 3, *resized)
+        assert tuple(ref_upsample_to_window(dummy, 480).shape[2:]) == fitted
+        assert reference_pass_sizes(375, 500, ratio, 520, 480) == (resized, fitted)
+    # Portrait images keep the rule with the axes swapped.
+    assert reference_pass_sizes(500, 375, 0.5, 520, 480) == ((347, 260), (640, 480))
+
+
+def test_window_positions_match_the_reference() -> None:
+    cases = {(480, 480): [0], (640, 480): [0, 160], (693, 480): [0, 213],
+             (867, 480): [0, 320, 387], (1213, 480): [0, 320, 640, 733]}
+    for (size, window), starts in cases.items():
+        assert ref_window_anchors(size, window, 320) == starts
+        assert window_starts(size, window, 320) == starts
+
+
+def _tiny_reference(tmp_path, seed: int = 0, n_cls: int = 5):
+    torch.manual_seed(seed)
+    ref = randomize(RefSegmenter(n_cls=n_cls, image_size=32, patch=8, depth=2, dim=64), seed)
+    ref.eval()
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": ref.state_dict(), "n_cls": n_cls, "epoch": 3}, path)
+    return ref, path
+
+
+def test_tiny_reference_checkpoint_is_detected_and_loaded_strictly(tmp_path) -> None:
+    ref, path = _tiny_reference(tmp_path)
+    model, config = load_reference_segmenter(path)
+    assert (config.embed_dim, config.depth, config.num_heads, config.patch_size) == (64, 2, 1, 8)
+    assert (config.img_size, config.n_cls, config.decoder_layers) == (32, 5, 2)
+    assert model.encoder.norm.eps == 1e-5
+    image = torch.randn(2, 3, 40, 52)  # padded to 40x56, pos-embed resampled (bilinear)
+    with torch.no_grad():
+        ours = model(image, return_layers=True)
+        theirs = ref(image)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+def test_reference_test_time_procedure_matches_the_transcription(tmp_path) -> None:
+    ref, path = _tiny_reference(tmp_path, seed=1)
+    model, _ = load_reference_segmenter(path)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, size=(45, 60, 3), dtype=np.uint8)
+    # im_size 35 and window 32 put the first two ratios below the window (upsampled), the
+    # others above it (several windows), like 520 / 480 on VOC.
+    fused_ref, sizes = ref_inference(ref, image, ratios=REFERENCE_RATIOS, flip=True, im_size=35,
+                                     window=32, stride=21, mean255=DEIT_MEAN_255,
+                                     std255=DEIT_STD_255)
+    assert [s[0] for s in sizes[::2]] == [32, 32, 35, 43, 52, 61]
+    layers = reference_layer_probs(model, image, ratios=REFERENCE_RATIOS, flip=True, im_size=35,
+                                   window=32, stride=21, mean=MEAN, std=STD, layers=(0, 1),
+                                   batch_size=3)
+    fused = fuse_layers(layers, (0.8, 1.0))
+    torch.testing.assert_close(fused, fused_ref, atol=2e-5, rtol=1e-5)
+    assert float(fused.sum(0).mean()) == pytest.approx(1.8, abs=1e-4)  # un-normalised
+
+    # The CRF input: the classes present in the argmax, their planes as they are.
+    keys, planes = ref_crf_input(fused_ref)
+    seen = {}
+
+    def capture(img, probs, params):
+        seen["probs"] = probs.copy()
+        return np.zeros(probs.shape[1:], dtype=np.uint8)
+
+    import weaktr_cli.crf as crf
+
+    original = crf.crf_from_probs
+    crf.crf_from_probs = capture
+    try:
+        label_from_probs(fused.numpy(), image, "voc-test", renormalize=False)
+    finally:
+        crf.crf_from_probs = original
+    np.testing.assert_allclose(seen["probs"], planes, atol=2e-5)
+    assert len(keys) >= 2
+
+
+def test_reference_crf_labels(tmp_path) -> None:
+    pytest.importorskip("pydensecrf")
+    ref, path = _tiny_reference(tmp_path, seed=2, n_cls=3)
+    model, _ = load_reference_segmenter(path)
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
+    kwargs = dict(ratios=(1.0,), flip=False, im_size=32, window=32, stride=21)
+    fused_ref, _ = ref_inference(ref, image, mean255=DEIT_MEAN_255, std255=DEIT_STD_255,
+                                 **kwargs)
+    fused = fuse_layers(reference_layer_probs(model, image, mean=MEAN, std=STD, layers=(0, 1),
+                                              **kwargs), (0.8, 1.0))
+    for preset, gaussian, bilateral in (("voc-test", (3, 3), (83, 5, 3)),
+                                        ("coco-test", (1, 3), (67, 3, 4))):
+        expected = ref_crf_labels(image, fused_ref, gaussian=gaussian, bilateral=bilateral)
+        got = label_from_probs(fused.numpy(), image, preset, renormalize=False)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_deit_small_key_set_loads_with_reference_shapes(tmp_path) -> None:
+    shapes = deit_small_key_shapes()
+    ref = RefSegmenter(n_cls=21, image_size=480, patch=16, depth=12, dim=384)
+    # The transcription's modules give the same names and shapes as the spelled-out list.
+    assert {k: tuple(v.shape) for k, v in ref.state_dict().items()} == shapes
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    config = detect_reference_segmenter(state)
+    assert (config.embed_dim, config.depth, config.num_heads, config.img_size) == (384, 12, 6, 480)
+    assert (config.n_cls, config.decoder_layers, config.mlp_ratio) == (21, 2, 4.0)
+    randomize(ref, 3).eval()
+    path = tmp_path / "deit_small.pth"
+    torch.save({"model": ref.state_dict()}, path)
+    model, _ = load_reference_segmenter(path)
+    image = torch.randn(1, 3, 48, 64)
+    with torch.no_grad():
+        for a, b in zip(model(image, return_layers=True), ref(image), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_wrong_reference_checkpoints_fail_with_one_line(tmp_path) -> None:
+    _, path = _tiny_reference(tmp_path)
+    state = torch.load(path)["model"]
+    broken = dict(state)
+    del broken["decoder.blocks.1.mlp.fc2.bias"]
+    torch.save({"model": broken}, tmp_path / "missing.pth")
+    with pytest.raises(WeakTrError, match=r"missing key\(s\): decoder.blocks.1.mlp.fc2.bias"):
+        load_reference_segmenter(tmp_path / "missing.pth")
+    extra = dict(state)
+    extra["decoder.extra_head.weight"] = torch.zeros(3)
+    torch.save({"model": extra}, tmp_path / "extra.pth")
+    with pytest.raises(WeakTrError, match=r"unexpected key\(s\): decoder.extra_head.weight"):
+        load_reference_segmenter(tmp_path / "extra.pth")
+    torch.save({"model": {"pos_embed": torch.zeros(1, 5, 4)}}, tmp_path / "cam.pth")
+    with pytest.raises(WeakTrError, match="not a reference"):
+        load_reference_segmenter(tmp_path / "cam.pth")
+    with pytest.raises(WeakTrError, match="classes 5, not 21"):
+        load_reference_segmenter(path, n_cls=21)
+
+
+def test_variant_yml_beside_the_checkpoint(tmp_path) -> None:
+    assert reference_variant(tmp_path / "checkpoint.pth") == {}
+    (tmp_path / "variant.yml").write_text(
+        "dataset_kwargs:\n  crop_size: 480\n  image_size: 520\n  normalization: vit\n"
+        "inference_kwargs:\n  window_size: 480\n  window_stride: 320\n"
+        "net_kwargs:\n  image_size: !!python/tuple\n  - 480\n  - 480\n  normalization: vit\n")
+    assert reference_variant(tmp_path / "checkpoint.pth") == {
+        "normalization": "vit", "window_size": 480, "window_stride": 320}
