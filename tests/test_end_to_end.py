@@ -103,6 +103,10 @@ def test_evaluate_each_artifact(capsys, chain: dict[str, Path], tiny_shapes: Pat
         assert payload["num_images"] == (8 if name == "preds.h5" else 24)
         if name == "cams.h5":
             assert 0.30 <= payload["best_threshold"] <= 0.60 and len(payload["sweep"]) == 31
+            # The reference's early-stopping search never beats the full sweep.
+            reference = payload["reference_search"]
+            assert 0.40 <= reference["threshold"] <= 0.60
+            assert reference["miou"] <= payload["miou"] + 1e-9
 
 
 def test_evaluate_checkpoint_equals_predict_then_evaluate(capsys, chain, tiny_shapes) -> None:

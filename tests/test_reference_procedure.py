@@ -185,3 +185,35 @@ def test_variant_yml_beside_the_checkpoint(tmp_path) -> None:
         "net_kwargs:\n  image_size: !!python/tuple\n  - 480\n  - 480\n  normalization: vit\n")
     assert reference_variant(tmp_path / "checkpoint.pth") == {
         "normalization": "vit", "window_size": 480, "window_stride": 320}
+
+
+def test_reference_threshold_search_stops_at_the_first_non_improvement() -> None:
+    from weaktr_cli.evaluation import reference_search
+
+    # A curve with a dip after 0.42: the reference stops at 0.42; the full sweep finds 0.47.
+    curve = [(0.30, 0.70), (0.40, 0.60), (0.41, 0.62), (0.42, 0.63), (0.43, 0.63),
+             (0.44, 0.64), (0.47, 0.66), (0.50, 0.61)]
+    assert reference_search(curve) == (0.42, 0.63)
+    assert reference_search(curve, start=0.30) == (0.30, 0.70)
+    assert reference_search(curve, start=0.44) == (0.47, 0.66)
+    assert reference_search([(0.3, 0.5)]) is None
+
+
+def test_random_query_fusion_and_fractional_reduction() -> None:
+    from weaktr_cli.models.cam_vit import WeakTrCAM
+
+    torch.manual_seed(0)
+    model = WeakTrCAM("micro", 3, fusion="aaf-rand", aaf_reduction=1.5).eval()
+    # 2 layers x 2 heads = 4 maps, int(4 / 1.5) = 2 hidden units (the reference's int(K / r)).
+    assert model.fusion.head_ffn[0].weight.shape == (2, 4)
+    assert "fusion.query" in model.state_dict()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        first = model(images, with_maps=True).head_weights
+        second = model(torch.randn(2, 3, 32, 32), with_maps=True).head_weights
+    # The weights never see the image: the same for every image and batch.
+    torch.testing.assert_close(first, second)
+    torch.testing.assert_close(first[0], first[1])
+    rebuilt = WeakTrCAM.from_config(model.config())
+    rebuilt.load_state_dict(model.state_dict())
+    assert torch.equal(rebuilt.fusion.query, model.fusion.query)

@@ -27,14 +27,42 @@ class Evaluation:
     scores: Scores
     threshold: float | None = None
     sweep: list[tuple[float, float]] = field(default_factory=list)
+    #: (threshold, mIoU) the reference's early-stopping search finds in `sweep` (CAMs only)
+    reference: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"kind": self.kind, "num_images": self.num_images}
         if self.threshold is not None:
             out["best_threshold"] = self.threshold
             out["sweep"] = [{"threshold": t, "miou": round(m * 100, 4)} for t, m in self.sweep]
+        if self.reference is not None:
+            out["reference_search"] = {"threshold": self.reference[0],
+                                       "miou": round(self.reference[1] * 100, 4)}
         out.update(self.scores.to_dict(self.class_names))
         return out
+
+
+#: Where the reference's CAM threshold search starts: 0.40 in 0ff9d9a (main.py
+#: --eval_miou_threshold_start), 0.30 in 3547b87.
+REFERENCE_SEARCH_START = 0.40
+
+
+def reference_search(sweep: Sequence[tuple[float, float]],
+                     start: float = REFERENCE_SEARCH_START) -> tuple[float, float] | None:
+    """The (threshold, mIoU) the reference's CAM evaluation reports from a sweep.
+
+    It walks the thresholds upward from `start` and stops at the first one that does not
+    improve the mIoU (hustvl/WeakTr 0ff9d9a evaluation.py:258-267), so it can stop at a local
+    maximum below the sweep's best. None when the sweep has no threshold at or above `start`.
+    """
+    best: tuple[float, float] | None = None
+    for threshold, miou in sorted(sweep):
+        if threshold < start - 1e-9:
+            continue
+        if best is not None and not miou > best[1]:
+            break
+        best = (threshold, miou)
+    return best
 
 
 def check_compatible(reader: ArtifactReader, dataset: SegmentationDataset) -> None:
@@ -65,8 +93,13 @@ def evaluate_artifact(
     *,
     thresholds: Sequence[float] | np.ndarray | None = None,
     progress: Progress | None = None,
+    reference_start: float = REFERENCE_SEARCH_START,
 ) -> Evaluation:
-    """Score a `labels` artifact, or sweep background thresholds for a `cams` artifact."""
+    """Score a `labels` artifact, or sweep background thresholds for a `cams` artifact.
+
+    For CAMs both figures are kept: the best of the whole sweep (`threshold`, `scores`) and
+    what the reference's early-stopping search from `reference_start` reports (`reference`).
+    """
     check_compatible(reader, dataset)
     total = len(reader)
     if total == 0:
@@ -92,13 +125,15 @@ def evaluate_artifact(
     results = sweep.results()
     # Best by mIoU; the lowest threshold wins ties so the choice is deterministic.
     best_t, best = max(results, key=lambda r: (np.nan_to_num(r[1].miou, nan=-1.0), -r[0]))
+    curve = [(t, s.miou) for t, s in results]
     return Evaluation(
         "cams",
         dataset.class_names,
         total,
         best,
         threshold=best_t,
-        sweep=[(t, s.miou) for t, s in results],
+        sweep=curve,
+        reference=reference_search(curve, reference_start),
     )
 
 

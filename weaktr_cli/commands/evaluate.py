@@ -111,4 +111,8 @@ def render(console: Console, payload: dict) -> None:
     table.add_row("[bold]mIoU[/]", f"[bold]{fmt(payload['miou'])}[/]", "", "")
     table.add_row("pixel accuracy", fmt(payload["pixel_accuracy"]), "", "")
     console.print(table)
+    reference = payload.get("reference_search")
+    if reference is not None:
+        console.print(f"the reference's search (upward from 0.40, first non-improving stop): "
+                      f"{reference['miou']:.1f} mIoU at {reference['threshold']:.2f}")
     console.print(f"images: {payload['num_images']}")

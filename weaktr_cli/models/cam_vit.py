@@ -52,7 +52,8 @@ __all__ = [
 
 CAM_VARIANTS = ("fine", "cross", "coarse")
 #: fusion -> (pooling, head-FFN reduction) of its training recipe (paper V1; released V3)
-_FUSION_RECIPES = {"aaf": ("avg", 4), "aaf-feat": ("max", 8), "mean-sum": ("avg", 4)}
+_FUSION_RECIPES = {"aaf": ("avg", 4), "aaf-feat": ("max", 8), "aaf-rand": ("avg", 4),
+                   "mean-sum": ("avg", 4)}
 
 
 @dataclass
@@ -173,11 +174,12 @@ class WeakTrCAM(nn.Module):
     Args:
         arch: an `ArchSpec` or a registered name (`weaktr_cli.models.registry`).
         num_classes: C, the number of foreground classes (VOC 20, COCO 80/90).
-        fusion: "aaf" (paper), "aaf-feat" (reference V3) or "mean-sum" (baseline).
+        fusion: "aaf" (paper), "aaf-feat" (reference V3), "aaf-rand" (random-query
+            ablation) or "mean-sum" (baseline).
         aaf_pool: "avg" or "max" pooling inside the fusion; default the variant's recipe
             ("aaf": "avg" as in the paper, "aaf-feat": "max" as the released checkpoint).
-        aaf_reduction: r of the head FFN, hidden = L*H // r; default 4 for "aaf"
-            (DeiT-S: 72 // 4 = 18) and 8 for "aaf-feat" (72 // 8 = 9).
+        aaf_reduction: r of the head FFN, hidden = int(L*H / r), r may be fractional; default
+            4 for "aaf" (DeiT-S: 72 / 4 = 18) and 8 for "aaf-feat" (72 / 8 = 9).
         aaf_feat_reduction: reduction of the "aaf-feat" per-head feature FFN (64 -> 8).
         detach_fine: detach attention and coarse CAM in the fine branch (reference behaviour).
         drop_path_rate: stochastic depth of the backbone (the reference trains with 0.1).
@@ -193,7 +195,7 @@ class WeakTrCAM(nn.Module):
         *,
         fusion: str = "aaf",
         aaf_pool: str | None = None,
-        aaf_reduction: int | None = None,
+        aaf_reduction: float | None = None,
         aaf_feat_reduction: int = 8,
         detach_fine: bool = True,
         drop_path_rate: float = 0.0,

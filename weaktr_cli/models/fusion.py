@@ -16,7 +16,14 @@ Variants (`FUSIONS`):
   are not tied to heads, so this strided split is a convention kept for checkpoint
   compatibility) -> Linear(D/H, D/H // fr) -> Linear(., 1) (no activation between) -> the same
   head FFN -> sigmoid.
+- ``"aaf-rand"`` (the paper's random-weight ablation, Table 4; reference
+  `AAF_RandWeight`, hustvl/WeakTr 0ff9d9a AAF.py:47-57): a fixed random K-vector (drawn once
+  from the global RNG, kept as the buffer `query` so it is saved with the model) -> the same
+  head FFN -> sigmoid. The weights are learned but never see the image.
 - ``"mean-sum"`` (MCTformer baseline): all weights 1.
+
+The head FFN's hidden width is int(K / r); r may be fractional (the reference's `--reduction`
+is a float, its hidden-dimension ablation, Table 8).
 """
 
 from __future__ import annotations
@@ -35,11 +42,12 @@ __all__ = [
     "FeatureFusion",
     "MeanSumFusion",
     "PooledAttentionFusion",
+    "RandomQueryFusion",
     "build_fusion",
     "weighted_mean_attention",
 ]
 
-FUSIONS = ("aaf", "aaf-feat", "mean-sum")
+FUSIONS = ("aaf", "aaf-feat", "aaf-rand", "mean-sum")
 POOLS = ("avg", "max")
 
 
@@ -63,8 +71,9 @@ class AttentionFusion(nn.Module):
         return self.depth * self.num_heads
 
 
-def _head_ffn(num_maps: int, reduction: int) -> nn.Sequential:
-    hidden = num_maps // reduction if reduction > 0 else 0
+def _head_ffn(num_maps: int, reduction: float) -> nn.Sequential:
+    # int(K / r) as the reference (AAF.py:13); equals K // r for integer r.
+    hidden = int(num_maps / reduction) if reduction > 0 else 0
     if hidden < 1:
         raise WeakTrError(
             f"AAF reduction {reduction} leaves no hidden units for {num_maps} attention maps",
@@ -98,7 +107,7 @@ class PooledAttentionFusion(AttentionFusion):
     """Paper AAF: pooled attention maps -> head FFN -> sigmoid (parameters `head_ffn.{0,2}`)."""
 
     def __init__(
-        self, depth: int, num_heads: int, *, pool: str = "avg", reduction: int = 4
+        self, depth: int, num_heads: int, *, pool: str = "avg", reduction: float = 4
     ) -> None:
         super().__init__(depth, num_heads)
         self.pool = _check_pool(pool)
@@ -109,6 +118,21 @@ class PooledAttentionFusion(AttentionFusion):
         reduce = torch.mean if self.pool == "avg" else torch.amax
         pooled = torch.cat([reduce(m, dim=(-2, -1)) for m in maps], dim=1)  # (B, L*H)
         weights: Tensor = self.head_ffn(pooled)
+        return weights
+
+
+class RandomQueryFusion(AttentionFusion):
+    """Random-weight AAF: a fixed random query -> head FFN -> sigmoid (`query`, `head_ffn`)."""
+
+    def __init__(self, depth: int, num_heads: int, *, reduction: float = 4) -> None:
+        super().__init__(depth, num_heads)
+        self.reduction = reduction
+        self.register_buffer("query", torch.randn(1, self.num_maps))
+        self.head_ffn = _head_ffn(self.num_maps, reduction)
+
+    def forward(self, maps: Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
+        query = self.get_buffer("query")
+        weights: Tensor = self.head_ffn(query.to(maps[0].dtype)).expand(maps[0].shape[0], -1)
         return weights
 
 
@@ -124,7 +148,7 @@ class FeatureFusion(AttentionFusion):
         head_dim: int,
         *,
         pool: str = "max",
-        reduction: int = 8,
+        reduction: float = 8,
         feat_reduction: int = 8,
     ) -> None:
         super().__init__(depth, num_heads)
@@ -161,7 +185,7 @@ def build_fusion(
     num_heads: int,
     head_dim: int,
     pool: str = "avg",
-    reduction: int = 4,
+    reduction: float = 4,
     feat_reduction: int = 8,
 ) -> AttentionFusion:
     """The fusion module `name` (one of `FUSIONS`) for a depth x num_heads backbone."""
@@ -176,6 +200,8 @@ def build_fusion(
             reduction=reduction,
             feat_reduction=feat_reduction,
         )
+    if name == "aaf-rand":
+        return RandomQueryFusion(depth, num_heads, reduction=reduction)
     if name == "mean-sum":
         return MeanSumFusion(depth, num_heads)
     raise WeakTrError(f"unknown fusion {name!r}", hint=f"choose one of: {', '.join(FUSIONS)}")
