@@ -712,3 +712,52 @@ def export_checkpoint(
         dynamic=dynamic, batch_size=batch_size, opset=opset, mean=mean, std=std,
         variant=variant, all_layers=all_layers, metadata=extra, atol=atol,
     )
+
+
+def export_reference_checkpoint(
+    checkpoint: str | Path,
+    out: str | Path,
+    *,
+    normalization: str | None = None,
+    num_heads: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    dynamic: bool = False,
+    batch_size: int = 1,
+    opset: int = DEFAULT_OPSET,
+    all_layers: bool = False,
+    atol: float = DEFAULT_ATOL,
+) -> ExportReport:
+    """Export a released reference segmentation checkpoint (`weaktr_cli.reference_model`).
+
+    The graph normalises with the reference's statistics; class names are VOC's or COCO's
+    by the class count (21, 91), else "class_<i>". Other arguments as `export_checkpoint`.
+    """
+    from weaktr_cli.artifacts import file_sha256
+    from weaktr_cli.reference_model import open_reference_segmenter
+    from weaktr_cli.retrain import NORMALIZATIONS
+
+    checkpoint = Path(checkpoint)
+    model, meta = open_reference_segmenter(checkpoint, normalization=normalization,
+                                           num_heads=num_heads)
+    mean, std = NORMALIZATIONS[str(meta["model"]["normalization"])]
+    n_cls = int(meta["model"]["n_cls"])
+    if meta["dataset"] == "voc":
+        from weaktr_cli.data.voc import VOC_CLASSES as names
+    elif meta["dataset"] == "coco":
+        from weaktr_cli.data.coco import COCO_CLASSES as names
+    else:
+        names = tuple(f"class_{i}" for i in range(n_cls))
+    extra = {
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": file_sha256(checkpoint),
+        "checkpoint_kind": "reference-segmenter",
+        "model": meta["model"],
+        "reference": meta["reference"],
+        "dataset": meta["dataset"],
+    }
+    return export_onnx(
+        model, out, kind="segmenter", class_names=list(names), height=height, width=width,
+        dynamic=dynamic, batch_size=batch_size, opset=opset, mean=mean, std=std,
+        all_layers=all_layers, metadata=extra, atol=atol,
+    )

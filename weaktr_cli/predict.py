@@ -43,6 +43,7 @@ from weaktr_cli.windows import label_from_probs, pass_size, window_starts
 
 __all__ = [
     "PAPER_PREDICT",
+    "PROCEDURES",
     "PredictSettings",
     "label_from_probs",
     "predict_probs",
@@ -65,8 +66,12 @@ class PredictSettings:
     normalization: input normalisation name (`weaktr_cli.retrain.NORMALIZATIONS`); take it
         from the checkpoint (`settings_for_checkpoint`).
     precision: "auto" (bf16 on CUDA or fast-bf16 CPUs, else fp32), "fp32", "bf16", "fp16".
-    crf: a `weaktr_cli.crf` preset name ("voc-test") or None.
+    crf: a `weaktr_cli.crf` preset name ("voc-test", "coco-test") or None.
     batch_size: windows per forward pass.
+    procedure: "weaktr" (above) or "reference": the reference's test-time procedure
+        (`weaktr_cli.test_time`; `base_size` is then its im_size, 520 for VOC and COCO): its
+        two-stage resize rule, per-layer view averaging, layers fused without renormalising
+        and the CRF fed the fused planes as they are (docs/REPRODUCING.md).
     """
 
     window: int = 480
@@ -79,6 +84,7 @@ class PredictSettings:
     precision: str = "auto"
     crf: str | None = None
     batch_size: int = 4
+    procedure: str = "weaktr"
 
     def check(self, model: Segmenter | None = None) -> None:
         """Raise `WeakTrError` for settings that cannot work (with `model`: layer count too)."""
@@ -95,6 +101,11 @@ class PredictSettings:
             raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. 0.5,1.0,1.5")
         if self.base_size is not None and self.base_size < 1:
             raise WeakTrError(f"invalid base size {self.base_size}")
+        if self.procedure not in PROCEDURES:
+            raise WeakTrError(f"unknown test-time procedure {self.procedure!r}",
+                              hint=f"use {' or '.join(PROCEDURES)}")
+        if self.procedure == "reference" and self.base_size is None:
+            raise WeakTrError("the reference's procedure needs a base size (its im_size, 520)")
         if self.normalization not in NORMALIZATIONS:
             raise WeakTrError(f"unknown normalization {self.normalization!r}",
                               hint=f"use {', '.join(NORMALIZATIONS)}")
@@ -120,16 +131,23 @@ class PredictSettings:
         return asdict(self)
 
 
-#: The reference's test-time settings for VOC (window 480 stride 320, ratios 0.5-1.75 of a 512
-#: short side with flips, 0.8 P1 + P2, CRF); take the normalisation from the checkpoint.
+#: `PredictSettings.procedure` values.
+PROCEDURES = ("weaktr", "reference")
+
+
+#: The reference's multi-scale test time for VOC (docs/REPRODUCING.md): its procedure at
+#: im_size 520, window 480 stride 320, ratios 0.5-1.75 with flips, 0.8 P1 + P2 and the CRF, in
+#: fp32; take the normalisation from the checkpoint.
 PAPER_PREDICT = PredictSettings(
     window=480,
     stride=320,
     scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
-    base_size=512,
+    base_size=520,
     flip=True,
     layer_weights=(0.8, 1.0),
+    precision="fp32",
     crf="voc-test",
+    procedure="reference",
 )
 
 
@@ -193,7 +211,8 @@ def predict_probs(
         settings: see `PredictSettings`.
 
     Returns:
-        float32 (n_cls, H, W) softmax probabilities (each pixel sums to 1).
+        float32 (n_cls, H, W) softmax probabilities (each pixel sums to 1; with the
+        reference's procedure to the sum of the layer weights, e.g. 1.8).
     """
     from weaktr_cli.retrain import NORMALIZATIONS
 
@@ -206,6 +225,8 @@ def predict_probs(
     if next(model.parameters()).device != dev:
         model.to(dev)
     model.eval()
+    if settings.procedure == "reference":
+        return _reference_probs(model, image, settings, precision)
     h, w = image.shape[:2]
     mean, std = NORMALIZATIONS[settings.normalization]
     m = torch.tensor(mean, device=dev).view(1, 3, 1, 1)
@@ -233,6 +254,25 @@ def predict_probs(
                 total += (weight / sum(mix)) * up.softmax(dim=0)
             passes += 1
     probs: np.ndarray = (total / passes).cpu().numpy().astype(np.float32)
+    return probs
+
+
+def _reference_probs(model: Segmenter, image: np.ndarray, settings: PredictSettings,
+                     precision: str) -> np.ndarray:
+    """`predict_probs` with the reference's procedure: sum_k w_k P_k, not renormalised."""
+    from weaktr_cli.retrain import NORMALIZATIONS
+    from weaktr_cli.test_time import fuse_layers, reference_layer_probs
+
+    weights = settings.layer_weights or (0.0,) * (model.num_decoder_layers - 1) + (1.0,)
+    used = [k for k, wk in enumerate(weights) if wk != 0]
+    mean, std = NORMALIZATIONS[settings.normalization]
+    assert settings.base_size is not None  # check() requires it
+    layers = reference_layer_probs(
+        model, image, ratios=settings.scales, flip=settings.flip, im_size=settings.base_size,
+        window=settings.window, stride=settings.stride, mean=mean, std=std, layers=used,
+        batch_size=settings.batch_size, precision=precision)
+    fused = fuse_layers(layers, [weights[k] for k in used], normalize=False)
+    probs: np.ndarray = fused.cpu().numpy().astype(np.float32)
     return probs
 
 
@@ -290,7 +330,8 @@ def predict_split(
         for image_id in todo:
             image = dataset.load_image(image_id)
             probs = predict_probs(model, image, settings, dev)
-            writer.write_labels(image_id, label_from_probs(probs, image, settings.crf))
+            writer.write_labels(image_id, label_from_probs(
+                probs, image, settings.crf, renormalize=settings.procedure != "reference"))
             release_freed_memory()
             done += 1
             if progress:

@@ -77,16 +77,24 @@ OPTIMIZERS = ("sgd", "adamw")
 NORMALIZATIONS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # The reference's: ImageNet statistics x 255 rounded to 2 decimals (hustvl/WeakTr 0ff9d9a
+    # OnlineRetraining/segm/data/base.py:35-37): 123.68/116.28/103.53, 58.4/57.12/57.38.
+    "imagenet-rounded": ((123.68 / 255, 116.28 / 255, 103.53 / 255),
+                         (58.4 / 255, 57.12 / 255, 57.38 / 255)),
 }
 
 
 def resolve_normalization(name: str, arch: str) -> str:
-    """"auto" -> "inception" for the `vit-*` (IN-21k) backbones, else "imagenet"."""
-    if name == "auto":
-        return "inception" if arch.startswith("vit-") else "imagenet"
+    """"auto" -> "inception" for the `vit-*` (IN-21k) backbones, else "imagenet";
+    "reference" -> "inception" for `vit-*`, else "imagenet-rounded" (the reference's)."""
+    if name in ("auto", "reference"):
+        if arch.startswith("vit-"):
+            return "inception"
+        return "imagenet" if name == "auto" else "imagenet-rounded"
     if name not in NORMALIZATIONS:
         raise WeakTrError(
-            f"unknown normalization {name!r}", hint=f"use auto, {', '.join(NORMALIZATIONS)}"
+            f"unknown normalization {name!r}",
+            hint=f"use auto, reference, {', '.join(NORMALIZATIONS)}"
         )
     return name
 

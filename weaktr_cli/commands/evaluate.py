@@ -12,6 +12,7 @@ from rich.table import Table
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+from weaktr_cli.commands.predict import ReferenceCheckpoint, ReferenceHeads, ReferenceNormalization
 
 HELP = """Score an artifact against the dataset's pixel ground truth.
 
@@ -24,6 +25,7 @@ best threshold. The dataset and split default to those the artifact was made fro
   weaktr evaluate seeds.h5 --data voc --data-root ~/VOCdevkit --split train
   weaktr evaluate preds.h5 --json --out metrics.json
   weaktr evaluate --checkpoint seg.ckpt --split val --multiscale
+  weaktr evaluate --reference-checkpoint checkpoint.pth --data voc --split val --multiscale
 """
 
 
@@ -33,6 +35,9 @@ def evaluate(
     checkpoint: Annotated[Path | None, typer.Option(
         help="Predict with this segmenter checkpoint first, then score the predictions.",
         rich_help_panel="Model")] = None,
+    reference_checkpoint: ReferenceCheckpoint = None,
+    reference_normalization: ReferenceNormalization = None,
+    reference_heads: ReferenceHeads = None,
     multiscale: Annotated[bool, typer.Option(help="With --checkpoint: multi-scale + flip.",
                                              rich_help_panel="Model")] = False,
     fuse_layers: Annotated[bool, typer.Option(help="With --checkpoint: 0.8 P1 + P2.",
@@ -63,11 +68,12 @@ def evaluate(
 
     output = Output(json_mode=json_mode, quiet=quiet)
     sweep = parse_thresholds(thresholds)
-    if (artifact is None) == (checkpoint is None):
+    if sum(x is not None for x in (artifact, checkpoint, reference_checkpoint)) != 1:
         from weaktr_cli.errors import WeakTrError
 
-        raise WeakTrError("pass an artifact or --checkpoint (not both)")
-    if checkpoint is not None:
+        raise WeakTrError("pass one of an artifact, --checkpoint and --reference-checkpoint")
+    model = checkpoint or reference_checkpoint
+    if model is not None:
         import tempfile
 
         from weaktr_cli.commands.predict import predict_checkpoint
@@ -76,10 +82,11 @@ def evaluate(
         tmp = None if keep else tempfile.TemporaryDirectory()
         target = keep or Path(tmp.name) / "preds.h5"  # type: ignore[union-attr]
         artifact = predict_checkpoint(
-            checkpoint, data=data, data_root=data_root, split=split or "val", images=None,
+            model, data=data, data_root=data_root, split=split or "val", images=None,
             out=target, multiscale=multiscale, flip=None, fuse_layers=fuse_layers, crf=crf,
             window=None, stride=None, precision=None, shard=None, resume=False, device=device,
-            output=output)
+            output=output, reference=reference_checkpoint is not None,
+            reference_normalization=reference_normalization, reference_heads=reference_heads)
     assert artifact is not None  # one of the two was given, and predict filled it in
     with open_artifact(artifact) as reader:
         dataset = open_dataset(data or reader.meta.dataset, split or reader.meta.split, data_root)

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+from weaktr_cli.commands.predict import ReferenceCheckpoint, ReferenceHeads, ReferenceNormalization
+
+if TYPE_CHECKING:
+    from weaktr_cli.export import ExportReport
 
 HELP = """Export a checkpoint to a verified ONNX model.
 
@@ -24,13 +28,18 @@ leaves no file.
 [dim]Examples:[/]
   weaktr export-onnx --checkpoint seg.ckpt --out model.onnx
   weaktr export-onnx --checkpoint seg.ckpt --dynamic --out model.onnx
+  weaktr export-onnx --reference-checkpoint checkpoint.pth --reference-normalization deit
   weaktr export-onnx --checkpoint cam.ckpt --cam --height 224 --width 224 --out cam.onnx
   weaktr predict --onnx model.onnx --images photos/ --png-dir masks/
 """
 
 
 def export_onnx(
-    checkpoint: Annotated[Path, typer.Option(help="A segmenter (or, with --cam, CAM) checkpoint.")],
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="A segmenter (or, with --cam, CAM) checkpoint.")] = None,
+    reference_checkpoint: ReferenceCheckpoint = None,
+    reference_normalization: ReferenceNormalization = None,
+    reference_heads: ReferenceHeads = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path(
         "model.onnx"),
     cam: Annotated[bool, typer.Option("--cam", help="Export the CAM model instead.")] = False,
@@ -53,6 +62,21 @@ def export_onnx(
     from weaktr_cli.export import export_checkpoint
 
     output = Output(json_mode=json_mode, quiet=quiet)
+    if (checkpoint is None) == (reference_checkpoint is None):
+        raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
+    if reference_checkpoint is not None:
+        if cam:
+            raise WeakTrError("--cam exports weaktr CAM checkpoints, not reference segmenters")
+        from weaktr_cli.export import export_reference_checkpoint
+
+        output.log(f"exporting {reference_checkpoint} (reference segmenter) to ONNX ...")
+        report = export_reference_checkpoint(
+            reference_checkpoint, out, normalization=reference_normalization,
+            num_heads=reference_heads, height=height, width=width, dynamic=dynamic,
+            batch_size=batch_size, opset=opset, all_layers=all_layers, atol=atol)
+        _report(output, report)
+        return
+    assert checkpoint is not None
     kind = read_checkpoint_meta(checkpoint).get("kind")
     wanted = "cam" if cam else "segmenter"
     if kind != wanted:
@@ -63,6 +87,10 @@ def export_onnx(
     report = export_checkpoint(checkpoint, out, height=height, width=width, dynamic=dynamic,
                                batch_size=batch_size, opset=opset, variant=variant,
                                all_layers=all_layers, atol=atol)
+    _report(output, report)
+
+
+def _report(output: Output, report: ExportReport) -> None:
     payload = report.to_dict()
 
     def render(console: Console) -> None:

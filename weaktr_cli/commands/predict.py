@@ -28,12 +28,30 @@ two-layer fusion (0.8 P1 + P2) and test-time CRF. --images predicts any folder o
   weaktr predict --checkpoint seg.ckpt --data voc --data-root ~/VOCdevkit --split val \\
       --multiscale --crf voc-test --out preds.h5
   weaktr predict --checkpoint seg.ckpt --images photos/ --png-dir masks/ --out photos.h5
+  weaktr predict --reference-checkpoint checkpoint.pth --data voc --split val --multiscale
+
+--reference-checkpoint runs a released hustvl/WeakTr segmentation checkpoint with the
+reference's own test-time procedure and the dataset's test CRF (docs/REPRODUCING.md).
 """
+
+#: Options of the released reference checkpoints, shared by predict, evaluate, export-onnx.
+ReferenceCheckpoint = Annotated[Path | None, typer.Option(
+    help="A released hustvl/WeakTr segmentation checkpoint (checkpoint.pth), loaded strictly "
+         "and run with the reference's test-time procedure.", rich_help_panel="Model")]
+ReferenceNormalization = Annotated[str | None, typer.Option(
+    help="Its input normalisation: deit (DeiT-S) or vit (ViT-S); default the variant.yml "
+         "beside it.", rich_help_panel="Model")]
+ReferenceHeads = Annotated[int | None, typer.Option(
+    min=1, help="Its attention heads (default: width // 64, as the reference).",
+    rich_help_panel="Model")]
 
 
 def predict(
     checkpoint: Annotated[Path | None, typer.Option(help="Segmenter checkpoint (retrain).")
                           ] = None,
+    reference_checkpoint: ReferenceCheckpoint = None,
+    reference_normalization: ReferenceNormalization = None,
+    reference_heads: ReferenceHeads = None,
     onnx: Annotated[Path | None, typer.Option(
         "--onnx", help="An exported ONNX model instead (onnxruntime, no torch).")] = None,
     data: options.DataOptional = None,
@@ -67,14 +85,16 @@ def predict(
     from weaktr_cli.shards import parse_shard
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    if (checkpoint is None) == (onnx is None):
-        raise WeakTrError("pass exactly one of --checkpoint and --onnx")
-    if checkpoint is not None:
+    if sum(x is not None for x in (checkpoint, reference_checkpoint, onnx)) != 1:
+        raise WeakTrError("pass exactly one of --checkpoint, --reference-checkpoint and --onnx")
+    model = checkpoint or reference_checkpoint
+    if model is not None:
         path = predict_checkpoint(
-            checkpoint, data=data, data_root=data_root, split=split, images=images, out=out,
+            model, data=data, data_root=data_root, split=split, images=images, out=out,
             multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, window=window,
             stride=stride, precision=precision, shard=parse_shard(shard), resume=resume,
-            device=device, output=output)
+            device=device, output=output, reference=reference_checkpoint is not None,
+            reference_normalization=reference_normalization, reference_heads=reference_heads)
     else:
         path = _predict_onnx(onnx, data, data_root, split, images, out, flip, crf, output,
                              parse_shard(shard), resume)
@@ -110,13 +130,60 @@ def _crf_choice(crf: str | None, recipe_crf: str | None) -> str | None:
     return None if crf.lower() == "none" else crf
 
 
+def _open_reference(checkpoint, *, data, data_root, split, images, multiscale, flip, crf,
+                    normalization, heads):
+    """(model, meta with class_names, dataset, settings) for a released reference checkpoint."""
+    from weaktr_cli.errors import WeakTrError
+    from weaktr_cli.reference_model import open_reference_segmenter, reference_predict_settings
+
+    model, meta = open_reference_segmenter(checkpoint, normalization=normalization,
+                                           num_heads=heads)
+    n_cls = meta["model"]["n_cls"]
+    name = data or meta["dataset"]
+    if name is None:
+        raise WeakTrError(f"{checkpoint} predicts {n_cls} classes, neither VOC's 21 nor COCO's 91",
+                          hint="name its dataset with --data")
+    if images is not None:
+        from weaktr_cli.data.coco import COCO_CLASSES
+        from weaktr_cli.data.voc import VOC_CLASSES
+
+        names = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}.get(str(name))
+        if names is None:
+            raise WeakTrError("--images with a reference checkpoint needs --data voc or coco")
+        dataset = _open(name, data_root, split, images, names)
+    else:
+        dataset = _open(name, data_root, split, None, None)
+    if dataset.num_classes != n_cls:
+        raise WeakTrError(f"{checkpoint} predicts {n_cls} classes, dataset {dataset.name!r} has "
+                          f"{dataset.num_classes}", hint="pass the dataset it was trained on")
+    meta["class_names"] = list(dataset.class_names)
+    settings = reference_predict_settings(meta, str(name), multiscale=multiscale,
+                                          crf="default" if crf is None else _crf_choice(crf, None),
+                                          flip=flip)
+    return model, meta, dataset, settings
+
+
 def predict_checkpoint(checkpoint: Path, *, data, data_root, split, images, out,
                        multiscale, flip, fuse_layers, crf, window, stride, precision, shard,
-                       resume, device, output) -> Path:
-    """Shared by `predict` and `evaluate --checkpoint`."""
+                       resume, device, output, reference: bool = False,
+                       reference_normalization: str | None = None,
+                       reference_heads: int | None = None) -> Path:
+    """Shared by `predict` and `evaluate --checkpoint` / `--reference-checkpoint`."""
     from weaktr_cli.predict import predict_split, settings_for_checkpoint
     from weaktr_cli.retrain import load_segmenter
 
+    if reference:
+        model, meta, dataset, settings = _open_reference(
+            checkpoint, data=data, data_root=data_root, split=split, images=images,
+            multiscale=multiscale, flip=flip, crf=crf, normalization=reference_normalization,
+            heads=reference_heads)
+        fixed = {k: v for k, v in {"window": window, "stride": stride,
+                                   "precision": precision}.items() if v is not None}
+        settings = dataclasses.replace(settings, **fixed)
+        with output.progress(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
+            return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
+                                 device=device, shard=shard, resume=resume,
+                                 checkpoint=checkpoint, progress=update)
     model, meta = load_segmenter(checkpoint)
     dataset_name = data or meta.get("dataset", "shapes")
     dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
