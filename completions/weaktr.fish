@@ -7,7 +7,7 @@ complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf r
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a predict -d 'Predict label maps with a retrained model into a labels...'
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a evaluate -d 'Score an artifact against the datasets pixel ground truth.'
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a export-onnx -d 'Export a checkpoint to a verified ONNX model.'
-complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a inspect -d 'Show an artifacts kind, image count, classes, provenance...'
+complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a inspect -d 'Show what a weaktr file holds and how it was made.'
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a merge -d 'Merge shard artifacts of the same kind, dataset, split...'
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a show -d 'Draw artifacts as PNG panels.'
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -a pipeline -d 'Run the whole method on one dataset, make-style.'
@@ -15,66 +15,66 @@ complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf r
 complete -c weaktr -n 'not __fish_seen_subcommand_from train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data' -l version
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l data-root -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l split -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l val-split -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l split -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l val-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l recipe -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l fusion -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-pool -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l recipe -xa 'shapes voc coco smoke'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l fusion -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-pool -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l pretrained -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l epochs -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l batch-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l lr -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l accum-steps -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l input-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l select -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l precision -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l epochs -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l lr -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l accum-steps -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l input-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l select -xa 'last val-map cam-miou'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l precision -xa 'auto fp32 bf16 fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l log-jsonl -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l seed -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l device -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l workers -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l seed -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l device -xa 'auto cpu cuda'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l workers -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l checkpoint -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l reference-checkpoint -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l data-root -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l split -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l scales -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l scales -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l flip
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l no-flip
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l variant -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l batch-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l precision -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l shard -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l variant -xa 'fine cross coarse'
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l precision -xa 'auto fp32 bf16 fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l shard -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l no-resume
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l device -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l device -xa 'auto cpu cuda'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l cams -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bg -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l preset -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bg -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l preset -xa 'voc coco voc-test coco-test'
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l no-crf
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l unary -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l unary -xa 'hard soft'
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l ignore-disagreement
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l no-ignore-disagreement
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l gt-prob -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l iterations -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l gaussian-sxy -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l gaussian-compat -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bilateral-sxy -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bilateral-srgb -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bilateral-compat -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l workers -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from crf' -l shard -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l gt-prob -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l iterations -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l gaussian-sxy -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l gaussian-compat -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bilateral-sxy -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bilateral-srgb -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bilateral-compat -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l workers -x
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l shard -x
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l json
@@ -83,27 +83,27 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l seeds -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l recipe -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l tau -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l patch -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l recipe -xa 'shapes voc coco smoke'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l tau -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l patch -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l clip
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-clip
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l bg -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l decoder -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l bg -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l decoder -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l pretrained -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l crop-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l batch-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l epochs -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l iterations -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l lr -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l precision -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l crop-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l epochs -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l iterations -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l lr -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l precision -xa 'auto fp32 bf16 fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l log-jsonl -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l seed -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l device -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l workers -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l seed -x
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l device -xa 'auto cpu cuda'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l workers -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l checkpoint -r -F
@@ -113,7 +113,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from predict' -l reference-heads -
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l onnx -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l data-root -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l split -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l images -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l png-dir -r -F
@@ -123,14 +123,14 @@ complete -c weaktr -n '__fish_seen_subcommand_from predict' -l flip
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l no-flip
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l fuse-layers
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l no-fuse-layers
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l crf -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l window -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l stride -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l precision -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l shard -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l crf -xa 'voc coco voc-test coco-test none'
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l window -x
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l stride -x
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l precision -xa 'auto fp32 bf16 fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l shard -x
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l no-resume
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l device -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l device -xa 'auto cpu cuda'
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l checkpoint -r -F
@@ -141,13 +141,13 @@ complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l multiscale
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l no-multiscale
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l fuse-layers
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l no-fuse-layers
-complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l crf -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l crf -xa 'voc coco voc-test coco-test none'
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l predictions -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l device -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l device -xa 'auto cpu cuda'
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l data-root -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l split -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l thresholds -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l split -x
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l thresholds -x
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l quiet
@@ -157,16 +157,16 @@ complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-nor
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-heads -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l cam
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l height -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l width -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l height -x
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l width -x
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l dynamic
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l no-dynamic
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l batch-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l opset -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l variant -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l opset -x
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l variant -xa 'fine cross coarse'
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l all-layers
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l no-all-layers
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l atol -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l atol -x
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from inspect' -l json
@@ -174,8 +174,8 @@ complete -c weaktr -n '__fish_seen_subcommand_from inspect' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from merge' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from merge' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from merge' -l quiet
-complete -c weaktr -n '__fish_seen_subcommand_from show' -l id -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from show' -l n -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from show' -l id -x
+complete -c weaktr -n '__fish_seen_subcommand_from show' -l n -x
 complete -c weaktr -n '__fish_seen_subcommand_from show' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from show' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from show' -l data-root -r -F
@@ -184,15 +184,15 @@ complete -c weaktr -n '__fish_seen_subcommand_from show' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l work -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l data-root -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l train-split -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l val-split -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l test-split -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l recipe -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l train-split -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l val-split -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l test-split -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l recipe -xa 'shapes voc coco smoke'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l pretrained -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l force -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seed -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l workers -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l device -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l force -xa 'train-cam dump-cams crf retrain predict evaluate report'
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seed -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l workers -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l device -xa 'auto cpu cuda'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and not __fish_seen_subcommand_from check shapes' -a check -d 'Validate a dataset layout and list what is missing or...'
@@ -202,12 +202,12 @@ complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcom
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from check' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from check' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-train -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-val -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-test -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l image-size -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-classes -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l max-objects -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l seed -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-train -x
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-val -x
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-test -x
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l image-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l num-classes -x
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l max-objects -x
+complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l seed -x
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from data ; and __fish_seen_subcommand_from shapes' -l quiet

@@ -9,7 +9,8 @@ Two kinds share one schema (documented for third parties in docs/artifacts.md):
   and predictions. Dataset path ``/labels/<id>``.
 
 Root attributes record how the file was made (kind, schema_version, dataset, split, class
-names, command line, weaktr version, seed, creation time, parent artifacts with sha256).
+names, command line, weaktr version, seed, creation time, parent artifacts with sha256) and,
+optionally, the folder the images were read from (data_root).
 
 Writers stream one image at a time into ``<out>.partial``, can resume an interrupted run
 (ids already in the partial file are skipped) and finish atomically: flush, fsync, rename.
@@ -55,6 +56,9 @@ class ArtifactMeta:
     weaktr_version: str = __version__
     created: str = ""
     schema_version: int = SCHEMA_VERSION
+    #: absolute folder the images were read from ("" if unknown), so `show`, `crf` and
+    #: `evaluate` find a custom dataset or an image folder without --data-root
+    data_root: str = ""
 
     @property
     def num_classes(self) -> int:
@@ -79,6 +83,7 @@ def new_meta(
     seed: int | None = None,
     config: dict[str, Any] | None = None,
     parents: Iterable[str | Path] = (),
+    data_root: str | Path | None = None,
 ) -> ArtifactMeta:
     """Metadata for a new artifact, with the current command line and parent checksums."""
     if kind not in KINDS:
@@ -92,6 +97,7 @@ def new_meta(
         seed=seed,
         config=dict(config or {}),
         parents=[{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in parents],
+        data_root=str(Path(data_root).resolve()) if data_root else "",
     )
 
 
@@ -135,6 +141,8 @@ def _write_meta(h5: Any, meta: ArtifactMeta) -> None:
     attrs["created"] = meta.created or _now()
     attrs["config"] = json.dumps(meta.config, sort_keys=True, default=str)
     attrs["parents"] = json.dumps(meta.parents)
+    if meta.data_root:
+        attrs["data_root"] = meta.data_root
 
 
 def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
@@ -193,6 +201,7 @@ def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
         weaktr_version=text("weaktr_version"),
         created=text("created"),
         schema_version=version,
+        data_root=text("data_root"),
     )
 
 

@@ -147,7 +147,8 @@ def dump_cams(
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
     }
     meta = new_meta("cams", dataset.name, dataset.split, dataset.class_names, seed=seed,
-                    config=config, parents=[checkpoint] if checkpoint else [])
+                    config=config, parents=[checkpoint] if checkpoint else [],
+                    data_root=dataset.root)
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]

@@ -16,9 +16,43 @@ import click
 SHELLS = {"bash": "weaktr.bash", "zsh": "_weaktr", "fish": "weaktr.fish"}
 
 
+def _named_values() -> dict[str, list[str]]:
+    """Values of options that take a name from a registry weaktr holds (not a click.Choice:
+    the registries live in heavy modules the CLI must not import at start-up). Imported here
+    only when the scripts are generated."""
+    from weaktr_cli.crf import PRESETS
+    from weaktr_cli.models.cam_vit import CAM_VARIANTS
+    from weaktr_cli.models.registry import arch_names
+    from weaktr_cli.pipeline import PHASES
+    from weaktr_cli.recipes import recipe_names
+    from weaktr_cli.retrain import NORMALIZATIONS
+    from weaktr_cli.runtime import PRECISIONS
+    from weaktr_cli.seeds import UNARIES
+    from weaktr_cli.train_cam import SELECTIONS
+
+    return {
+        "--arch": arch_names(),
+        "--recipe": recipe_names(),
+        "--crf": [*PRESETS, "none"],
+        "--preset": list(PRESETS),
+        "--precision": list(PRECISIONS),
+        "--variant": list(CAM_VARIANTS),
+        "--force": list(PHASES),
+        "--select": list(SELECTIONS),
+        "--unary": list(UNARIES),
+        "--normalization": list(NORMALIZATIONS),
+        "--device": ["auto", "cpu", "cuda"],
+    }
+
+
 @dataclass
 class Node:
-    """One command of the tree: its path, subcommands, options and option choices."""
+    """One command of the tree: its path, subcommands, options and what their values are.
+
+    choices: option -> the values TAB offers; paths: options whose value is a file or folder
+    (TAB offers files); values: every option that takes a value (TAB never offers option
+    names right after one).
+    """
 
     path: tuple[str, ...]
     help: str
@@ -26,9 +60,13 @@ class Node:
     options: list[str] = field(default_factory=list)
     choices: dict[str, list[str]] = field(default_factory=dict)
     flags: set[str] = field(default_factory=set)
+    paths: set[str] = field(default_factory=set)
+    values: set[str] = field(default_factory=set)
 
 
-def command_tree(command: click.Command, path: tuple[str, ...] = ("weaktr",)) -> Node:
+def command_tree(command: click.Command, path: tuple[str, ...] = ("weaktr",),
+                 named: dict[str, list[str]] | None = None) -> Node:
+    named = _named_values() if named is None else named
     summary = (command.get_short_help_str(limit=60) if path[1:] else "").replace("'", "")
     node = Node(path=path, help=summary)
     for param in command.params:
@@ -38,15 +76,21 @@ def command_tree(command: click.Command, path: tuple[str, ...] = ("weaktr",)) ->
         node.options.extend(names)
         if param.is_flag:
             node.flags.update(names)
-        if isinstance(param.type, click.Choice):
-            for name in names:
+            continue
+        for name in param.opts:  # "-o FILE" as well as "--out FILE"
+            node.values.add(name)
+            if isinstance(param.type, click.Choice):
                 node.choices[name] = [str(c) for c in param.type.choices]
+            elif isinstance(param.type, click.Path):
+                node.paths.add(name)
+            elif name in named:
+                node.choices[name] = named[name]
     if isinstance(command, click.Group):
         ctx = click.Context(command)
         for name in command.list_commands(ctx):
             sub = command.get_command(ctx, name)
             if sub is not None and not sub.hidden:
-                node.children.append(command_tree(sub, (*path, name)))
+                node.children.append(command_tree(sub, (*path, name), named))
     return node
 
 
@@ -71,8 +115,14 @@ def bash_script(root: Node) -> str:
             lines.append(f'            "{" ".join(child.path)}") {step} ;;')
     lines += ["        esac", "    done", "    local words=", '    case "$path $prev" in']
     for node in nodes:
+        prefix = " ".join(node.path)
         for option, values in node.choices.items():
-            lines.append(f'        "{" ".join(node.path)} {option}") words="{" ".join(values)}" ;;')
+            lines.append(f'        "{prefix} {option}") words="{" ".join(values)}" ;;')
+        for option in sorted(node.paths):
+            lines.append(f'        "{prefix} {option}") compopt -o filenames 2>/dev/null; '
+                         'COMPREPLY=($(compgen -f -- "$cur")); return ;;')
+        for option in sorted(node.values - node.paths - set(node.choices)):
+            lines.append(f'        "{prefix} {option}") COMPREPLY=(); return ;;')
     lines += ["    esac", '    if [[ -z $words ]]; then', '        case "$path" in']
     for node in nodes:
         words = [c.path[-1] for c in node.children] + node.options
@@ -105,11 +155,13 @@ def zsh_script(root: Node) -> str:
             lines.append(f'            "{" ".join(child.path)}") path="$path $w" ;;')
     lines += ["        esac", "    done", '    case "$path $prev" in']
     for node in nodes:
+        prefix = " ".join(node.path)
         for option, values in node.choices.items():
-            lines.append(
-                f'        "{" ".join(node.path)} {option}") '
-                f'compadd -- {" ".join(values)}; return ;;'
-            )
+            lines.append(f'        "{prefix} {option}") compadd -- {" ".join(values)}; return ;;')
+        for option in sorted(node.paths):
+            lines.append(f'        "{prefix} {option}") _files; return ;;')
+        for option in sorted(node.values - node.paths - set(node.choices)):
+            lines.append(f'        "{prefix} {option}") _message value; return ;;')
     lines += ["    esac", '    case "$path" in']
     for node in nodes:
         subs = " ".join(f"'{c.path[-1]}:{c.help}'" for c in node.children)
@@ -144,8 +196,10 @@ def fish_script(root: Node) -> str:
             extra = ""
             if option in node.choices:
                 extra = f" -xa '{' '.join(node.choices[option])}'"
-            elif option not in node.flags:
+            elif option in node.paths:
                 extra = " -r -F"
+            elif option in node.values:
+                extra = " -x"  # a number or a name: neither files nor option names
             lines.append(f"complete -c weaktr -n '{condition}' -l {option[2:]}{extra}")
     return "\n".join(lines) + "\n"
 

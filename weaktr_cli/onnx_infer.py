@@ -488,7 +488,8 @@ def predict_split_onnx(
         "shard": list(shard) if shard else None,
         "onnx_sha256": file_sha256(path),
     }
-    meta = new_meta("labels", dataset.name, dataset.split, names, config=config, parents=[path])
+    meta = new_meta("labels", dataset.name, dataset.split, names, config=config, parents=[path],
+                    data_root=dataset.root)
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]

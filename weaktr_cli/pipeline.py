@@ -70,7 +70,12 @@ class PhaseRecord:
 class PipelineResult:
     work: Path
     phases: list[PhaseRecord]
-    metrics: dict[str, Any]
+    metrics: dict[str, Any]  # mIoU per scored artifact; None where there were no pixel labels
+    unscored: list[str] = field(default_factory=list)  # "dataset/split" without pixel labels
+
+    @property
+    def pictures(self) -> list[Path]:
+        return [p for p in (self.work / "panels.png", self.work / "iou.png") if p.is_file()]
 
 
 def _identity(path: Path) -> list[Any]:
@@ -237,6 +242,13 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     runner.run("predict", [preds_train, preds_test],
                {"predict": dataclasses.asdict(predict_settings)}, [seg_ckpt], predict_phase)
 
+    # Pixel masks are optional (a dataset of one's own often has none): what has no masks is
+    # not scored, and the panels are drawn all the same.
+    unscored = [f"{d.name}/{d.split}" for d in (train_set, test_set) if not d.has_masks]
+    if unscored:
+        say(f"[yellow]no pixel labels in {' and '.join(unscored)}[/]: nothing to score there; "
+            "evaluate skips it and the report draws panels only")
+
     def evaluate_phase() -> dict[str, Any]:
         from weaktr_cli.artifacts import open_artifact
         from weaktr_cli.evaluation import evaluate_artifact
@@ -247,6 +259,10 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                                     ("seeds_train", seeds, train_set),
                                     ("model_train", preds_train, train_set),
                                     (f"model_{test_set.split}", preds_test, test_set)):
+            if not dataset.has_masks:
+                scores[name] = {"miou": None, "unscored": "no pixel labels in "
+                                f"{dataset.name}/{dataset.split}"}
+                continue
             with open_artifact(path) as reader:
                 result = evaluate_artifact(reader, dataset, thresholds=default_thresholds())
             scores[name] = result.to_dict()
@@ -259,10 +275,12 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
         return figures
 
     evaluated = runner.run("evaluate", [scores_path],
-                           {"thresholds": "default", "bg": seed_recipe.bg},
+                           {"thresholds": "default", "bg": seed_recipe.bg, "unscored": unscored},
                            [cams, seeds, preds_train, preds_test], evaluate_phase)
 
     panels, chart = work / "panels.png", work / "iou.png"
+    scored = any(evaluated.result.get(k) is not None
+                 for k in ("cams_train", "seeds_train", "model_train"))
 
     def report_phase() -> dict[str, Any]:
         from contextlib import ExitStack
@@ -275,19 +293,24 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                       for title, path in (("CAM", cams), ("seeds", seeds),
                                           ("prediction", preds_train))]
             panel_sheet(train_set, train_set.ids[: config.show_images], layers, panels)
+        if not scored:
+            chart.unlink(missing_ok=True)  # a chart of an earlier, scored run would mislead
+            return {}
         scores = json.loads(scores_path.read_text())
         series = {}
         for key, label in (("cams_train", "CAM (train)"), ("seeds_train", "seeds (train)"),
                            ("model_train", "model (train)"),
                            (f"model_{test_set.split}", f"model ({test_set.split})")):
+            if scores[key].get("miou") is None:
+                continue
             per_class = {row["id"]: row["iou"] for row in scores[key]["per_class"]}
             series[label] = [per_class.get(i) for i in range(train_set.num_classes)]
         iou_chart(series, train_set.class_names, chart,
                   title=f"per-class IoU, {config.data} ({recipe} recipe)")
         return {}
 
-    runner.run("report", [panels, chart], {"show": config.show_images}, [scores_path],
-               report_phase)
+    runner.run("report", [panels, chart] if scored else [panels],
+               {"show": config.show_images, "scored": scored}, [scores_path], report_phase)
     figures = dict(evaluated.result)
     write_metrics(work / "metrics.json", config, recipe, runner.records, figures,
                   seeds={"train-cam": cam_config.seed, "retrain": retrain_config.seed},
@@ -295,7 +318,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                                                 "test": test_set.split},
                   precisions=_precisions(config.device, cam_config.precision,
                                          retrain_config.precision, predict_settings.precision))
-    return PipelineResult(work, runner.records, figures)
+    return PipelineResult(work, runner.records, figures, unscored=unscored)
 
 
 def _held_out(config: PipelineConfig, val_set: SegmentationDataset) -> SegmentationDataset:

@@ -319,7 +319,7 @@ def predict_split(
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config,
-                    parents=[checkpoint] if checkpoint else [])
+                    parents=[checkpoint] if checkpoint else [], data_root=dataset.root)
     ids = select_shard(dataset.ids, shard)
     with ArtifactWriter(out_path, meta, resume=resume) as writer:
         todo = [i for i in ids if i not in writer.done_ids]

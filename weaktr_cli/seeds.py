@@ -266,7 +266,8 @@ def make_seeds(
         bg=bg, params=params, unary=unary, mark_disagreement=mark_disagreement, shard=shard
     )
     out_meta = new_meta(
-        "labels", meta.dataset, meta.split, meta.class_names, config=config, parents=[cams_path]
+        "labels", meta.dataset, meta.split, meta.class_names, config=config, parents=[cams_path],
+        data_root=dataset.root or meta.data_root or None,
     )
     options = {
         "bg": bg,

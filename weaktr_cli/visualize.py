@@ -2,7 +2,9 @@
 
 A panel row shows, left to right: the image, one heatmap per CAM class (jet-like colours over
 the greyed image), then every label artifact given (seeds, predictions), then the ground truth,
-each labelled, with a class legend in the dataset palette below.
+each captioned (a caption cut to its tile ends in an ellipsis). Tiles share one height and keep
+their image's aspect ratio, so rows have no gaps; the legend below names only the classes the
+label maps show, flowed to the sheet's width.
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
 from weaktr_cli.data.images import voc_palette
 from weaktr_cli.errors import WeakTrError
 
-TILE = 160  # the longer side of each tile, in pixels
-CAPTION = 14
+TILE = 224  # the height of every tile; its width follows the image's aspect ratio
+MAX_ASPECT = 2.0  # wider images are shrunk to TILE * MAX_ASPECT wide (a panorama stays readable)
+MIN_WIDTH = 96  # narrow tiles are padded to this, so their captions stay readable
+GAP = 4  # white pixels between tiles and rows
+CAPTION = 16
 IGNORE_COLOUR = (255, 255, 255)
+ELLIPSIS = "\u2026"
 
 
 @dataclass(frozen=True)
@@ -33,11 +39,23 @@ class Layer:
 
 
 def _font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+    return ImageFont.load_default(size=12)
+
+
+def shorten(text: str, width: float) -> str:
+    """`text` cut to `width` pixels of the caption font, the cut marked by an ellipsis (a cut
+    id must never read as another, real id)."""
+    font = _font()
+    if font.getlength(text) <= width:
+        return text
+    while text and font.getlength(text + ELLIPSIS) > width:
+        text = text[:-1]
+    return text + ELLIPSIS
 
 
 def _fit(image: Image.Image) -> Image.Image:
-    scale = TILE / max(image.size)
+    """Scale to TILE pixels high (at most TILE * MAX_ASPECT wide), keeping the aspect ratio."""
+    scale = min(TILE / image.size[1], TILE * MAX_ASPECT / image.size[0])
     size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
     resample = Image.Resampling.NEAREST if image.mode == "P" else Image.Resampling.BILINEAR
     return image.resize(size, resample)
@@ -61,17 +79,31 @@ def heatmap(image: np.ndarray, cam: np.ndarray) -> Image.Image:
 
 
 def _captioned(tile: Image.Image, caption: str) -> Image.Image:
-    canvas = Image.new("RGB", (TILE, TILE + CAPTION), (255, 255, 255))
-    canvas.paste(tile.convert("RGB"), ((TILE - tile.size[0]) // 2, CAPTION))
-    ImageDraw.Draw(canvas).text((2, 1), caption[:26], fill=(0, 0, 0), font=_font())
+    width = max(tile.size[0], MIN_WIDTH)
+    canvas = Image.new("RGB", (width, TILE + CAPTION), (255, 255, 255))
+    canvas.paste(tile.convert("RGB"), ((width - tile.size[0]) // 2, CAPTION))
+    ImageDraw.Draw(canvas).text((2, 1), shorten(caption, width - 4), fill=(0, 0, 0),
+                                font=_font())
     return canvas
 
 
-def panel_row(dataset: SegmentationDataset, image_id: str, layers: Sequence[Layer]) -> Image.Image:
-    """One row of tiles for `image_id` (see the module docstring)."""
+def _row(tiles: Sequence[Image.Image]) -> Image.Image:
+    width = sum(t.size[0] for t in tiles) + GAP * (len(tiles) - 1)
+    row = Image.new("RGB", (width, TILE + CAPTION), (255, 255, 255))
+    x = 0
+    for tile in tiles:
+        row.paste(tile, (x, 0))
+        x += tile.size[0] + GAP
+    return row
+
+
+def panel_row(dataset: SegmentationDataset, image_id: str, layers: Sequence[Layer]
+              ) -> tuple[Image.Image, set[int]]:
+    """One row of tiles for `image_id` (see the module docstring) and the class ids it shows."""
     image = dataset.load_image(image_id)
     names = dataset.class_names
     tiles = [_captioned(_fit(Image.fromarray(image)), image_id)]
+    shown: set[int] = set()
     for layer in layers:
         if image_id not in layer.reader:
             raise WeakTrError(f"{layer.reader.path} has no entry for image {image_id!r}")
@@ -81,48 +113,70 @@ def panel_row(dataset: SegmentationDataset, image_id: str, layers: Sequence[Laye
                 tiles.append(_captioned(_fit(heatmap(image, cam)),
                                         f"{layer.title}: {names[class_id]}"))
         else:
-            tiles.append(_captioned(_fit(colour_labels(layer.reader.read_labels(image_id))),
-                                    layer.title))
+            label = layer.reader.read_labels(image_id)
+            shown.update(int(c) for c in np.unique(label))
+            tiles.append(_captioned(_fit(colour_labels(label)), layer.title))
     mask = dataset.load_mask(image_id)
     if mask is not None:
+        shown.update(int(c) for c in np.unique(mask))
         tiles.append(_captioned(_fit(colour_labels(mask)), "ground truth"))
-    row = Image.new("RGB", (TILE * len(tiles), TILE + CAPTION), (255, 255, 255))
-    for i, tile in enumerate(tiles):
-        row.paste(tile, (i * TILE, 0))
-    return row
+    return _row(tiles), shown
 
 
-def legend(class_names: Sequence[str], width: int) -> Image.Image:
-    """Palette swatches with class names, wrapped to `width`."""
+def legend(class_names: Sequence[str], width: int, shown: set[int] | None = None
+           ) -> Image.Image:
+    """Palette swatches with the names of the classes in `shown` (default: all), in class-id
+    order, flowed into lines of at most `width` pixels."""
     palette = voc_palette()
-    entries = [(i, n) for i, n in enumerate(class_names) if n] + [(IGNORE_INDEX, "ignore")]
-    cell = 120
-    per_row = max(1, width // cell)
-    rows = (len(entries) + per_row - 1) // per_row
-    image = Image.new("RGB", (width, rows * 16 + 4), (255, 255, 255))
+    entries = [(i, n) for i, n in enumerate(class_names)
+               if n and (shown is None or i in shown)]
+    if shown is None or IGNORE_INDEX in shown:
+        entries.append((IGNORE_INDEX, "ignore"))
+    font = _font()
+    cells = []
+    for class_id, name in entries:
+        text = shorten(name, width - 24)
+        cells.append((class_id, text, 16 + round(font.getlength(text)) + 12))
+    lines: list[list[tuple[int, str, int]]] = [[]]
+    used = 0
+    for cell in cells:
+        if lines[-1] and used + cell[2] > width:
+            lines.append([])
+            used = 0
+        lines[-1].append(cell)
+        used += cell[2]
+    image = Image.new("RGB", (width, len(lines) * 18 + 4), (255, 255, 255))
     draw = ImageDraw.Draw(image)
-    for k, (class_id, name) in enumerate(entries):
-        x, y = (k % per_row) * cell + 2, (k // per_row) * 16 + 2
-        colour = IGNORE_COLOUR if class_id == IGNORE_INDEX else tuple(
-            palette[3 * class_id : 3 * class_id + 3])
-        draw.rectangle([x, y, x + 12, y + 12], fill=colour, outline=(0, 0, 0))
-        draw.text((x + 16, y), name[:16], fill=(0, 0, 0), font=_font())
+    for row, line in enumerate(lines):
+        x, y = 2, row * 18 + 3
+        for class_id, text, cell_width in line:
+            colour = IGNORE_COLOUR if class_id == IGNORE_INDEX else tuple(
+                palette[3 * class_id : 3 * class_id + 3])
+            draw.rectangle([x, y, x + 12, y + 12], fill=colour, outline=(0, 0, 0))
+            draw.text((x + 16, y), text, fill=(0, 0, 0), font=font)
+            x += cell_width
     return image
 
 
 def panel_sheet(dataset: SegmentationDataset, ids: Sequence[str], layers: Sequence[Layer],
                 out_path: str | Path) -> Path:
-    """Rows of panels for `ids` plus a legend, saved as one PNG."""
+    """Rows of panels for `ids` plus a legend of the classes they show, saved as one PNG."""
     if not ids:
         raise WeakTrError("no images to show")
-    rows = [panel_row(dataset, image_id, layers) for image_id in ids]
+    rows, shown = [], set()
+    for image_id in ids:
+        row, classes = panel_row(dataset, image_id, layers)
+        rows.append(row)
+        shown |= classes
     width = max(r.size[0] for r in rows)
-    key = legend(dataset.class_names, width)
-    sheet = Image.new("RGB", (width, sum(r.size[1] for r in rows) + key.size[1]), "white")
+    # CAM tiles name their class in the caption: only label colours need the legend.
+    key = legend(dataset.class_names, width, shown) if shown else Image.new("RGB", (width, 0))
+    height = sum(r.size[1] + GAP for r in rows) + key.size[1]
+    sheet = Image.new("RGB", (width, height), "white")
     y = 0
     for row in rows:
         sheet.paste(row, (0, y))
-        y += row.size[1]
+        y += row.size[1] + GAP
     sheet.paste(key, (0, y))
     return _save(sheet, out_path)
 
@@ -147,7 +201,7 @@ def iou_chart(series: Mapping[str, Sequence[float | None]], class_names: Sequenc
         draw.text((x - 6, 16), str(tick), fill=(90, 90, 90), font=_font())
     for row, (class_id, name) in enumerate(classes):
         y0 = 30 + row * group
-        draw.text((4, y0 + 2), name[:16], fill=(0, 0, 0), font=_font())
+        draw.text((4, y0 + 2), shorten(name, left - 8), fill=(0, 0, 0), font=_font())
         for k, values in enumerate(series.values()):
             value = values[class_id] if class_id < len(values) else None
             y = y0 + k * bar

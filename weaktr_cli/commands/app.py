@@ -29,7 +29,8 @@ app = typer.Typer(
     name="weaktr",
     help="WeakTr weakly-supervised semantic segmentation: image-level labels in, "
     "a segmentation model out.\n\n"
-    "Phases exchange HDF5 artifacts: train-cam -> dump-cams -> crf -> retrain -> evaluate.",
+    "Phases exchange HDF5 artifacts: train-cam -> dump-cams -> crf -> retrain -> predict "
+    "-> evaluate (export-onnx for deployment); pipeline runs them all.",
     no_args_is_help=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,

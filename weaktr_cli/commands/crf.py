@@ -60,7 +60,7 @@ def crf(
 ) -> None:
     from weaktr_cli.artifacts import read_meta
     from weaktr_cli.crf import get_preset
-    from weaktr_cli.data import open_dataset
+    from weaktr_cli.data import open_artifact_dataset
     from weaktr_cli.recipes import SEED_RECIPES
     from weaktr_cli.seeds import make_seeds
     from weaktr_cli.shards import parse_shard
@@ -71,7 +71,7 @@ def crf(
         from weaktr_cli.errors import WeakTrError
 
         raise WeakTrError(f"{cams} is a {meta.kind!r} artifact, but --cams needs a 'cams' one")
-    dataset = open_dataset(data or meta.dataset, meta.split, data_root)
+    dataset = open_artifact_dataset(meta, data=data, root=data_root)
     recipe = SEED_RECIPES.get(dataset.name, SEED_RECIPES["voc"])
     params = None
     preset_name = preset or recipe.preset

@@ -17,7 +17,9 @@ app = typer.Typer(help="Dataset tools.", no_args_is_help=True, rich_markup_mode=
 
 CHECK_HELP = """Validate a dataset layout and list what is missing or broken.
 
-For [bold]shapes[/] this also generates the built-in dataset into the cache if needed.
+Prints, per split, the images, pixel masks and where the image-level labels come from.
+Pixel masks are optional (they are only for scoring): a split without any is a note, not a
+problem. For [bold]shapes[/] this also generates the built-in dataset into the cache if needed.
 
 [dim]Examples:[/]
   weaktr data check --data voc --data-root ~/data/VOCdevkit
@@ -33,18 +35,26 @@ def check(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.data import check_dataset
+    from weaktr_cli.data import survey_dataset
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    problems = check_dataset(data, data_root)
-    payload = {"data": data, "data_root": str(data_root) if data_root else None,
-               "ok": not problems, "problems": problems}
+    report = survey_dataset(data, data_root)
+    problems = report["problems"]
+    payload = {"data": data, **report, "ok": not problems}
 
     def render(console: Console) -> None:
+        console.print(f"{data} at {report['data_root']}")
+        for split, counts in report["splits"].items():
+            sources = ", ".join(f"{n} from {source}" for source, n in counts["labels"].items()
+                                if n)
+            console.print(f"  {split}: {counts['images']} images, {counts['masks']} masks; "
+                          f"image-level labels: {sources or 'none'}", highlight=False)
         if not problems:
             console.print(f"[green]ok[/]: {data} layout is complete")
+        for line in report["notes"]:
+            console.print(f"[yellow]note[/]: {line}", highlight=False)
         for line in problems:
-            console.print(f"[red]problem[/]: {line}")
+            console.print(f"[red]problem[/]: {line}", highlight=False)
 
     output.result(payload, render)
     if problems:

@@ -63,7 +63,7 @@ def evaluate(
     quiet: options.Quiet = False,
 ) -> None:
     from weaktr_cli.artifacts import open_artifact
-    from weaktr_cli.data import open_dataset
+    from weaktr_cli.data import open_artifact_dataset
     from weaktr_cli.evaluation import evaluate_artifact, parse_thresholds
 
     output = Output(json_mode=json_mode, quiet=quiet)
@@ -89,7 +89,7 @@ def evaluate(
             reference_normalization=reference_normalization, reference_heads=reference_heads)
     assert artifact is not None  # one of the two was given, and predict filled it in
     with open_artifact(artifact) as reader:
-        dataset = open_dataset(data or reader.meta.dataset, split or reader.meta.split, data_root)
+        dataset = open_artifact_dataset(reader.meta, data=data, split=split, root=data_root)
         with output.progress(f"evaluate {artifact.name}", len(reader)) as update:
             result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update)
     payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,

@@ -22,7 +22,9 @@ class Output:
         self.json_mode = json_mode
         self.quiet = quiet
         self.out = Console(soft_wrap=True)
-        self.err = Console(stderr=True, quiet=quiet)
+        # soft_wrap: a log line stays one line in a file or pipe (rich would hard-wrap it at 80
+        # columns off a terminal); a terminal wraps it itself.
+        self.err = Console(stderr=True, quiet=quiet, soft_wrap=True)
 
     def log(self, message: str) -> None:
         """A progress note on stderr (hidden by --quiet)."""

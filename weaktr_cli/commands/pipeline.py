@@ -81,7 +81,8 @@ def pipeline(
         "phases": [{"phase": r.name, "skipped": r.skipped, "wall_s": round(r.wall_s, 2),
                     "size_bytes": r.size_bytes, "outputs": [str(p) for p in r.outputs]}
                    for r in result.phases],
-        "pictures": [str(result.work / "panels.png"), str(result.work / "iou.png")],
+        "pictures": [str(p) for p in result.pictures],
+        "unscored": result.unscored,
         "record": str(result.work / "metrics.json"),
     }
     output.result(payload, lambda console: render(console, payload))
@@ -124,6 +125,9 @@ def render(console: Console, payload: dict) -> None:
     table.add_section()
     table.add_row("total (this run)", "", f"{total:.1f}", "", "", "")
     console.print(table)
+    if payload["unscored"]:
+        console.print(f"not scored: no pixel labels in {' and '.join(payload['unscored'])} "
+                      "(masks are optional; add SegmentationClass/<id>.png to score)")
     console.print("pictures: " + ", ".join(payload["pictures"]))
     console.print(f"record: {payload['record']}")
 

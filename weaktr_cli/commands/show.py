@@ -15,10 +15,13 @@ HELP = """Draw artifacts as PNG panels.
 One row per image with the image, a heatmap per CAM class,
 each label artifact (seeds, predictions) and the ground truth, in the dataset palette with a
 class legend. Artifacts are drawn in the order given; all must cover the chosen images.
+The images are read from the folder the first artifact records (a custom dataset, or the
+folder of `predict --images`); --data-root overrides it.
 
 [dim]Examples:[/]
   weaktr show cams.h5 seeds.h5 preds.h5 --n 8 --out panels.png
   weaktr show cams.h5 --id 2007_000032 --data-root ~/VOCdevkit --out cat.png
+  weaktr show photos.h5 --out photos.png       # what `predict --images photos/` wrote
 """
 
 
@@ -36,14 +39,14 @@ def show(
     from contextlib import ExitStack
 
     from weaktr_cli.artifacts import open_artifact
-    from weaktr_cli.data import open_dataset
+    from weaktr_cli.data import open_artifact_dataset
     from weaktr_cli.visualize import Layer, panel_sheet
 
     output = Output(json_mode=json_mode, quiet=quiet)
     with ExitStack() as stack:
         readers = [stack.enter_context(open_artifact(p)) for p in artifacts]
         first = readers[0].meta
-        dataset = open_dataset(data or first.dataset, first.split, data_root)
+        dataset = open_artifact_dataset(first, data=data, root=data_root)
         ids = list(image_id) if image_id else readers[0].ids[:n]
         layers = [Layer(_title(p, r.kind), r) for p, r in zip(artifacts, readers, strict=True)]
         path = panel_sheet(dataset, ids, layers, out)

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.names import DatasetName
 
+if TYPE_CHECKING:
+    from weaktr_cli.artifacts import ArtifactMeta
+
 DATASETS = tuple(d.value for d in DatasetName)
 DEFAULT_SPLITS = {"shapes": "train", "voc": "train", "coco": "train"}
+#: the dataset name of artifacts made by `predict --images` (their data_root is the folder)
+FOLDER = "folder"
 
-__all__ = ["DATASETS", "IGNORE_INDEX", "SegmentationDataset", "check_dataset", "open_dataset"]
+__all__ = ["DATASETS", "FOLDER", "IGNORE_INDEX", "SegmentationDataset", "check_dataset",
+           "open_artifact_dataset", "open_dataset", "survey_dataset"]
 
 
 def resolve_root(name: str, root: str | Path | None) -> Path | None:
@@ -41,7 +48,11 @@ def resolve_root(name: str, root: str | Path | None) -> Path | None:
 def _check_name(name: str) -> str:
     name = str(name)
     if name not in DATASETS:
-        raise WeakTrError(f"unknown dataset {name!r}", hint=f"choose one of {', '.join(DATASETS)}")
+        raise WeakTrError(
+            f"unknown dataset {name!r}",
+            hint=f"for a dataset of your own, pass --data-root of the folder whose "
+            f"weaktr_dataset.json names it {name!r}; built-in: {', '.join(DATASETS)}",
+        )
     return name
 
 
@@ -78,20 +89,55 @@ def open_dataset(name: str, split: str, root: str | Path | None = None) -> Segme
     return CocoDataset(path, split)
 
 
+def open_artifact_dataset(meta: ArtifactMeta, *, data: str | None = None,
+                          split: str | None = None,
+                          root: str | Path | None = None) -> SegmentationDataset:
+    """The dataset an artifact was made from; `data`, `split` and `root` override its record.
+
+    Without `root`, the folder the artifact records (`meta.data_root`) is used while it
+    exists, so a custom dataset or a `predict --images` folder needs no --data-root.
+    """
+    name = str(data or meta.dataset)
+    recorded = Path(meta.data_root) if meta.data_root and name == meta.dataset else None
+    if root is None and recorded is not None and recorded.exists():
+        root = recorded
+    if name == FOLDER:
+        from weaktr_cli.data.folder import ImageFolderDataset
+
+        if root is None:
+            raise WeakTrError(
+                f"the image folder of this {meta.kind} artifact is unknown or gone"
+                + (f" ({meta.data_root})" if meta.data_root else ""),
+                hint="pass --data-root FOLDER, the folder given to `predict --images`",
+            )
+        return ImageFolderDataset(root, meta.class_names)
+    return open_dataset(name, split or meta.split, root)
+
+
 def check_dataset(name: str, root: str | Path | None = None) -> list[str]:
     """Problems with a dataset layout, as human-readable lines (empty when it is usable)."""
+    problems: list[str] = survey_dataset(name, root)["problems"]
+    return problems
+
+
+def survey_dataset(name: str, root: str | Path | None = None) -> dict[str, Any]:
+    """A dataset layout's problems, notes (e.g. no pixel masks: optional), per-split image,
+    mask and image-level label counts, and the data root actually used (--data-root, else
+    $WEAKTR_DATA_ROOT, else the shapes cache)."""
     name = _check_name(name)
     path = resolve_root(name, root)
-    if name == "shapes":
-        from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
-        from weaktr_cli.data.voc import check_voc_layout
+    if name == "coco":
+        from weaktr_cli.data.coco import survey_coco_layout
 
-        return check_voc_layout(ensure_shapes(ShapesConfig(), cache_dir=path))
-    assert path is not None
-    if name == "voc":
-        from weaktr_cli.data.voc import check_voc_layout
+        assert path is not None
+        report = survey_coco_layout(path)
+    else:
+        from weaktr_cli.data.voc import survey_voc_layout
 
-        return check_voc_layout(path)
-    from weaktr_cli.data.coco import check_coco_layout
+        if name == "shapes":
+            from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
 
-    return check_coco_layout(path)
+            path = ensure_shapes(ShapesConfig(), cache_dir=path)
+        assert path is not None
+        report = survey_voc_layout(path)
+    return {"data_root": str(path.resolve()), **report}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +26,9 @@ class SegmentationDataset(abc.ABC):
     class_names: tuple[str, ...]
     #: image ids in split order
     ids: list[str]
+    #: the folder the images are read from (None: generated or in memory); artifacts record
+    #: it so later phases reopen the dataset without --data-root
+    root: Path | None = None
 
     @property
     def num_classes(self) -> int:
@@ -74,6 +78,7 @@ class _Subset(SegmentationDataset):
         self.split = parent.split
         self.class_names = parent.class_names
         self.ids = ids
+        self.root = parent.root
 
     def load_image(self, image_id: str) -> np.ndarray:
         return self._parent.load_image(image_id)

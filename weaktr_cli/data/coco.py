@@ -355,15 +355,24 @@ class CocoDataset(SegmentationDataset):
 
 
 def check_coco_layout(root: str | Path) -> list[str]:
-    """Human-readable problems of a COCO 2014 folder; an empty list means it looks fine.
+    """Human-readable problems of a COCO 2014 folder; an empty list means it looks fine."""
+    problems: list[str] = survey_coco_layout(root)["problems"]
+    return problems
+
+
+def survey_coco_layout(root: str | Path) -> dict[str, Any]:
+    """Problems and per-split image counts of a COCO 2014 folder.
 
     Parses each split's annotation JSON (tens of seconds on the full train2014 file) to find
-    missing images, foreign categories and incomplete label-PNG folders.
+    missing images, foreign categories and incomplete label-PNG folders. Returns {"problems":
+    [...], "notes": [], "splits": {split: {"images", "masks"}}} (labels and masks both come
+    from the instances JSON).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
-        return [f"dataset folder {root} does not exist"]
+        return {"problems": [f"dataset folder {root} does not exist"], "notes": [], "splits": {}}
     problems: list[str] = []
+    splits: dict[str, Any] = {}
     for split in ("train", "val"):
         dir_name = split_dir_name(split)
         ann = default_annotations(root, split)
@@ -381,6 +390,8 @@ def check_coco_layout(root: str | Path) -> list[str]:
         except WeakTrError as exc:
             problems.append(exc.message)
             continue
+        splits[split] = {"images": len(ds.ids), "masks": len(ds.ids),
+                         "labels": {"instances_json": len(ds.ids)}}
         if ds.label_dir.is_dir():
             no_png = [i for i in ds.ids if ds.label_png_path(i) is None]
             if no_png:
@@ -388,4 +399,4 @@ def check_coco_layout(root: str | Path) -> list[str]:
                     f"{len(no_png)} images of {dir_name} have no label PNG in "
                     f"SegmentationClass/{dir_name} (first: {no_png[0]})"
                 )
-    return problems
+    return {"problems": problems, "notes": [], "splits": splits}

@@ -312,6 +312,8 @@ class VocDataset(SegmentationDataset):
     `list_file` (the split's list file), `label_source`, `cls_labels_file` (or None).
     """
 
+    root: Path
+
     def __init__(
         self,
         root: str | Path,
@@ -441,17 +443,27 @@ def _first(ids: list[str], what: str, list_name: str) -> str:
 
 
 def check_voc_layout(root: str | Path) -> list[str]:
-    """Human-readable problems of a VOC-layout dataset; an empty list means it looks fine.
+    """Human-readable problems of a VOC-layout dataset; an empty list means it looks fine."""
+    problems: list[str] = survey_voc_layout(root)["problems"]
+    return problems
+
+
+def survey_voc_layout(root: str | Path) -> dict[str, Any]:
+    """Problems, notes and per-split counts of a VOC-layout dataset.
 
     Checks: the folders, weaktr_dataset.json, the train/val lists, and for every list file of
-    ImageSets/Segmentation the ids without image, without mask and without any image-level label
-    source. Reads no pixels, so it is fast on the full 17k-image VOC.
+    ImageSets/Segmentation the ids without image, without any image-level label source, and
+    splits where only some ids have a mask. Pixel masks are optional (a split without any is a
+    note: evaluation and ground-truth panels skip it). Reads no pixels, so it is fast on the
+    full 17k-image VOC. Returns {"problems": [...], "notes": [...], "splits": {name: {"images",
+    "masks", "labels": {"cls_labels", "masks", "xml"}}}, "cls_labels_file"}.
     """
     try:
         data = resolve_voc_root(root)
     except WeakTrError as exc:
-        return [exc.message]
+        return {"problems": [exc.message], "notes": [], "splits": {}, "cls_labels_file": None}
     problems: list[str] = []
+    notes: list[str] = []
     class_names = VOC_CLASSES
     try:
         info = read_dataset_info(data)
@@ -477,6 +489,7 @@ def check_voc_layout(root: str | Path) -> list[str]:
         masks.update(_index_folder(data / d, (".png",)))
     xmls = _index_folder(data / "Annotations", (".xml",))
 
+    splits: dict[str, Any] = {}
     for split in available_splits(data):
         list_name = f"{split}.txt"
         try:
@@ -487,14 +500,22 @@ def check_voc_layout(root: str | Path) -> list[str]:
         no_image = [i for i in ids if i not in images]
         if no_image:
             problems.append(_first(no_image, "no image", list_name))
-        if split != "test":  # the VOC test set ships without masks by design
-            no_mask = [i for i in ids if i not in masks]
-            if no_mask:
-                aug = (
-                    "" if (data / "SegmentationClassAug").is_dir() else "; no SegmentationClassAug/"
-                )
-                problems.append(_first(no_mask, "no mask", list_name) + aug)
+        no_mask = [i for i in ids if i not in masks]
+        if no_mask and len(no_mask) == len(ids):
+            notes.append(f"{list_name}: no pixel masks (optional; evaluation and ground-truth "
+                         "panels skip this split)")
+        elif no_mask and split != "test":  # the VOC test set ships without masks by design
+            aug = "" if (data / "SegmentationClassAug").is_dir() else "; no SegmentationClassAug/"
+            problems.append(_first(no_mask, "no mask", list_name) + aug)
         no_label = [i for i in ids if i not in cls_table and i not in masks and i not in xmls]
         if no_label:
             problems.append(_first(no_label, "no image-level labels", list_name))
-    return problems
+        # Per image, the source `VocDataset(label_source="auto")` reads labels from.
+        from_cls = sum(i in cls_table for i in ids)
+        from_masks = sum(i not in cls_table and i in masks for i in ids)
+        splits[split] = {"images": len(ids) - len(no_image), "masks": len(ids) - len(no_mask),
+                         "labels": {"cls_labels": from_cls, "masks": from_masks,
+                                    "xml": sum(i not in cls_table and i not in masks
+                                               and i in xmls for i in ids)}}
+    return {"problems": problems, "notes": notes, "splits": splits,
+            "cls_labels_file": str(cls_file) if cls_file else None}

@@ -1,0 +1,346 @@
+"""Off the VOC / COCO / shapes track: a dataset of one's own without masks, folders of photos,
+checkpoints and ONNX files in `inspect`, panels, `data check`. Every test runs the user's
+command through the real entry point (issue 18)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.cli_helpers import run_cli
+from tests.test_end_to_end import _Capture
+
+CLASSES = ("background", "cat", "dog")
+COLOURS = {"cat": (220, 40, 40), "dog": (40, 60, 220)}
+
+
+def make_own_dataset(folder: Path, n: int, *, val: int = 2, size: int = 32,
+                     name: str = "mydata") -> Path:
+    """The README's "Bring your own dataset" layout, without masks: n JPEG photos with a red
+    (cat) and/or blue (dog) square on a grey textured background, train = all, val = the
+    first `val`; labels by class name in cls_labels.json."""
+    rng = np.random.default_rng(0)
+    (folder / "JPEGImages").mkdir(parents=True)
+    (folder / "ImageSets" / "Segmentation").mkdir(parents=True)
+    labels: dict[str, list[str]] = {}
+    ids = [f"photo_{i:03d}" for i in range(n)]
+    for k, image_id in enumerate(ids):
+        pixels = rng.normal(128, 20, size=(size, size, 3))
+        present = [["cat"], ["dog"], ["cat", "dog"]][k % 3]
+        for j, cls in enumerate(present):
+            x = 2 + j * size // 2
+            pixels[6:6 + size // 3, x:x + size // 3] = COLOURS[cls]
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
+            folder / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        labels[image_id] = present
+    (folder / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
+    (folder / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[:val]) + "\n")
+    (folder / "cls_labels.json").write_text(json.dumps(
+        {"classes": list(CLASSES[1:]), "labels": labels}))
+    (folder / "weaktr_dataset.json").write_text(json.dumps(
+        {"name": name, "class_names": list(CLASSES)}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def own_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """`weaktr pipeline` on a dataset of one's own without masks (smoke recipe, 8 photos)."""
+    base = tmp_path_factory.mktemp("own")
+    data = make_own_dataset(base / "mydata", 8)
+    work = base / "run"
+    result = _Capture().run("pipeline", "--data", "voc", "--data-root", data, "--recipe",
+                            "smoke", "--work", work, "--workers", "1", "--json")
+    assert result.code == 0, result.stderr
+    return {"data": data, "work": work, "stdout": Path(result.stdout),
+            "stderr": Path(result.stderr)}
+
+
+# ----------------------------------------------------------------------------- item 1
+
+
+def test_pipeline_without_masks_runs_to_the_end(own_run: dict[str, Path]) -> None:
+    payload = json.loads(str(own_run["stdout"]))
+    work = own_run["work"]
+    assert [p["phase"] for p in payload["phases"]][-2:] == ["evaluate", "report"]
+    assert payload["unscored"] == ["mydata/train", "mydata/val"]
+    assert all(v is None for v in payload["metrics"].values())
+    assert "no pixel labels in mydata/train and mydata/val" in str(own_run["stderr"])
+    assert payload["pictures"] == [str(work / "panels.png")]
+    with Image.open(work / "panels.png") as panels:
+        assert panels.size[1] > 4 * 224  # 8 rows of image | CAMs | seeds | prediction
+    metrics = json.loads((work / "metrics.json").read_text())
+    assert metrics["model_val"] == {"miou": None, "unscored": "no pixel labels in mydata/val"}
+
+
+def test_pipeline_without_masks_says_so_in_its_table(capsys, own_run: dict[str, Path]) -> None:
+    result = run_cli(capsys, "pipeline", "--data", "voc", "--data-root", own_run["data"],
+                     "--recipe", "smoke", "--work", own_run["work"], "--workers", "1")
+    assert result.code == 0, result.stderr
+    assert "not scored: no pixel labels in mydata/train and mydata/val" in result.stdout
+    assert "cached" in result.stdout
+
+
+def test_data_check_treats_masks_as_optional(capsys, tmp_path: Path, monkeypatch) -> None:
+    data = make_own_dataset(tmp_path / "mydata", 4)
+    monkeypatch.setenv("WEAKTR_DATA_ROOT", str(data))
+    result = run_cli(capsys, "data", "check", "--data", "voc", "--json")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["ok"] is True and payload["problems"] == []
+    assert payload["data_root"] == str(data.resolve())  # from the environment, not null
+    assert payload["splits"]["train"] == {
+        "images": 4, "masks": 0, "labels": {"cls_labels": 4, "masks": 0, "xml": 0}}
+    assert payload["splits"]["val"]["images"] == 2
+    assert any("train.txt: no pixel masks (optional" in n for n in payload["notes"])
+    text = run_cli(capsys, "data", "check", "--data", "voc")
+    assert text.code == 0
+    assert "train: 4 images, 0 masks; image-level labels: 4 from cls_labels" in text.stdout
+
+
+# ----------------------------------------------------------------------------- items 5, 6
+
+
+def test_show_draws_a_folder_prediction(capsys, own_run, tmp_path: Path, monkeypatch) -> None:
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted((own_run["data"] / "JPEGImages").iterdir())[:3]:
+        (photos / source.name).write_bytes(source.read_bytes())
+    preds = tmp_path / "photos.h5"
+    result = run_cli(capsys, "predict", "--checkpoint", own_run["work"] / "seg.ckpt",
+                     "--images", photos, "--out", preds, "--quiet")
+    assert result.code == 0, result.stderr
+    # A data root meant for VOC must not get in the way of a folder prediction.
+    monkeypatch.setenv("WEAKTR_DATA_ROOT", str(own_run["data"]))
+    result = run_cli(capsys, "show", preds, "--out", tmp_path / "p.png", "--quiet")
+    assert result.code == 0, result.stderr
+    with Image.open(tmp_path / "p.png") as image:
+        assert image.size[1] >= 3 * 224
+
+
+def test_custom_artifacts_find_their_data(capsys, own_run, tmp_path: Path) -> None:
+    """show and crf on a custom dataset's artifact need no --data-root: the artifact records
+    where its images live; when that folder is gone the hint names --data-root."""
+    cams = own_run["work"] / "cams_train.h5"
+    inspected = json.loads(run_cli(capsys, "inspect", cams, "--json").stdout)
+    assert inspected["data_root"] == str(own_run["data"].resolve())
+    result = run_cli(capsys, "show", cams, "--n", "2", "--out", tmp_path / "c.png", "--quiet")
+    assert result.code == 0, result.stderr
+    result = run_cli(capsys, "crf", "--cams", cams, "--out", tmp_path / "s.h5", "--quiet")
+    assert result.code == 0, result.stderr
+    moved = tmp_path / "moved"
+    import shutil
+
+    shutil.copytree(own_run["data"], moved)
+    shutil.copy(cams, tmp_path / "cams.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "cams.h5", "a") as f:
+        f.attrs["data_root"] = str(tmp_path / "gone")
+    result = run_cli(capsys, "show", tmp_path / "cams.h5", "--out", tmp_path / "x.png")
+    assert result.code == 1 and "unknown dataset 'mydata'" in result.stderr
+    assert "pass --data-root" in result.stderr and "choose one of" not in result.stderr
+    result = run_cli(capsys, "show", tmp_path / "cams.h5", "--data-root", moved,
+                     "--out", tmp_path / "x.png", "--quiet")
+    assert result.code == 0, result.stderr
+
+
+# ----------------------------------------------------------------------------- item 7, 12
+
+
+def test_inspect_describes_checkpoints_and_onnx(capsys, own_run, tmp_path: Path) -> None:
+    work = own_run["work"]
+    cam = json.loads(run_cli(capsys, "inspect", work / "cam.ckpt", "--json").stdout)
+    assert cam["format"] == "checkpoint" and cam["kind"] == "cam" and cam["arch"] == "micro"
+    assert cam["class_names"] == list(CLASSES) and cam["dataset"] == "mydata"
+    assert cam["parameters"] > 10_000 and cam["train"]["batch_size"] == 8
+    assert cam["pretrained"] is None and cam["seed"] == 0
+    assert set(cam["companions"]) >= {".last", ".state"}
+    seg = json.loads(run_cli(capsys, "inspect", work / "seg.ckpt", "--json").stdout)
+    assert seg["kind"] == "segmenter" and seg["result"]["steps"] == 4
+    assert str(seg["pretrained"]).endswith("cam.ckpt")  # the smoke recipe starts from it
+    text = run_cli(capsys, "inspect", work / "seg.ckpt")
+    assert text.code == 0 and "segmentation model (retrain) checkpoint" in text.stdout
+    assert "--resume" in text.stdout
+    text = run_cli(capsys, "inspect", work / "cam.ckpt")
+    assert "none: trained from scratch" in text.stdout
+    state = run_cli(capsys, "inspect", work / "seg.ckpt.state", "--json")
+    assert state.code == 0 and "optimizer" in json.loads(state.stdout)["keys"]
+    onnx = tmp_path / "model.onnx"
+    assert run_cli(capsys, "export-onnx", "--checkpoint", work / "seg.ckpt", "--out", onnx,
+                   "--quiet").code == 0
+    model = json.loads(run_cli(capsys, "inspect", onnx, "--json").stdout)
+    assert model["format"] == "onnx" and model["kind"] == "segmenter"
+    assert model["class_names"] == list(CLASSES) and model["dataset"] == "mydata"
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("hello")
+    bad = run_cli(capsys, "inspect", garbage)
+    assert bad.code == 1 and "not a weaktr artifact, checkpoint or ONNX model" in bad.stderr
+
+
+def test_inspect_says_no_seed_instead_of_none(capsys, tmp_path: Path) -> None:
+    from weaktr_cli.artifacts import ArtifactWriter, new_meta
+
+    meta = new_meta("labels", "voc", "val", ("background", "cat"))
+    with ArtifactWriter(tmp_path / "a.h5", meta) as writer:
+        writer.write_labels("x", np.zeros((4, 4), np.uint8))
+        writer.finalize()
+    result = run_cli(capsys, "inspect", tmp_path / "a.h5")
+    assert result.code == 0
+    assert "seed None" not in result.stdout and "no seed recorded" in result.stdout
+
+
+# ----------------------------------------------------------------------------- item 10
+
+
+def test_panels_cut_ids_with_an_ellipsis_and_legend_only_shown_classes(
+        capsys, tmp_path: Path) -> None:
+    from weaktr_cli.artifacts import ArtifactWriter, new_meta
+    from weaktr_cli.data.voc import write_dataset_info
+    from weaktr_cli.visualize import TILE, shorten
+
+    long_id = "COCO_train2014_000000040083_with_a_long_tail"
+    cut = shorten(long_id, 120)
+    assert cut.endswith("\u2026") and long_id.startswith(cut[:-1])
+    assert shorten("short", 120) == "short"
+
+    root = tmp_path / "wide"
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    Image.fromarray(np.full((50, 100, 3), 90, np.uint8)).save(
+        root / "JPEGImages" / f"{long_id}.jpg")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text(long_id + "\n")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text(long_id + "\n")
+    names = ["background", *[f"class{i:02d}" for i in range(1, 81)]]
+    write_dataset_info(root, "many", names)
+    label = np.zeros((50, 100), np.uint8)
+    label[10:20, 10:20] = 7
+    meta = new_meta("labels", "many", "train", names, data_root=root)
+    with ArtifactWriter(tmp_path / "l.h5", meta) as writer:
+        writer.write_labels(long_id, label)
+        writer.finalize()
+    out = tmp_path / "p.png"
+    result = run_cli(capsys, "show", tmp_path / "l.h5", "--out", out, "--quiet")
+    assert result.code == 0, result.stderr
+    with Image.open(out) as image:
+        width, height = image.size
+        pixels = np.asarray(image.convert("RGB"))
+    # two tiles of a 2:1 image at TILE high, side by side without gaps beyond 4 px
+    assert width == 2 * 2 * TILE + 4
+    # the legend: one line (background, class07), not 80 classes
+    assert height < TILE + 16 + 4 + 2 * 18 + 4
+    legend = pixels[TILE + 20:]
+    from weaktr_cli.data.images import voc_palette
+
+    palette = voc_palette()
+    for class_id, expected in ((7, True), (8, False), (80, False)):
+        colour = np.array(palette[3 * class_id: 3 * class_id + 3], np.uint8)
+        found = bool((legend == colour).all(axis=2).any())
+        assert found is expected, class_id
+
+
+# ----------------------------------------------------------------------------- item 12
+
+
+def test_stderr_log_lines_are_not_wrapped_off_a_terminal(own_run: dict[str, Path]) -> None:
+    lines = str(own_run["stderr"]).splitlines()
+    (training,) = [line for line in lines if line.startswith("training micro")]
+    assert training.endswith("world 1"), training  # one line, not cut at 80 columns
+    assert len(training) > 80
+
+
+def test_top_level_help_names_every_phase(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    result = run_cli(capsys, "--help")
+    assert "train-cam -> dump-cams -> crf -> retrain -> predict -> evaluate" in result.stdout
+
+
+# ----------------------------------------------------------------------------- item 11
+
+COMPLETIONS = Path(__file__).resolve().parents[1] / "completions"
+
+
+def _shell(name: str) -> str:
+    import shutil
+
+    if shutil.which(name) is None:
+        pytest.skip(f"{name} not installed")
+    return name
+
+
+def _run(argv: list[str], cwd: Path) -> list[str]:
+    import subprocess
+
+    return subprocess.run(argv, capture_output=True, text=True, check=True,
+                          cwd=cwd).stdout.splitlines()
+
+
+def _answers(lines: list[str]) -> list[str]:
+    """The output after each '#' marker line, one string per marker."""
+    answers: list[list[str]] = []
+    for line in lines:
+        if line == "#":
+            answers.append([])
+        elif answers:
+            answers[-1].append(line)
+    return ["\n".join(a) for a in answers]
+
+
+@pytest.fixture
+def files_here(tmp_path: Path) -> Path:
+    for name in ("cam.ckpt", "cams.h5"):
+        (tmp_path / name).write_text("")
+    return tmp_path
+
+
+def test_bash_completes_option_values(files_here: Path) -> None:
+    probe = f"source {COMPLETIONS / 'weaktr.bash'}; " + "; ".join(
+        f"COMP_WORDS=({words}); COMP_CWORD={len(words.split()) - 1}; _weaktr; "
+        'echo "${COMPREPLY[*]}"'
+        for words in ("weaktr dump-cams --checkpoint ''", "weaktr predict -o c",
+                      "weaktr train-cam --arch tiny", "weaktr pipeline --recipe ''",
+                      "weaktr predict --crf ''", "weaktr dump-cams --precision ''",
+                      "weaktr pipeline --force ''", "weaktr export-onnx --variant ''",
+                      "weaktr pipeline --seed ''"))
+    lines = _run([_shell("bash"), "-c", probe], files_here)
+    assert sorted(lines[0].split()) == ["cam.ckpt", "cams.h5"]  # files, not option names
+    assert sorted(lines[1].split()) == ["cam.ckpt", "cams.h5"]
+    assert lines[2].split() == ["tiny-p8", "tiny-c8"]
+    assert {"shapes", "voc", "coco", "smoke"} <= set(lines[3].split())
+    assert lines[4].split() == ["voc", "coco", "voc-test", "none"]
+    assert lines[5].split() == ["auto", "fp32", "bf16", "fp16"]
+    assert lines[6].split()[:2] == ["train-cam", "dump-cams"]
+    assert lines[7].split() == ["fine", "cross", "coarse"]
+    assert lines[8] == ""  # a number: no option names
+
+
+def test_zsh_completes_option_values(files_here: Path) -> None:
+    stubs = ('compadd() { print -r -- "compadd $*" }; _files() { print -r -- _files }; '
+             '_message() { print -r -- "_message $*" }; _describe() { : }')
+    calls = "; ".join(f"print -- '#'; words=({words}); CURRENT={len(words.split())}; _weaktr"
+                      for words in ("weaktr dump-cams --checkpoint ''",
+                                    "weaktr train-cam --arch ''", "weaktr predict --crf ''",
+                                    "weaktr pipeline --seed ''"))
+    out = _run([_shell("zsh"), "-c", f"{stubs}; source {COMPLETIONS / '_weaktr'}; {calls}"],
+               files_here)
+    answers = _answers(out)
+    assert answers[0].strip() == "_files"
+    assert answers[1].strip() == "compadd -- deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro"
+    assert answers[2].strip() == "compadd -- voc coco voc-test none"
+    assert answers[3].strip() == "_message value"
+
+
+def test_fish_completes_option_values(files_here: Path) -> None:
+    script = COMPLETIONS / "weaktr.fish"
+    calls = "; ".join(f"echo '#'; complete -C'{line}'" for line in (
+        "weaktr dump-cams --checkpoint ", "weaktr train-cam --arch ",
+        "weaktr pipeline --force ", "weaktr pipeline --seed "))
+    out = _run([_shell("fish"), "-c", f"source {script}; {calls}"], files_here)
+    answers = [a.split() for a in _answers(out)]
+    assert sorted(answers[0]) == ["cam.ckpt", "cams.h5"]
+    assert "tiny-p8" in answers[1] and "deit-small" in answers[1]
+    assert "retrain" in answers[2] and "--force" not in answers[2]
+    assert answers[3] == []
