@@ -217,3 +217,58 @@ def test_random_query_fusion_and_fractional_reduction() -> None:
     rebuilt = WeakTrCAM.from_config(model.config())
     rebuilt.load_state_dict(model.state_dict())
     assert torch.equal(rebuilt.fusion.query, model.fusion.query)
+
+
+def test_cam_schedule_stepped_per_epoch_as_the_reference() -> None:
+    import math
+
+    from weaktr_cli.cam_training_options import build_cam_scheduler
+
+    param = torch.nn.Parameter(torch.zeros(1))
+    base = 4e-4 * 64 / 512
+    optimizer = torch.optim.AdamW([param], lr=base)
+    scheduler = build_cam_scheduler(optimizer, epochs=60, steps_per_epoch=10, warmup_epochs=5,
+                                    warmup_lr=1e-6, min_lr=1e-5, unit="epoch")
+
+    def reference_lr(t: int) -> float:  # timm 0.5.4 CosineLRScheduler, warmup_prefix False
+        if t < 5:
+            return 1e-6 + t * (base - 1e-6) / 5
+        return 1e-5 + 0.5 * (base - 1e-5) * (1 + math.cos(math.pi * t / 60))
+
+    lrs = []
+    for epoch in range(60):
+        lrs.append(optimizer.param_groups[0]["lr"])  # what this epoch trains at
+        scheduler.step(epoch)  # after the epoch (main.py:380)
+    assert lrs[0] == pytest.approx(1e-6) and lrs[1] == pytest.approx(1e-6)
+    for epoch in range(1, 60):
+        assert lrs[epoch] == pytest.approx(reference_lr(epoch - 1), rel=1e-9)
+
+
+def test_cam_weight_decay_policies() -> None:
+    from weaktr_cli.cam_training_options import build_cam_optimizer
+    from weaktr_cli.models.cam_vit import WeakTrCAM
+
+    model = WeakTrCAM("micro", 3)
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def decayed(policy: str) -> set[str]:
+        opt = build_cam_optimizer(model, lr=1e-3, weight_decay=0.05, policy=policy)
+        return {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0
+                for p in g["params"]}
+
+    everything = set(names.values())
+    assert decayed("all") == everything
+    filtered = decayed("exempt-1d")
+    assert "cls_token" in filtered and "pos_embed" in filtered
+    assert not any(n.endswith(".bias") or "norm" in n for n in filtered)
+    assert decayed("exempt-1d-tokens") == filtered - {"cls_token", "pos_embed"}
+
+
+def test_timm_cam_transform_is_timms_factory() -> None:
+    from weaktr_cli.cam_training_options import timm_cam_transform
+
+    torch.manual_seed(0)
+    transform = timm_cam_transform(32)
+    image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
+    out = transform(image)
+    assert out.shape == (3, 32, 32) and out.dtype == torch.float32
