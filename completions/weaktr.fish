@@ -108,8 +108,8 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l checkpoint -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l reference-checkpoint -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l reference-normalization -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l reference-heads -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l reference-normalization -x
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l reference-heads -x
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l onnx -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l data-root -r -F
@@ -135,8 +135,8 @@ complete -c weaktr -n '__fish_seen_subcommand_from predict' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l checkpoint -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l reference-checkpoint -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l reference-normalization -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l reference-heads -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l reference-normalization -x
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l reference-heads -x
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l multiscale
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l no-multiscale
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l fuse-layers
@@ -153,8 +153,8 @@ complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l quiet
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l checkpoint -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-checkpoint -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-normalization -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-heads -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-normalization -x
+complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l reference-heads -x
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l cam
 complete -c weaktr -n '__fish_seen_subcommand_from export-onnx' -l height -x

@@ -94,3 +94,16 @@ def test_export_onnx_from_a_reference_checkpoint(capsys, tmp_path, reference_ckp
     payload = json.loads(result.stdout)
     assert out.is_file()
     assert all(check["max_abs_diff"] <= 1e-4 for check in payload["checks"])
+
+
+def test_inspect_describes_a_reference_checkpoint(capsys, reference_ckpt) -> None:
+    _, path = reference_ckpt
+    result = run_cli(capsys, "inspect", path, "--json")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["format"] == "reference-checkpoint"
+    assert (payload["embed_dim"], payload["depth"], payload["patch_size"]) == (64, 1, 32)
+    assert (payload["n_cls"], payload["decoder_layers"], payload["img_size"]) == (21, 2, 480)
+    assert payload["dataset"] == "voc" and payload["normalization"] == "deit"
+    result = run_cli(capsys, "inspect", path)
+    assert result.code == 0 and "--reference-checkpoint" in result.stdout

@@ -17,7 +17,7 @@ from weaktr_cli.errors import WeakTrError
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
-FORMATS = ("artifact", "checkpoint", "training-state", "onnx")
+FORMATS = ("artifact", "checkpoint", "training-state", "onnx", "reference-checkpoint")
 
 
 def sniff(path: Path) -> str:
@@ -44,8 +44,29 @@ def describe(path: str | Path) -> dict[str, Any]:
     if kind == "checkpoint":
         return describe_checkpoint(path)
     if kind == "training-state":
+        if not path.name.endswith(".state") and _is_reference_segmenter(path):
+            return describe_reference(path)
         return describe_training_state(path)
     return describe_onnx(path)
+
+
+def _is_reference_segmenter(path: Path) -> bool:
+    """A torch file holding a hustvl/WeakTr segmentation state dict (docs/REPRODUCING.md)."""
+    from weaktr_cli.models.weights import read_state_dict
+
+    try:
+        state = read_state_dict(path)
+    except WeakTrError:
+        return False
+    return "encoder.patch_embed.proj.weight" in state and "decoder.cls_emb" in state
+
+
+def describe_reference(path: Path) -> dict[str, Any]:
+    """A released reference segmentation checkpoint: what `--reference-checkpoint` will run."""
+    from weaktr_cli.reference_model import describe_reference_checkpoint
+
+    return {"format": "reference-checkpoint", "path": str(path),
+            "file_bytes": path.stat().st_size, **describe_reference_checkpoint(path)}
 
 
 def describe_artifact(path: Path) -> dict[str, Any]:

@@ -20,6 +20,8 @@ provenance and sizes. A checkpoint (cam.ckpt, seg.ckpt, or the .last copy traini
 beside it): model kind and architecture, parameter count, classes, the data and settings it
 was trained with, its result, and the resume files beside it. A .state file: what --resume
 restores. An exported ONNX model: kind, classes, input sizes, normalisation, source checkpoint.
+A released hustvl/WeakTr segmentation checkpoint (checkpoint.pth): the model read from its
+tensors and how to run it with --reference-checkpoint.
 
 [dim]Examples:[/]
   weaktr inspect cams.h5
@@ -47,7 +49,8 @@ def render(console: Console, p: dict[str, Any]) -> None:
     table.add_column(style="bold")
     table.add_column()
     rows = {"artifact": _artifact_rows, "checkpoint": _checkpoint_rows,
-            "training-state": _state_rows, "onnx": _onnx_rows}[p["format"]](p)
+            "training-state": _state_rows, "onnx": _onnx_rows,
+            "reference-checkpoint": _reference_rows}[p["format"]](p)
     for key, value in rows:
         table.add_row(key, escape(value))
     console.print(table)
@@ -118,6 +121,17 @@ def _checkpoint_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
                     ".jsonl": "the training log"}[suffix]
         rows.append(("beside it", f"{path}: {what_for}"))
     return rows
+
+
+def _reference_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
+    return [
+        ("kind", p["kind"]),
+        ("model", p["model"]),
+        ("dataset", p["dataset"] or f"unknown ({p['n_cls']} classes): pass --data"),
+        ("normalisation", p["normalization"]),
+        ("size", _mb(p["file_bytes"])),
+        ("run it", "weaktr predict / evaluate / export-onnx --reference-checkpoint FILE"),
+    ]
 
 
 def _state_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
