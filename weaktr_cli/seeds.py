@@ -7,8 +7,8 @@ strictly above `bg` and above every lower class id, and equal to or above every 
 The CRF refines that compact map and the result is mapped back to dataset class ids.
 
 `make_seeds` streams a whole CAM artifact into a ``labels`` artifact, optionally across a
-spawn pool whose workers open the CAM file themselves; the parent alone writes, in dataset
-order, so the output is the same for any number of workers.
+process pool (forked where safe) whose workers open the CAM file themselves; the parent alone
+writes, in dataset order, so the output is the same for any number of workers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import contextlib
 import math
 import multiprocessing
 import signal
+import sys
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -243,7 +244,7 @@ def make_seeds(
 
     Images are those of the CAM artifact (of `shard`, if given), in `dataset` order; the
     dataset supplies the RGB images. Ids already in a resumable `<out>.partial` are skipped.
-    workers > 1 computes in a spawn pool; results are written by this process in order, so the
+    workers > 1 computes in a process pool; results are written by this process in order, so the
     label maps do not depend on `workers`. `progress(n_done, n_total)` is called once before
     the first image and after each one. On an error or Ctrl-C the partial file is kept for a
     later resume and nothing is written at `out_path`.
@@ -314,6 +315,19 @@ def _ordered_ids(reader: ArtifactReader, dataset: SegmentationDataset) -> list[s
     return [i for i in dataset.ids if i in in_cams]
 
 
+def _start_method() -> str:
+    """fork where it is safe, else spawn.
+
+    A forked worker starts in milliseconds with everything already imported (a spawned one
+    imports weaktr, numpy, h5py and pydensecrf again: about a second of each worker's time on
+    a small CPU). Forking a process that has run torch's thread pools can hang the children,
+    so with torch loaded (the pipeline) the workers are spawned.
+    """
+    if "fork" in multiprocessing.get_all_start_methods() and "torch" not in sys.modules:
+        return "fork"
+    return "spawn"
+
+
 def _compute(
     cams_path: Path,
     dataset: SegmentationDataset,
@@ -332,7 +346,7 @@ def _compute(
     n_proc = min(int(workers), len(ids))
     # Chunks amortise the IPC round trip but stay small so the parent writes steadily.
     chunksize = max(1, min(4, len(ids) // (4 * n_proc)))
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(_start_method())
     pool = ctx.Pool(n_proc, initializer=_init_worker, initargs=(str(cams_path), dataset, options))
     try:
         for image_id, label, error in pool.imap(_worker_task, ids, chunksize=chunksize):

@@ -65,6 +65,10 @@ class AttentionRecord:
     #: attention-branch output per block (after proj, before the residual), (B, N, D)
     outputs: list[Tensor] = field(default_factory=list)
     keep_outputs: bool = False
+    #: keep only the first `rows` query rows of each map (B, heads, rows, N) and compute the
+    #: block output with fused attention: the class-token rows are all the cross CAM needs,
+    #: and no (N, N) map is materialised (it dominated CPU inference, page faults included)
+    rows: int | None = None
 
 
 class WeakTrAttention(Attention):
@@ -91,9 +95,16 @@ class WeakTrAttention(Attention):
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        record.maps.append(attn)
-        mixed = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        if record.rows is None:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            record.maps.append(attn)
+            mixed = self.attn_drop(attn) @ v
+        else:
+            rows = q[:, :, : record.rows]
+            record.maps.append(((rows * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
+            mixed = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
+        mixed = mixed.transpose(1, 2).reshape(b, n, self.attn_dim)
         out: Tensor = self.proj_drop(self.proj(self.norm(mixed)))
         if record.keep_outputs:
             record.outputs.append(out)
@@ -102,7 +113,7 @@ class WeakTrAttention(Attention):
 
 @contextmanager
 def record_attention(
-    blocks: Iterable[nn.Module], keep_outputs: bool = False
+    blocks: Iterable[nn.Module], keep_outputs: bool = False, rows: int | None = None
 ) -> Iterator[AttentionRecord]:
     """Attach one `AttentionRecord` to every block's `WeakTrAttention`; always detach it on exit.
 
@@ -113,7 +124,7 @@ def record_attention(
     attns = [m for m in modules if isinstance(m, WeakTrAttention)]
     if len(attns) != len(modules):
         raise WeakTrError("attention recording needs blocks built with attn_layer=WeakTrAttention")
-    record = AttentionRecord(keep_outputs=keep_outputs)
+    record = AttentionRecord(keep_outputs=keep_outputs, rows=rows)
     try:
         for m in attns:
             m.record = record
@@ -289,19 +300,39 @@ class WeakTrCAM(nn.Module):
         patch = resample_patch_pos_embed(self.pos_embed[:, c:], self.base_grid, grid)
         return torch.cat([self.pos_embed[:, :c], patch], dim=1)
 
-    def forward(self, images: Tensor, with_maps: bool = False) -> CamOutputs:
-        """images: (B, 3, H, W) float, normalised. Returns `CamOutputs` (maps if `with_maps`)."""
+    def _encode(self, images: Tensor, rows: int | None = None
+                ) -> tuple[Tensor, AttentionRecord, tuple[int, int]]:
+        """Tokens after the blocks (B, C + h*w, D), the attention record and the grid (h, w)."""
         if images.ndim != 4:
             raise WeakTrError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
         b, _, height, width = images.shape
         h, w = self.grid_for(height, width)
-        p, c = self.arch.patch_size, self.num_classes
-
+        p = self.arch.patch_size
         patches = self.backbone.patch_embed(images[:, :, : h * p, : w * p])  # (B, h, w, D)
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(1, 2)], dim=1)
         tokens = self.backbone.pos_drop(tokens + self._pos_embed_for((h, w)))
-        with record_attention(self.backbone.blocks, self.fusion.needs_features) as record:
+        with record_attention(self.backbone.blocks, self.fusion.needs_features, rows) as record:
             tokens = self.backbone.blocks(tokens)
+        return tokens, record, (h, w)
+
+    def cross_cams(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(coarse_cam, cross_cam), each (B, C, h, w), as `forward(with_maps=True)` gives them
+        up to float rounding, without ever forming an (N, N) attention map; None when the
+        fusion needs whole maps (max-pooled AAF). For inference of the coarse and cross CAMs.
+        """
+        c = self.num_classes
+        tokens, record, (h, w) = self._encode(images, rows=c)
+        weights = self.fusion.weights_from_rows(record.outputs, tokens.shape[1], tokens)
+        if weights is None:
+            return None
+        coarse = self.head(tokens[:, c:].transpose(1, 2).reshape(tokens.shape[0], -1, h, w))
+        cross = weighted_mean_attention([m[..., c:] for m in record.maps], weights)
+        return coarse, cross.reshape(cross.shape[0], c, h, w) * F.relu(coarse)
+
+    def forward(self, images: Tensor, with_maps: bool = False) -> CamOutputs:
+        """images: (B, 3, H, W) float, normalised. Returns `CamOutputs` (maps if `with_maps`)."""
+        tokens, record, (h, w) = self._encode(images)
+        b, c = tokens.shape[0], self.num_classes
 
         token_logits = tokens[:, :c].mean(dim=-1)
         feat = tokens[:, c:].transpose(1, 2).reshape(b, -1, h, w)
@@ -363,6 +394,11 @@ def cam_maps(model: WeakTrCAM, images: Tensor, variant: str = "fine") -> Tensor:
         raise WeakTrError(
             f"unknown CAM variant {variant!r}", hint=f"choose one of: {', '.join(CAM_VARIANTS)}"
         )
+    if variant != "fine" and not model.training:
+        fast = model.cross_cams(images)
+        if fast is not None:
+            coarse, cross = fast
+            return coarse.clamp(min=0) if variant == "coarse" else cross
     out: CamOutputs = model(images, with_maps=True)
     maps = {"fine": out.fine_cam, "cross": out.cross_cam, "coarse": out.coarse_cam}
     cam = maps[variant]

@@ -70,6 +70,13 @@ class AttentionFusion(nn.Module):
     def num_maps(self) -> int:
         return self.depth * self.num_heads
 
+    def weights_from_rows(self, feats: Sequence[Tensor], n_tokens: int, like: Tensor
+                          ) -> Tensor | None:
+        """The weights `forward` gives, from what a pass that kept only some rows of each
+        attention map still knows (the branch outputs and the token count N), or None when
+        whole maps are needed. `like` gives the batch size, dtype and device."""
+        return None
+
 
 def _head_ffn(num_maps: int, reduction: float) -> nn.Sequential:
     # int(K / r) as the reference (AAF.py:13); equals K // r for integer r.
@@ -102,6 +109,10 @@ class MeanSumFusion(AttentionFusion):
         first = maps[0]
         return first.new_ones(first.shape[0], self.num_maps)
 
+    def weights_from_rows(self, feats: Sequence[Tensor], n_tokens: int, like: Tensor
+                          ) -> Tensor | None:
+        return like.new_ones(like.shape[0], self.num_maps)
+
 
 class PooledAttentionFusion(AttentionFusion):
     """Paper AAF: pooled attention maps -> head FFN -> sigmoid (parameters `head_ffn.{0,2}`)."""
@@ -117,6 +128,15 @@ class PooledAttentionFusion(AttentionFusion):
     def forward(self, maps: Sequence[Tensor], feats: Sequence[Tensor]) -> Tensor:
         reduce = torch.mean if self.pool == "avg" else torch.amax
         pooled = torch.cat([reduce(m, dim=(-2, -1)) for m in maps], dim=1)  # (B, L*H)
+        weights: Tensor = self.head_ffn(pooled)
+        return weights
+
+    def weights_from_rows(self, feats: Sequence[Tensor], n_tokens: int, like: Tensor
+                          ) -> Tensor | None:
+        if self.pool != "avg":
+            return None
+        # Each row of a softmax map sums to 1, so the map's mean is 1/N whatever it holds.
+        pooled = like.new_full((like.shape[0], self.num_maps), 1.0 / n_tokens)
         weights: Tensor = self.head_ffn(pooled)
         return weights
 
@@ -176,6 +196,10 @@ class FeatureFusion(AttentionFusion):
             per_layer.append(self.feat_ffn(heads).squeeze(-1))  # (B, H)
         weights: Tensor = self.head_ffn(torch.cat(per_layer, dim=1))
         return weights
+
+    def weights_from_rows(self, feats: Sequence[Tensor], n_tokens: int, like: Tensor
+                          ) -> Tensor | None:
+        return self.forward([], feats)  # the branch outputs alone decide
 
 
 def build_fusion(
