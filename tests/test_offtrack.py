@@ -345,3 +345,15 @@ def test_fish_completes_option_values(files_here: Path) -> None:
     assert "tiny-p8" in answers[1] and "deit-small" in answers[1]
     assert "retrain" in answers[2] and "--force" not in answers[2]
     assert answers[3] == []
+
+
+def test_quiet_silences_timm_notes(capsys, tmp_path: Path) -> None:
+    """8 photos in one batch of 8 make a one-step cosine schedule, which timm warns about."""
+    data = make_own_dataset(tmp_path / "mydata", 8)
+    result = run_cli(capsys, "train-cam", "--data", "voc", "--data-root", data, "--recipe",
+                     "smoke", "--out", tmp_path / "cam.ckpt", "-q")
+    assert result.code == 0, result.stderr
+    assert result.stderr == ""
+    loud = run_cli(capsys, "train-cam", "--data", "voc", "--data-root", data, "--recipe",
+                   "smoke", "--out", tmp_path / "cam2.ckpt")
+    assert loud.code == 0 and "training micro" in loud.stderr

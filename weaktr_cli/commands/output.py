@@ -8,6 +8,7 @@ same everywhere: `--json` prints one JSON document on stdout and nothing else th
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +26,9 @@ class Output:
         # soft_wrap: a log line stays one line in a file or pipe (rich would hard-wrap it at 80
         # columns off a terminal); a terminal wraps it itself.
         self.err = Console(stderr=True, quiet=quiet, soft_wrap=True)
+        # --quiet silences the libraries' own notes too (timm warns through `logging`, e.g.
+        # that a one-step cosine schedule is flat); errors still reach stderr.
+        logging.getLogger("timm").setLevel(logging.ERROR if quiet else logging.NOTSET)
 
     def log(self, message: str) -> None:
         """A progress note on stderr (hidden by --quiet)."""
