@@ -287,3 +287,70 @@ def test_class_table() -> None:
         71,
         83,
     ]
+
+
+# ----------------------------------------------------------------------------- hostile JSON
+
+IMG8: dict[str, Any] = {**IMG, "id": 8, "file_name": "COCO_val2014_000000000008.png"}
+ANN = {"id": 1, "image_id": 7, "category_id": 1, "iscrowd": 0, "area": 4.0,
+       "segmentation": square(1, 1, 3, 3)}  # fmt: skip
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["images"][0].update(width="abc"), r"image entry 0 has width 'abc', not an int"),
+    (lambda c: c["images"][0].update(height=2.5), r"image entry 0 has height 2.5, not an integer"),
+    (lambda c: c["images"][0].pop("file_name"), r"image entry 0 has no 'file_name'"),
+    (lambda c: c["images"][0].update(width=0), r"image entry 0 .* has size 0x10"),
+    (lambda c: c["images"][0].update(height=10**6, width=10**6), r"has size 1000000x1000000"),
+    (lambda c: c["images"][0].update(file_name="../x.png"), r"file_name '../x.png', not a file"),
+    (lambda c: c["images"].append(dict(c["images"][0])), r"image entry 1 .* repeats an earlier"),
+    (lambda c: c["images"].append({**IMG8, "id": 7}), r"image entry 1 .* repeats an earlier"),
+    (lambda c: c.update(images={}), r"has no list 'images'"),
+    (lambda c: c.update(annotations=3), r"'annotations' is not a list"),
+    (lambda c: c["annotations"][0].update(image_id="7"), r"annotation entry 0 has image_id '7'"),
+    (lambda c: c["annotations"][0].update(segmentation=[["a", "b"]]), r"malformed area or seg"),
+    (lambda c: c["annotations"][0].update(segmentation=[[1e999, 0, 1, 1, 2, 2]]), r"non-finite"),
+    (lambda c: c["annotations"][0].update(area="big"), r"malformed area or segmentation"),
+    (lambda c: c["categories"][0].update(id=None), r"category entry 0 has id None"),
+])
+def test_malformed_entries_are_one_line(tmp_path: Path, edit: Any, message: str) -> None:
+    """17: a COCO width "abc" used to be "unexpected ValueError"; duplicates went unnoticed."""
+    path = write_coco(tmp_path, [IMG, IMG8], [ANN])
+    coco = json.loads(path.read_text())
+    coco["images"] = coco["images"][:1]
+    edit(coco)
+    path.write_text(json.dumps(coco))
+    with pytest.raises(WeakTrError, match=message):
+        CocoDataset(tmp_path, "val")
+
+
+def test_list_file_split(tmp_path: Path) -> None:
+    """18.9: --split takes a list file for COCO too (the split is read off the file stems)."""
+    write_coco(tmp_path, [IMG, IMG8], [ANN])
+    listed = tmp_path / "one_val.txt"
+    listed.write_text("COCO_val2014_000000000008\n")
+    ds = CocoDataset(tmp_path, str(listed))
+    assert ds.ids == ["COCO_val2014_000000000008"] and ds.split == str(listed)
+    assert ds.image_size("COCO_val2014_000000000008") == (10, 12)
+    from weaktr_cli.data import open_dataset
+
+    assert open_dataset("coco", str(listed), tmp_path).ids == ds.ids
+    listed.write_text("COCO_val2014_000000000009\n")
+    with pytest.raises(WeakTrError, match=r"1 ids of .* are not in instances_val2014\.json"):
+        CocoDataset(tmp_path, str(listed))
+    listed.write_text("COCO_val2014_000000000008\nCOCO_train2014_000000000001\n")
+    with pytest.raises(WeakTrError, match="mixes ids of train2014 and val2014"):
+        CocoDataset(tmp_path, str(listed))
+    listed.write_text("000000000008\n")
+    with pytest.raises(WeakTrError, match="cannot tell the COCO split of id '000000000008'"):
+        CocoDataset(tmp_path, str(listed))
+    with pytest.raises(WeakTrError, match=r"split list file .*missing\.txt not found"):
+        CocoDataset(tmp_path, str(tmp_path / "missing.txt"))
+
+
+def test_unknown_id_is_one_line(tmp_path: Path) -> None:
+    write_coco(tmp_path, [IMG], [ANN])
+    ds = CocoDataset(tmp_path, "val")
+    for read in (ds.load_image, ds.load_mask, ds.image_labels, ds.image_size):
+        with pytest.raises(WeakTrError, match=r"no image 'nope' in coco/val"):
+            read("nope")

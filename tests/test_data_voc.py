@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ from weaktr_cli.data.images import (
     write_rgb,
 )
 from weaktr_cli.data.voc import (
+    CLS_LABELS_CONVERSION,
     VOC_CLASSES,
     VocDataset,
     check_voc_layout,
@@ -72,6 +77,11 @@ def make_voc(
 
 
 def save_cls_labels(path: Path, table: dict[str, np.ndarray]) -> None:
+    """Write cls_labels.json as {id: multi-hot list} (the file weaktr reads)."""
+    path.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in table.items()}))
+
+
+def save_pickled_cls_labels(path: Path, table: object) -> None:
     """Write a community-style cls_labels.npy (np.save of a dict = a pickled 0-d object array)."""
     holder = np.empty((), dtype=object)
     holder[()] = table
@@ -104,14 +114,92 @@ def test_label_sources_agree(voc_sample: Path, source: str) -> None:
 
 
 @pytest.mark.shared_data
-def test_cls_labels_npy_and_json_match_masks(voc_sample: Path) -> None:
-    npy = load_cls_labels(voc_sample / "cls_labels.npy", VOC_CLASSES)
+def test_cls_labels_npy_refused_and_its_conversion_matches_json(
+    voc_sample: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(WeakTrError, match="is a pickled dict; weaktr never unpickles") as info:
+        load_cls_labels(voc_sample / "cls_labels.npy", VOC_CLASSES)
+    assert info.value.hint == CLS_LABELS_CONVERSION
+    # The hint's one-liner, run by a user who trusts the community file, gives the JSON we read.
+    (tmp_path / "cls_labels.npy").symlink_to(voc_sample / "cls_labels.npy")
+    command = CLS_LABELS_CONVERSION.split("python -c ", 1)[1].strip()
+    subprocess.run(f"{shlex.quote(sys.executable)} -c {command}", shell=True, cwd=tmp_path,
+                   check=True)
+    converted = load_cls_labels(tmp_path / "cls_labels.json", VOC_CLASSES)
     js = load_cls_labels(voc_sample / "cls_labels.json", VOC_CLASSES)
     masks = VocDataset(voc_sample, "trainval", label_source="masks")
-    assert sorted(npy) == sorted(js) == sorted(EXPECTED_LABELS)
+    assert sorted(converted) == sorted(js) == sorted(EXPECTED_LABELS)
     for image_id in masks.ids:
-        np.testing.assert_array_equal(npy[image_id], js[image_id])
-        np.testing.assert_array_equal(npy[image_id], masks.label_vector(image_id))
+        np.testing.assert_array_equal(converted[image_id], js[image_id])
+        np.testing.assert_array_equal(js[image_id], masks.label_vector(image_id))
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted cls_labels.npy does to np.load(pickle)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
+
+
+def test_crafted_cls_labels_npy_runs_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                             ) -> None:
+    """14.2: a hostile cls_labels.npy, in the dataset folder or one up, is refused unread."""
+    from tests.cli_helpers import run_cli
+
+    data = make_voc(tmp_path / "parent")
+    marker = tmp_path / "pwned"
+    for where in (data, data.parent):
+        save_pickled_cls_labels(where / "cls_labels.npy", {"a1": _RunsCode(marker)})
+        result = run_cli(capsys, "data", "check", "--data", "voc", "--data-root", data)
+        assert result.code == 1 and not marker.exists()
+        assert "is a pickled dict; weaktr never unpickles" in result.stderr
+        assert "cls_labels.json" in result.stderr and "Traceback" not in result.stderr
+        with pytest.raises(WeakTrError, match="pickled dict"):
+            VocDataset(data, "train").image_labels("a1")
+        assert not marker.exists()
+        (where / "cls_labels.npy").unlink()
+    # A converted JSON next to the .npy is the file read; the .npy is never opened.
+    save_pickled_cls_labels(data / "cls_labels.npy", {"a1": _RunsCode(marker)})
+    save_cls_labels(data / "cls_labels.json", {"a1": np.eye(20, dtype=np.float32)[6]})
+    ds = VocDataset(data, "train")
+    assert ds.cls_labels_file == data / "cls_labels.json" and ds.image_labels("a1").tolist() == [7]
+    assert not marker.exists()
+
+
+def test_cls_labels_npy_plain_array_and_corrupt(tmp_path: Path) -> None:
+    np.save(tmp_path / "cls_labels.npy", np.zeros((3, 20), np.float32))
+    with pytest.raises(WeakTrError, match="plain array without image ids"):
+        load_cls_labels(tmp_path / "cls_labels.npy", VOC_CLASSES)
+    (tmp_path / "cls_labels.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(WeakTrError, match="cannot read image-level labels"):
+        load_cls_labels(tmp_path / "cls_labels.npy", VOC_CLASSES)
+
+
+@pytest.mark.parametrize("payload, message", [
+    ([1, 2], "is not a dict"),
+    ({"classes": 5, "multi_hot": {}}, "'classes' is not a list"),
+    ({"multi_hot": [1]}, "'multi_hot' is not a dict"),
+    ({"a1": "cat"}, "not a list of 0/1 numbers"),
+    ({"a1": [None] * 20}, "not a list of 0/1 numbers"),
+    ({"labels": {"a1": "cat"}}, "not a list of class names"),
+    ({"labels": {"a1": [3]}}, "has label 3, not a class"),
+    ({"labels": []}, "'labels' is not a dict"),
+])
+def test_cls_labels_json_malformed(tmp_path: Path, payload: object, message: str) -> None:
+    (tmp_path / "cls_labels.json").write_text(json.dumps(payload))
+    with pytest.raises(WeakTrError, match=message):
+        load_cls_labels(tmp_path / "cls_labels.json", VOC_CLASSES)
+
+
+def test_unknown_id_is_one_line(tmp_path: Path) -> None:
+    ds = VocDataset(make_voc(tmp_path), "train")
+    for read in (ds.load_image, ds.image_labels, ds.image_path):
+        with pytest.raises(WeakTrError, match=r"no image 'nope' in voc/train") as info:
+            read("nope")
+        assert info.value.hint == "ids look like a1, a2"
 
 
 @pytest.mark.shared_data
@@ -251,7 +339,7 @@ def test_xml_unknown_name_and_parts(tmp_path: Path) -> None:
 def test_auto_falls_back_per_image(tmp_path: Path) -> None:
     data = make_voc(tmp_path)
     table = {"a1": np.eye(20, dtype=np.float32)[6]}  # car, although the mask says aeroplane
-    save_cls_labels(data / "cls_labels.npy", table)
+    save_cls_labels(data / "cls_labels.json", table)
     ds = VocDataset(data, "train")
     assert ds.image_labels("a1").tolist() == [7]  # from cls_labels
     assert ds.image_labels("a2").tolist() == [2]  # not in the file: from the mask
@@ -304,7 +392,7 @@ def test_error_duplicate_id(tmp_path: Path) -> None:
 def test_error_label_vector_length(tmp_path: Path) -> None:
     data = make_voc(tmp_path, n_classes=3)
     write_dataset_info(data, "shapes", ["background", "circle", "square"])
-    save_cls_labels(data / "cls_labels.npy", {"a1": np.zeros(20, np.float32)})
+    save_cls_labels(data / "cls_labels.json", {"a1": np.zeros(20, np.float32)})
     with pytest.raises(WeakTrError, match="has 20 entries, the dataset has 2") as info:
         VocDataset(data, "train").image_labels("a1")
     assert info.value.hint is not None and "class-count mismatch" in info.value.hint
@@ -327,7 +415,7 @@ def test_error_no_label_source(tmp_path: Path) -> None:
         ds.image_labels("a1")
     with pytest.raises(WeakTrError, match="a1 has no mask"):
         VocDataset(data, "train", label_source="masks").image_labels("a1")
-    with pytest.raises(WeakTrError, match=r"no cls_labels\.npy or cls_labels\.json"):
+    with pytest.raises(WeakTrError, match=r"no cls_labels\.json in "):
         VocDataset(data, "train", label_source="cls_labels")
     with pytest.raises(WeakTrError, match="unknown label source"):
         VocDataset(data, "train", label_source="bbox")
@@ -399,14 +487,31 @@ def test_label_png_roundtrip_and_modes(tmp_path: Path) -> None:
         read_label_png(tmp_path / "nothing.png")
 
 
-def test_rgb_roundtrip_and_exif_not_applied(tmp_path: Path) -> None:
+def test_rgb_roundtrip_and_exif_only_on_request(tmp_path: Path) -> None:
     img = np.random.default_rng(1).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     write_rgb(tmp_path / "x.png", img)
     np.testing.assert_array_equal(read_rgb(tmp_path / "x.png"), img)
     exif = Image.Exif()
-    exif[0x0112] = 6  # "rotate 90 CW to display"; VOC tooling ignores it, so do we
-    Image.fromarray(img).save(tmp_path / "r.jpg", exif=exif)
-    assert read_rgb(tmp_path / "r.jpg").shape == (5, 7, 3)
+    exif[0x0112] = 6  # "rotate 90 CW to display"; VOC tooling ignores it, datasets too
+    Image.fromarray(img).save(tmp_path / "r.png", exif=exif)
+    assert read_rgb(tmp_path / "r.png").shape == (5, 7, 3)
+    turned = read_rgb(tmp_path / "r.png", exif_orientation=True)  # a user's photo folder
+    np.testing.assert_array_equal(turned, np.rot90(img, k=-1))
     Image.fromarray(img[:, :, 0]).save(tmp_path / "grey.png")
     grey = read_rgb(tmp_path / "grey.png")
     assert grey.shape == (5, 7, 3) and (grey[:, :, 1] == img[:, :, 0]).all()
+
+
+def test_sixteen_bit_png_is_scaled_not_white(tmp_path: Path) -> None:
+    """14.7: a 16-bit grey PNG used to be clipped to an all-white image."""
+    wide = (np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365)  # 0 .. 64155
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    got = read_rgb(tmp_path / "g16.png")
+    assert got.shape == (6, 8, 3) and got.dtype == np.uint8
+    np.testing.assert_array_equal(got[:, :, 0], (wide >> 8).astype(np.uint8))
+    assert got.min() == 0 and got.max() == 250
+    # A TIFF under a .png name: Pillow reads by content, so 32-bit pixels can arrive here.
+    Image.fromarray(np.full((4, 4), -5, np.int32)).save(tmp_path / "neg.png", format="TIFF")
+    with pytest.raises(WeakTrError, match=r"pixels outside 0\.\.65535"):
+        read_rgb(tmp_path / "neg.png")

@@ -59,14 +59,36 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # safetensors raises its own error types
         raise WeakTrError(
             f"{path} is not a weaktr checkpoint (safetensors): {exc}",
-            hint="official WeakTr .pth checkpoints load with --reference-checkpoint",
+            hint="official WeakTr .pth checkpoints are read by `weaktr dump-cams "
+            "--reference-checkpoint`",
         ) from exc
     if META_KEY not in metadata:
         raise WeakTrError(f"{path} has no weaktr metadata", hint="was it written by weaktr?")
-    meta: dict[str, Any] = json.loads(metadata[META_KEY])
-    if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+    try:
+        meta = json.loads(metadata[META_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise WeakTrError(f"{path}: the weaktr metadata is not valid JSON ({exc})",
+                          hint="the checkpoint header is corrupt; use another copy") from None
+    version = meta.get("format_version", 0) if isinstance(meta, dict) else None
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise WeakTrError(f"{path}: the weaktr metadata has no integer format_version",
+                          hint="the checkpoint header is corrupt; use another copy")
+    if version > FORMAT_VERSION:
         raise WeakTrError(f"{path} was written by a newer weaktr", hint="upgrade weaktr")
-    return meta
+    return dict(meta)
+
+
+def torch_load_problem(exc: BaseException) -> str:
+    """One line for a failed `torch.load(weights_only=True)`, without torch's advice to retry
+    with weights_only=False (that would run whatever code the file carries)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in lines:  # torch names the refused object on a line of its own
+        if "GLOBAL" in line or line.startswith("WeightsUnpickler error"):
+            return f"it holds objects weaktr will not unpickle ({line.rstrip('.')})"
+    first = lines[0] if lines else type(exc).__name__
+    if "weights_only" in first or "Weights only" in first:
+        return "it holds objects weaktr will not unpickle"
+    return first.split(". ")[0]
 
 
 def load_checkpoint(path: str | Path, kind: str | None = None
@@ -102,6 +124,10 @@ def load_training_state(path: str | Path) -> dict[str, Any]:
         raise WeakTrError(f"no training state at {path} to resume from",
                           hint="start without --resume")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeakTrError(f"cannot read training state {path}: {exc}") from exc
+        raise WeakTrError(f"cannot read training state {path}: {torch_load_problem(exc)}",
+                          hint="start without --resume") from exc
+    if not isinstance(state, dict):
+        raise WeakTrError(f"{path} is not a weaktr training state", hint="start without --resume")
+    return state

@@ -487,6 +487,7 @@ def predict_split_onnx(
         "runtime": "onnxruntime",
         "shard": list(shard) if shard else None,
         "onnx_sha256": file_sha256(path),
+        "image_orientation": dataset.orientation,  # "exif" when EXIF rotations were applied
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config, parents=[path],
                     data_root=dataset.root)

@@ -317,6 +317,7 @@ def predict_split(
         "precision": resolve_precision(settings.precision, dev, training=False),
         "shard": list(shard) if shard else None,
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
+        "image_orientation": dataset.orientation,  # "exif" when EXIF rotations were applied
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config,
                     parents=[checkpoint] if checkpoint else [], data_root=dataset.root)

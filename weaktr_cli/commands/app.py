@@ -35,6 +35,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     add_completion=False,
+    suggest_commands=False,  # click already says "Did you mean ...?"; Typer would repeat it
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -92,17 +93,45 @@ def main() -> None:
         exc.show()
         code = exc.exit_code
     except (click.exceptions.Abort, KeyboardInterrupt):
-        _fail("interrupted", "rerun the same command to resume where it stopped", code=130)
-        return
+        code = INTERRUPTED
     except WeakTrError as exc:
         if debug:
             raise
-        _fail(exc.message, exc.hint)
+        _fail(*_one_line(exc.message, exc.hint))
         return
     except Exception as exc:
         if debug:
             raise
-        _fail(f"unexpected {type(exc).__name__}: {exc}",
-              "rerun with WEAKTR_DEBUG=1 for the traceback")
+        _fail(*_unexpected(exc))
         return
+    if code == INTERRUPTED:
+        # Typer turns Ctrl-C into Exit(130) before it reaches us; say what it means.
+        _fail("interrupted", "rerun the same command to resume where it stopped", code=INTERRUPTED)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+#: Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
+INTERRUPTED = 130
+
+
+def _one_line(message: str, hint: str | None) -> tuple[str, str | None]:
+    """An error raised in a DataLoader worker arrives as torch's multi-line report ("Caught
+    WeakTrError in DataLoader worker process 0. Original Traceback ..."); keep its last line,
+    which is the original error."""
+    if "Original Traceback" not in message:
+        return message, hint
+    last = message.rstrip().splitlines()[-1]
+    _, _, text = last.partition(": ")  # "weaktr_cli.errors.WeakTrError: <message (hint: ..)>"
+    text = text or last
+    if text.endswith(")") and " (hint: " in text:
+        text, _, worker_hint = text[:-1].rpartition(" (hint: ")
+        return text, hint or worker_hint
+    return text, hint
+
+
+def _unexpected(exc: Exception) -> tuple[str, str]:
+    """A bug or an unforeseen failure: its type and one line, and how to see the traceback."""
+    message, _ = _one_line(str(exc), None)
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    return (f"unexpected {type(exc).__name__}: {first}",
+            "rerun with WEAKTR_DEBUG=1 for the traceback")

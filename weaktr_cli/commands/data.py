@@ -13,7 +13,8 @@ from weaktr_cli.commands.helptext import reflow
 from weaktr_cli.commands.output import Output
 from weaktr_cli.errors import WeakTrError
 
-app = typer.Typer(help="Dataset tools.", no_args_is_help=True, rich_markup_mode="rich")
+app = typer.Typer(help="Dataset tools.", no_args_is_help=True, rich_markup_mode="rich",
+                  suggest_commands=False)
 
 CHECK_HELP = """Validate a dataset layout and list what is missing or broken.
 

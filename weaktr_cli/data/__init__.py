@@ -135,9 +135,18 @@ def survey_dataset(name: str, root: str | Path | None = None) -> dict[str, Any]:
         from weaktr_cli.data.voc import survey_voc_layout
 
         if name == "shapes":
-            from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
+            from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes, find_shapes
 
-            path = ensure_shapes(ShapesConfig(), cache_dir=path)
+            # Without a root the built-in dataset is generated into the cache; a given root
+            # must already hold one (a typo is reported, never filled with a new dataset).
+            if path is None:
+                path = ensure_shapes(ShapesConfig())
+            else:
+                try:
+                    path = find_shapes(path)
+                except WeakTrError as exc:
+                    return {"data_root": str(path), "problems": [exc.message], "notes": [],
+                            "splits": {}, "cls_labels_file": None}
         assert path is not None
         report = survey_voc_layout(path)
     return {"data_root": str(path.resolve()), **report}

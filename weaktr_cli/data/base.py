@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from weaktr_cli.errors import WeakTrError
+
 IGNORE_INDEX = 255
 
 
@@ -29,6 +31,9 @@ class SegmentationDataset(abc.ABC):
     #: the folder the images are read from (None: generated or in memory); artifacts record
     #: it so later phases reopen the dataset without --data-root
     root: Path | None = None
+    #: how `load_image` orients pixels: "stored" (the file's pixel grid, which VOC/COCO masks
+    #: and polygons use) or "exif" (the EXIF orientation applied, as a photo viewer shows it)
+    orientation: str = "stored"
 
     @property
     def num_classes(self) -> int:
@@ -71,6 +76,15 @@ class SegmentationDataset(abc.ABC):
         return _Subset(self, list(ids))
 
 
+def unknown_id(dataset: SegmentationDataset, image_id: str) -> WeakTrError:
+    """The error for an image id the split does not hold, with a few ids that it does."""
+    sample = ", ".join(dataset.ids[:3]) + (", ..." if len(dataset.ids) > 3 else "")
+    return WeakTrError(
+        f"no image {image_id!r} in {dataset.name}/{dataset.split}",
+        hint=f"ids look like {sample}" if sample else "the split is empty",
+    )
+
+
 class _Subset(SegmentationDataset):
     def __init__(self, parent: SegmentationDataset, ids: list[str]) -> None:
         self._parent = parent
@@ -79,6 +93,7 @@ class _Subset(SegmentationDataset):
         self.class_names = parent.class_names
         self.ids = ids
         self.root = parent.root
+        self.orientation = parent.orientation
 
     def load_image(self, image_id: str) -> np.ndarray:
         return self._parent.load_image(image_id)

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset, unknown_id
 from weaktr_cli.data.images import read_label_png, read_rgb
 from weaktr_cli.errors import WeakTrError
 
@@ -174,16 +174,123 @@ def split_dir_name(split: str) -> str:
     return split if match.group(2) else f"{split}2014"
 
 
+def _read_split_list(split: str) -> list[str] | None:
+    """The ids of a list-file `split` (a path or a name ending in .txt), None for a split name."""
+    from weaktr_cli.data.voc import is_list_file_path, read_list_file
+
+    if not is_list_file_path(split):
+        return None
+    path = Path(split).expanduser()
+    if not path.is_file():
+        raise WeakTrError(f"split list file {path} not found",
+                          hint="pass 'train', 'val' or an existing list file")
+    return read_list_file(path)
+
+
+_STEM_SPLIT_RE = re.compile(r"^COCO_((?:train|val)\d{4})_\d+$")
+
+
+def _split_of_ids(ids: list[str], list_file: str) -> str:
+    """The split ("val2014", ...) a list file's ids come from, read off their file stems."""
+    splits = set()
+    for image_id in ids:
+        match = _STEM_SPLIT_RE.match(image_id)
+        if not match:
+            raise WeakTrError(
+                f"cannot tell the COCO split of id {image_id!r} in {list_file}",
+                hint="COCO list files hold file stems such as COCO_val2014_000000000785",
+            )
+        splits.add(match.group(1))
+    if len(splits) > 1:
+        raise WeakTrError(f"{list_file} mixes ids of {' and '.join(sorted(splits))}",
+                          hint="one list file per split")
+    return splits.pop()
+
+
 def default_annotations(root: Path, split: str) -> Path:
     """ROOT/annotations/instances_<split>2014.json."""
     return root / "annotations" / f"instances_{split_dir_name(split)}.json"
 
 
 def _compact_segmentation(seg: Any) -> Any:
+    """RLE dicts as they are; polygons as float64 arrays (ValueError/TypeError when malformed)."""
     if isinstance(seg, dict):
         return seg
+    if not isinstance(seg, list):
+        raise ValueError(f"segmentation is a {type(seg).__name__}, not polygons or an RLE")
     # Arrays instead of lists of Python floats: ~4x less memory for the 600k train objects.
-    return [np.asarray(p, dtype=np.float64) for p in seg]
+    polygons = [np.asarray(p, dtype=np.float64).reshape(-1) for p in seg]
+    if any(not np.isfinite(p).all() for p in polygons):
+        raise ValueError("a polygon has a non-finite coordinate")
+    return polygons
+
+
+_JSON_HINT = "expected a COCO instances JSON: {\"images\": [...], \"annotations\": [...], ...}"
+# Beyond PIL's decompression-bomb limit a label map is a corrupt entry, not a photo.
+_MAX_PIXELS = 2 * 89_478_485
+
+
+def _entries(coco: dict[str, Any], key: str, path: Path) -> list[Any]:
+    value = coco.get(key, [])
+    if not isinstance(value, list):
+        raise WeakTrError(f"{path}: {key!r} is not a list", hint=_JSON_HINT)
+    return value
+
+
+def _field(entry: Any, key: str, kind: type, path: Path, what: str, index: int) -> Any:
+    """entry[key] as `kind` (int or str), or one line naming the entry and the bad value."""
+    if not isinstance(entry, dict) or key not in entry:
+        raise WeakTrError(f"{path}: {what} entry {index} has no {key!r}", hint=_JSON_HINT)
+    value = entry[key]
+    if kind is int:
+        # Whole numbers only (COCO writes ids and sizes as integers; 480.0 is accepted too).
+        if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):
+            raise WeakTrError(f"{path}: {what} entry {index} has {key} {value!r}, not an integer",
+                              hint=_JSON_HINT)
+        return int(value)
+    if not isinstance(value, str):
+        raise WeakTrError(f"{path}: {what} entry {index} has {key} {value!r}, not a string",
+                          hint=_JSON_HINT)
+    return value
+
+
+def _image_entry(img: Any, path: Path, index: int) -> tuple[int, int, int, str]:
+    coco_id = _field(img, "id", int, path, "image", index)
+    height = _field(img, "height", int, path, "image", index)
+    width = _field(img, "width", int, path, "image", index)
+    fname = _field(img, "file_name", str, path, "image", index)
+    if height < 1 or width < 1 or height * width > _MAX_PIXELS:
+        raise WeakTrError(f"{path}: image entry {index} ({fname}) has size {width}x{height}",
+                          hint=_JSON_HINT)
+    if Path(fname).name != fname or fname in ("", ".", ".."):
+        # The file name is joined to the image folder: no folders, no "..".
+        raise WeakTrError(f"{path}: image entry {index} has file_name {fname!r}, not a file name",
+                          hint=_JSON_HINT)
+    return coco_id, height, width, fname
+
+
+def _object_entry(ann: Any, path: Path, index: int, by_coco_id: dict[int, str]
+                  ) -> tuple[str, CocoObject]:
+    cid = _field(ann, "category_id", int, path, "annotation", index)
+    if cid not in COCO_CATEGORIES:
+        raise WeakTrError(
+            f"{path}: annotation {ann.get('id')} has unknown category id {cid}",
+            hint="only the standard 80-category COCO annotation files are supported",
+        )
+    image_id = _field(ann, "image_id", int, path, "annotation", index)
+    owner = by_coco_id.get(image_id)
+    if owner is None:
+        raise WeakTrError(
+            f"{path}: annotation {ann.get('id')} refers to image id {image_id}, "
+            "which the file does not list"
+        )
+    try:
+        area = float(ann.get("area", 0.0))
+        segmentation = _compact_segmentation(ann.get("segmentation", []))
+    except (TypeError, ValueError) as exc:
+        raise WeakTrError(f"{path}: annotation entry {index} has a malformed area or "
+                          f"segmentation ({exc})", hint=_JSON_HINT) from exc
+    return owner, CocoObject(cid, bool(ann.get("iscrowd", 0)), area, segmentation)
 
 
 class CocoDataset(SegmentationDataset):
@@ -206,15 +313,26 @@ class CocoDataset(SegmentationDataset):
         self.name = name
         self.split = split
         self.class_names = COCO_CLASSES
-        dir_name = split_dir_name(split)
+        listed = _read_split_list(split)
+        dir_name = split_dir_name(split if listed is None else _split_of_ids(listed, split))
         self.image_dir = self.root / dir_name
         if not self.image_dir.is_dir():
             raise WeakTrError(f"no image folder {self.image_dir}", hint=_LAYOUT_HINT)
         self.label_dir = self.root / "SegmentationClass" / dir_name
         self.annotations_file = (
-            Path(annotations).expanduser() if annotations else default_annotations(self.root, split)
+            Path(annotations).expanduser() if annotations
+            else self.root / "annotations" / f"instances_{dir_name}.json"
         )
         self._load_annotations()
+        if listed is not None:
+            unknown = [i for i in listed if i not in self._info]
+            if unknown:
+                raise WeakTrError(
+                    f"{len(unknown)} ids of {split} are not in {self.annotations_file.name} "
+                    f"(first: {unknown[0]})",
+                    hint="list file stems of the annotation file's images, one per line",
+                )
+            self.ids = listed
         self._label_pngs: dict[str, Path] | None = None
 
     def _load_annotations(self) -> None:
@@ -230,13 +348,13 @@ class CocoDataset(SegmentationDataset):
         try:
             with path.open("rb") as fh:
                 coco = json.load(fh)
-            images = coco["images"]
-            anns = coco.get("annotations", [])
-            cats = coco.get("categories", [])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise WeakTrError(f"cannot read COCO annotations {path}: {exc}") from exc
-        for cat in cats:
-            cid, cname = int(cat["id"]), str(cat["name"])
+        if not isinstance(coco, dict) or not isinstance(coco.get("images"), list):
+            raise WeakTrError(f"{path} has no list 'images'", hint=_JSON_HINT)
+        for i, cat in enumerate(_entries(coco, "categories", path)):
+            cid, cname = _field(cat, "id", int, path, "category", i), _field(
+                cat, "name", str, path, "category", i)
             if COCO_CATEGORIES.get(cid) != cname:
                 expected = COCO_CATEGORIES.get(cid, "no category")
                 raise WeakTrError(
@@ -245,35 +363,21 @@ class CocoDataset(SegmentationDataset):
                 )
         self._info: dict[str, tuple[int, int, int, str]] = {}  # stem -> (coco id, h, w, file)
         by_coco_id: dict[int, str] = {}
-        self.ids = []
-        for img in images:
-            fname = str(img["file_name"])
+        for i, img in enumerate(coco["images"]):
+            coco_id, height, width, fname = _image_entry(img, path, i)
             stem = Path(fname).stem
-            self._info[stem] = (int(img["id"]), int(img["height"]), int(img["width"]), fname)
-            by_coco_id[int(img["id"])] = stem
-            self.ids.append(stem)
+            if stem in self._info or coco_id in by_coco_id:
+                raise WeakTrError(
+                    f"{path}: image entry {i} ({fname}, id {coco_id}) repeats an earlier image",
+                    hint="each image must be listed once; remove the duplicate entry",
+                )
+            self._info[stem] = (coco_id, height, width, fname)
+            by_coco_id[coco_id] = stem
+        self.ids = list(self._info)
         self._objects: dict[str, list[CocoObject]] = {i: [] for i in self.ids}
-        for ann in anns:
-            cid = int(ann["category_id"])
-            if cid not in COCO_CATEGORIES:
-                raise WeakTrError(
-                    f"{path}: annotation {ann.get('id')} has unknown category id {cid}",
-                    hint="only the standard 80-category COCO annotation files are supported",
-                )
-            owner = by_coco_id.get(int(ann["image_id"]))
-            if owner is None:
-                raise WeakTrError(
-                    f"{path}: annotation {ann.get('id')} refers to image id {ann['image_id']}, "
-                    "which the file does not list"
-                )
-            self._objects[owner].append(
-                CocoObject(
-                    cid,
-                    bool(ann.get("iscrowd", 0)),
-                    float(ann.get("area", 0.0)),
-                    _compact_segmentation(ann.get("segmentation", [])),
-                )
-            )
+        for i, ann in enumerate(_entries(coco, "annotations", path)):
+            owner, obj = _object_entry(ann, path, i, by_coco_id)
+            self._objects[owner].append(obj)
         present = {p.name for p in self.image_dir.iterdir()}
         missing = [i for i in self.ids if self._info[i][3] not in present]
         if missing:
@@ -287,11 +391,17 @@ class CocoDataset(SegmentationDataset):
 
     def image_path(self, image_id: str) -> Path:
         """Path of the JPEG of `image_id`."""
-        return self.image_dir / self._info[image_id][3]
+        return self.image_dir / self._entry(image_id)[3]
+
+    def _entry(self, image_id: str) -> tuple[int, int, int, str]:
+        try:
+            return self._info[image_id]
+        except KeyError:
+            raise unknown_id(self, image_id) from None
 
     def image_size(self, image_id: str) -> tuple[int, int]:
         """(height, width) as recorded in the annotation file."""
-        _, h, w, _ = self._info[image_id]
+        _, h, w, _ = self._entry(image_id)
         return h, w
 
     def objects(self, image_id: str) -> list[CocoObject]:
@@ -304,6 +414,7 @@ class CocoDataset(SegmentationDataset):
 
     def image_labels(self, image_id: str) -> np.ndarray:
         """Sorted int64 category ids of the image's annotations (crowd ones included)."""
+        self._entry(image_id)
         cats = {obj.category_id for obj in self._objects[image_id]}
         return np.array(sorted(cats), dtype=np.int64)
 
@@ -329,7 +440,7 @@ class CocoDataset(SegmentationDataset):
 
     def rasterize(self, image_id: str) -> np.ndarray:
         """The label map built from the annotation JSON: (H, W) uint8, crowd = 255."""
-        _, h, w, _ = self._info[image_id]
+        _, h, w, _ = self._entry(image_id)
         label = np.zeros((h, w), dtype=np.uint8)
         crowd = np.zeros((h, w), dtype=bool)
         objs = self._objects[image_id]
@@ -345,7 +456,7 @@ class CocoDataset(SegmentationDataset):
     def _object_mask(self, image_id: str, obj: CocoObject, h: int, w: int) -> np.ndarray:
         try:
             return segmentation_to_mask(obj.segmentation, h, w)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
             raise WeakTrError(
                 f"bad segmentation for {image_id} in {self.annotations_file}: {exc}"
             ) from exc

@@ -18,9 +18,13 @@ class ImageFolderDataset(SegmentationDataset):
     """The images (jpg/jpeg/png, any case) directly inside `folder`, ids = file stems, sorted.
 
     No labels of any kind: `image_labels` is empty, `load_mask` None, `has_masks` False.
+    Images are read as a photo viewer shows them: the EXIF orientation is applied
+    (`orientation` = "exif"), so a phone photo taken upright gets an upright mask.
     `class_names` are those of the model that will predict on it (index 0 "background").
     Two files with the same stem (a.jpg and a.png) are an error, as ids must be unique.
     """
+
+    orientation = "exif"
 
     def __init__(
         self,
@@ -76,7 +80,7 @@ class ImageFolderDataset(SegmentationDataset):
 
     def load_image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB, C-contiguous and writable."""
-        return read_rgb(self.image_path(image_id))
+        return read_rgb(self.image_path(image_id), exif_orientation=True)
 
     def image_labels(self, image_id: str) -> np.ndarray:
         """Always empty: a plain image folder has no image-level labels."""

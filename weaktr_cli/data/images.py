@@ -33,18 +33,62 @@ def _open(path: Path) -> Image.Image:
     return img
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+def read_rgb(path: str | Path, *, exif_orientation: bool = False) -> np.ndarray:
     """Read an image as RGB: (H, W, 3) uint8, C-contiguous and writable.
 
-    Grey, palette, CMYK and RGBA files are converted to RGB (alpha dropped). EXIF orientation is
-    NOT applied, matching the VOC/COCO tooling whose masks and polygons use the stored pixel grid.
+    Grey, palette, CMYK and RGBA files are converted to RGB (alpha dropped); 16-bit grey files
+    are scaled to 8 bits (not clipped to white). With `exif_orientation` the EXIF orientation
+    tag is applied (the image as a photo viewer shows it: what a user's own photos need);
+    without it the stored pixel grid is kept, matching the VOC/COCO tooling whose masks and
+    polygons use that grid.
     """
     path = Path(path)
     img = _open(path)
+    if exif_orientation:
+        img = _exif_transposed(img, path)
+    if img.mode in _WIDE_GREY_MODES:
+        grey = _eight_bit_grey(img, path)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
     if img.mode != "RGB":
         img = img.convert("RGB")
     # np.array (not np.asarray) gives a writable copy; pydensecrf rejects read-only buffers.
     return np.ascontiguousarray(np.array(img, dtype=np.uint8))
+
+
+def exif_orientation_of(path: str | Path) -> int:
+    """The EXIF orientation tag of an image file (1 = as stored, 6 = rotate 90 clockwise, ...)."""
+    img = _open(Path(path))
+    return int(img.getexif().get(_EXIF_ORIENTATION, 1) or 1)
+
+
+# PIL's modes for 16/32-bit grey pixels: converting them to RGB clips every value above 255,
+# which turns a 16-bit photo white.
+_WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+_EXIF_ORIENTATION = 0x0112
+
+
+def _eight_bit_grey(img: Image.Image, path: Path) -> np.ndarray:
+    """(H, W) uint8 from a 16-bit grey image: the top 8 of 16 bits (65535 -> 255)."""
+    wide = np.array(img).astype(np.int64)
+    if wide.size and (wide.min() < 0 or wide.max() > 65535):
+        raise WeakTrError(
+            f"cannot read image {path}: {img.mode} pixels outside 0..65535",
+            hint="save the image as an 8-bit or 16-bit PNG or a JPEG",
+        )
+    return (wide >> 8).astype(np.uint8)
+
+
+def _exif_transposed(img: Image.Image, path: Path) -> Image.Image:
+    from PIL import ImageOps
+
+    try:
+        turned = ImageOps.exif_transpose(img)
+    except _DECODE_ERRORS as exc:
+        raise WeakTrError(
+            f"cannot read image {path}: bad EXIF orientation ({exc})",
+            hint="strip the EXIF data (e.g. exiftool -Orientation= FILE) or re-save the photo",
+        ) from exc
+    return img if turned is None else turned
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

@@ -648,15 +648,43 @@ def open_shapes(
     `root` is the cache folder (default: `default_cache_dir()`), or a generated shapes folder
     (`shapes-<fingerprint>` or its VOC2012) to open as-is when `config` is None.
     Image-level labels come from the masks.
+
+    Only the default cache, or an explicit `config`, generates: a `root` given without `config`
+    must already hold a shapes dataset, so a mistyped --data-root is an error instead of a new
+    52 MB dataset in the wrong place (`weaktr data shapes --out DIR` generates one on purpose).
     """
     from weaktr_cli.data.voc import VocDataset, is_list_file_path
 
     if not is_list_file_path(split):
         _check_split(split)
-    if root is not None and config is None:
-        path = Path(root).expanduser()
-        for cand in (path, path / "VOC2012"):
-            if _read_info(cand).get("name") == "shapes":
-                return VocDataset(cand, split, label_source="masks", name="shapes")
-    voc = ensure_shapes(config or ShapesConfig(), cache_dir=root)
+    voc = find_shapes(root) if root is not None and config is None else None
+    if voc is None:
+        voc = ensure_shapes(config or ShapesConfig(), cache_dir=root)
     return VocDataset(voc, split, label_source="masks", name="shapes")
+
+
+def find_shapes(root: str | Path) -> Path:
+    """The VOC2012 folder of the shapes dataset at `root`, without generating anything.
+
+    `root` is a generated folder (`shapes-<fingerprint>`, its VOC2012) or a cache folder that
+    holds the default dataset.
+    """
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise WeakTrError(
+            f"no shapes dataset at {path}: the folder does not exist",
+            hint="check --data-root; generate one there with `weaktr data shapes --out DIR`, or "
+            "omit --data-root for the built-in dataset",
+        )
+    for cand in (path, path / "VOC2012"):
+        if _read_info(cand).get("name") == "shapes":
+            return cand
+    default = dataset_dir(ShapesConfig(), path)
+    if _is_complete(default, ShapesConfig()):
+        return default
+    raise WeakTrError(
+        f"no shapes dataset at {path} (no weaktr_dataset.json naming 'shapes', nor a cached "
+        f"{default.parent.name}/ in it)",
+        hint="pass the folder `weaktr data shapes` printed; generate one with `weaktr data "
+        "shapes --out DIR`, or omit --data-root for the built-in dataset",
+    )

@@ -24,9 +24,11 @@ the ignore id), "" marks an unused id. Without this file the 20 VOC classes are 
 Image-level labels (`label_source`):
 - "masks": the class ids present in the mask (0 and 255 excluded);
 - "xml": `Annotations/<id>.xml` object names;
-- "cls_labels": the community file `cls_labels.npy`, a pickled dict id -> float32[C-1]
-  (entry i is class id i+1), or `cls_labels.json`, either {"classes": [...], "multi_hot":
-  {id: [0/1, ...]}} or {"classes": [...], "labels": {id: [name, ...]}} or {id: [0/1, ...]};
+- "cls_labels": `cls_labels.json`, either {"classes": [...], "multi_hot": {id: [0/1, ...]}}
+  or {"classes": [...], "labels": {id: [name, ...]}} or {id: [0/1, ...]} (entry i of a
+  vector is class id i+1). The community `cls_labels.npy` is a pickled dict, and unpickling a
+  downloaded file can run any code: it is never loaded, a one-line error says how to convert
+  it to JSON once (`CLS_LABELS_CONVERSION`);
 - "auto": per image, the cls_labels entry if there is one, else the mask, else the XML.
 """
 
@@ -41,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset, unknown_id
 from weaktr_cli.data.images import read_label_png, read_rgb
 from weaktr_cli.errors import WeakTrError
 
@@ -54,7 +56,15 @@ VOC_CLASSES: tuple[str, ...] = (
 
 DATASET_INFO_FILE = "weaktr_dataset.json"
 LABEL_SOURCES = ("auto", "masks", "xml", "cls_labels")
-CLS_LABEL_FILES = ("cls_labels.npy", "cls_labels.json")
+# JSON first: a converted file next to the community .npy is the one to read.
+CLS_LABEL_FILES = ("cls_labels.json", "cls_labels.npy")
+#: What a user runs once, on a cls_labels.npy they trust, to get the cls_labels.json we read.
+CLS_LABELS_CONVERSION = (
+    "if you trust the file, convert it once: python -c \"import json, numpy as np; "
+    "d = np.load('cls_labels.npy', allow_pickle=True).item(); "
+    "json.dump({str(k): np.asarray(v).tolist() for k, v in d.items()}, "
+    "open('cls_labels.json', 'w'))\""
+)
 _IMAGE_SUFFIXES = (".jpg", ".png")
 _MASK_DIRS = ("SegmentationClassAug", "SegmentationClass")
 _LAYOUT_HINT = (
@@ -89,7 +99,7 @@ def read_dataset_info(folder: str | Path) -> tuple[str, tuple[str, ...]] | None:
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise WeakTrError(f"cannot read {path}: {exc}", hint=_INFO_HINT) from exc
     return _check_info(info, path)
 
@@ -220,54 +230,104 @@ def find_cls_labels(data_dir: Path) -> Path | None:
     return None
 
 
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        raise WeakTrError(f"cannot read image-level labels {path}: {exc}") from exc
+
+
+def _read_npy_labels(path: Path) -> Any:
+    """Refuse a pickled cls_labels.npy without unpickling it (np.load with pickle disabled).
+
+    A plain numeric .npy cannot say which image a row belongs to, so no .npy is usable.
+    """
+    try:
+        np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        if "pickle" not in str(exc):  # a broken file, not a pickled one
+            raise WeakTrError(f"cannot read image-level labels {path}: {exc}") from exc
+        raise WeakTrError(
+            f"{path} is a pickled dict; weaktr never unpickles dataset files (they can run code)",
+            hint=CLS_LABELS_CONVERSION,
+        ) from None
+    except (OSError, EOFError) as exc:
+        raise WeakTrError(f"cannot read image-level labels {path}: {exc}") from exc
+    raise WeakTrError(
+        f"{path} is a plain array without image ids, not a table of image-level labels",
+        hint="write cls_labels.json as {\"<image id>\": [0/1 per class], ...}",
+    )
+
+
 def load_cls_labels(path: Path, class_names: tuple[str, ...]) -> dict[str, np.ndarray]:
     """id -> float32 multi-hot vector of length len(class_names) - 1 (entry i = class id i+1)."""
-    n_fg = len(class_names) - 1
-    raw: Any
-    try:
-        if path.suffix == ".npy":
-            # The community file is a pickled dict (np.save of a dict); we only read a file the
-            # user placed in their own dataset folder, so allowing pickle here is acceptable.
-            raw = np.load(path, allow_pickle=True).item()
-        else:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, EOFError) as exc:
-        raise WeakTrError(f"cannot read image-level labels {path}: {exc}") from exc
+    raw = _read_npy_labels(path) if path.suffix == ".npy" else _read_json(path)
     if not isinstance(raw, dict):
-        raise WeakTrError(f"{path} is not a dict of image id -> labels")
-    if "classes" in raw and list(raw["classes"]) != list(class_names[1:]):
-        raise WeakTrError(
-            f"{path} lists classes {list(raw['classes'])[:5]}... "
-            f"({len(raw['classes'])}), the dataset has {list(class_names[1:6])}... ({n_fg})",
-            hint="the labels file was made for another dataset or class order",
-        )
-    out: dict[str, np.ndarray] = {}
+        raise WeakTrError(f"{path} is not a dict of image id -> labels", hint=_CLS_JSON_HINT)
+    classes = raw.get("classes")
+    if classes is not None:
+        if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+            raise WeakTrError(f"{path}: 'classes' is not a list of names", hint=_CLS_JSON_HINT)
+        if classes != list(class_names[1:]):
+            raise WeakTrError(
+                f"{path} lists classes {classes[:5]}... ({len(classes)}), the dataset has "
+                f"{list(class_names[1:6])}... ({len(class_names) - 1})",
+                hint="the labels file was made for another dataset or class order",
+            )
     if "labels" in raw and "multi_hot" not in raw:
-        index = {name: i for i, name in enumerate(class_names) if name}
-        for key, names in raw["labels"].items():
-            vec = np.zeros(n_fg, dtype=np.float32)
-            for name in names:
-                if name not in index or index[name] == 0:
-                    raise WeakTrError(
-                        f"{path}: image {key} has label '{name}', not a class of this dataset",
-                        hint=f"classes: {', '.join(n for n in class_names[1:] if n)}",
-                    )
-                vec[index[name] - 1] = 1.0
-            out[str(key)] = vec
-        return out
+        return _labels_by_name(path, raw["labels"], class_names)
     table = (
         raw["multi_hot"] if "multi_hot" in raw else {k: v for k, v in raw.items() if k != "classes"}
     )
-    for key, value in table.items():
-        image_id = key.decode() if isinstance(key, bytes) else str(key)
-        vec = np.asarray(value, dtype=np.float32).reshape(-1)
-        if vec.shape[0] != n_fg:
-            raise WeakTrError(
-                f"{path}: label vector of {image_id} has {vec.shape[0]} entries, the dataset has "
-                f"{n_fg} foreground classes",
-                hint="class-count mismatch: the labels file was made for another dataset",
-            )
-        out[image_id] = vec
+    if not isinstance(table, dict):
+        raise WeakTrError(f"{path}: 'multi_hot' is not a dict of image id -> vector",
+                          hint=_CLS_JSON_HINT)
+    return {str(key): _multi_hot(path, str(key), value, len(class_names) - 1)
+            for key, value in table.items()}
+
+
+_CLS_JSON_HINT = (
+    'expected {"classes": [...], "multi_hot": {"<id>": [0, 1, ...]}} or '
+    '{"classes": [...], "labels": {"<id>": ["cat", ...]}}'
+)
+
+
+def _multi_hot(path: Path, image_id: str, value: Any, n_fg: int) -> np.ndarray:
+    numbers = isinstance(value, list) and all(
+        isinstance(v, int | float) and np.isfinite(v) for v in value
+    )
+    if not numbers:
+        raise WeakTrError(f"{path}: the label vector of {image_id} is not a list of 0/1 numbers",
+                          hint=_CLS_JSON_HINT)
+    if len(value) != n_fg:
+        raise WeakTrError(
+            f"{path}: label vector of {image_id} has {len(value)} entries, the dataset has "
+            f"{n_fg} foreground classes",
+            hint="class-count mismatch: the labels file was made for another dataset",
+        )
+    return np.asarray(value, dtype=np.float32)
+
+
+def _labels_by_name(path: Path, labels: Any, class_names: tuple[str, ...]
+                    ) -> dict[str, np.ndarray]:
+    if not isinstance(labels, dict):
+        raise WeakTrError(f"{path}: 'labels' is not a dict of image id -> class names",
+                          hint=_CLS_JSON_HINT)
+    index = {name: i for i, name in enumerate(class_names) if name}
+    out: dict[str, np.ndarray] = {}
+    for key, names in labels.items():
+        if not isinstance(names, list):
+            raise WeakTrError(f"{path}: the labels of image {key} are not a list of class names",
+                              hint=_CLS_JSON_HINT)
+        vec = np.zeros(len(class_names) - 1, dtype=np.float32)
+        for name in names:
+            if not isinstance(name, str) or index.get(name, 0) == 0:
+                raise WeakTrError(
+                    f"{path}: image {key} has label {name!r}, not a class of this dataset",
+                    hint=f"classes: {', '.join(n for n in class_names[1:] if n)}",
+                )
+            vec[index[name] - 1] = 1.0
+        out[str(key)] = vec
     return out
 
 
@@ -347,7 +407,7 @@ class VocDataset(SegmentationDataset):
         self.cls_labels_file = find_cls_labels(self.root)
         if label_source == "cls_labels" and self.cls_labels_file is None:
             raise WeakTrError(
-                f"no {' or '.join(CLS_LABEL_FILES)} in {self.root} or {self.root.parent}",
+                f"no cls_labels.json in {self.root} or {self.root.parent}",
                 hint="use label_source 'masks' or 'xml', or place the file there",
             )
         self._cls_labels: dict[str, np.ndarray] | None = None
@@ -358,7 +418,10 @@ class VocDataset(SegmentationDataset):
 
     def image_path(self, image_id: str) -> Path:
         """Path of the image file of `image_id`."""
-        return self._images[image_id]
+        try:
+            return self._images[image_id]
+        except KeyError:
+            raise unknown_id(self, image_id) from None
 
     def mask_path(self, image_id: str) -> Path | None:
         """SegmentationClassAug/<id>.png if there, else SegmentationClass/<id>.png, else None."""
@@ -374,7 +437,7 @@ class VocDataset(SegmentationDataset):
 
     def load_image(self, image_id: str) -> np.ndarray:
         """(H, W, 3) uint8 RGB, C-contiguous and writable."""
-        return read_rgb(self._images[image_id])
+        return read_rgb(self.image_path(image_id))
 
     def load_mask(self, image_id: str) -> np.ndarray | None:
         """(H, W) uint8 class ids with 255 = ignore, or None when the image has no mask."""
@@ -390,6 +453,7 @@ class VocDataset(SegmentationDataset):
 
     def image_labels(self, image_id: str) -> np.ndarray:
         """Sorted int64 foreground class ids of the image (never 0 or 255)."""
+        self.image_path(image_id)  # an unknown id is one clear line, not a KeyError
         if image_id not in self._labels:
             self._labels[image_id] = self._read_labels(image_id)
         return self._labels[image_id].copy()
@@ -431,7 +495,7 @@ class VocDataset(SegmentationDataset):
         raise WeakTrError(
             f"no image-level labels for {image_id}: no cls_labels entry, no mask, no "
             "Annotations XML",
-            hint="add cls_labels.npy/json, SegmentationClass masks or Annotations XML files",
+            hint="add cls_labels.json, SegmentationClass masks or Annotations XML files",
         )
 
 
@@ -482,7 +546,7 @@ def survey_voc_layout(root: str | Path) -> dict[str, Any]:
         try:
             cls_table = load_cls_labels(cls_file, class_names)
         except WeakTrError as exc:
-            problems.append(exc.message)
+            problems.append(str(exc))  # with its hint: the conversion of a pickled .npy
     images = _index_folder(data / "JPEGImages", _IMAGE_SUFFIXES)
     masks: dict[str, Path] = {}
     for d in reversed(_MASK_DIRS):  # Aug last so it wins, as in VocDataset

@@ -71,6 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if not path.is_file():
         raise WeakTrError(f"weights file not found: {path}")
     suffix = path.suffix.lower()
+    _refuse_weaktr_checkpoint(path)
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -83,8 +84,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             with torch.serialization.safe_globals(_numpy_scalar_globals()):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # unpickling errors come in many types
+            from weaktr_cli.checkpoints import torch_load_problem
+
             raise WeakTrError(
-                f"cannot load {path} as a weights-only torch checkpoint: {exc}",
+                f"cannot load {path} as a weights-only torch checkpoint: "
+                f"{torch_load_problem(exc)}",
                 hint="re-save it as a plain state_dict (torch.save(model.state_dict(), ...))",
             ) from exc
     else:
@@ -107,6 +111,25 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state
+
+
+def _refuse_weaktr_checkpoint(path: Path) -> None:
+    """A weaktr checkpoint (safetensors + our header, any suffix) is not ImageNet weights."""
+    from weaktr_cli.checkpoints import read_checkpoint_meta
+
+    with path.open("rb") as fh:
+        head = fh.read(9)
+    if len(head) < 9 or head[8:9] != b"{":  # safetensors: u64 header length, then JSON
+        return
+    try:
+        kind = read_checkpoint_meta(path).get("kind")
+    except WeakTrError:
+        return  # plain safetensors weights, or not safetensors at all: read as usual
+    raise WeakTrError(
+        f"{path} is a weaktr {kind!r} checkpoint, not ImageNet ViT weights",
+        hint="pass ImageNet DeiT/ViT weights (.pth/.safetensors); to continue a train-cam run "
+        "use --resume; retrain --pretrained takes a cam checkpoint",
+    )
 
 
 def _few(keys: Iterable[str], limit: int = 5) -> str:
