@@ -54,6 +54,7 @@ _weaktr() {
         "weaktr dump-cams --reference-checkpoint") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr dump-cams -o") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr dump-cams --batch-size") COMPREPLY=(); return ;;
+        "weaktr dump-cams --max-size") COMPREPLY=(); return ;;
         "weaktr dump-cams --scales") COMPREPLY=(); return ;;
         "weaktr dump-cams --shard") COMPREPLY=(); return ;;
         "weaktr dump-cams --split") COMPREPLY=(); return ;;
@@ -175,7 +176,7 @@ _weaktr() {
         case "$path" in
             "weaktr") words="train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data --version" ;;
             "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
-            "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --scales --flip --no-flip --variant --batch-size --precision --shard --resume --no-resume --device --json --quiet" ;;
+            "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
             "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --arch --decoder --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr predict") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --onnx --data --data-root --split --images --out --png-dir --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;

@@ -49,6 +49,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l flip
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l no-flip
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l variant -xa 'fine cross coarse'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l max-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l precision -xa 'auto fp32 bf16 fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l shard -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l resume

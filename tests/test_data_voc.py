@@ -515,3 +515,13 @@ def test_sixteen_bit_png_is_scaled_not_white(tmp_path: Path) -> None:
     Image.fromarray(np.full((4, 4), -5, np.int32)).save(tmp_path / "neg.png", format="TIFF")
     with pytest.raises(WeakTrError, match=r"pixels outside 0\.\.65535"):
         read_rgb(tmp_path / "neg.png")
+
+
+def test_list_file_ids_cannot_walk_out_of_the_dataset(tmp_path: Path) -> None:
+    """A traversal id in a list file is cut to its last component: never a path outside."""
+    data = make_voc(tmp_path)
+    secret = tmp_path / "secret.png"
+    write_rgb(secret, np.zeros((2, 2, 3), np.uint8))
+    (data / "ImageSets" / "Segmentation" / "evil.txt").write_text("../../secret\n")
+    with pytest.raises(WeakTrError, match=r"1 ids of evil\.txt have no image .*first: secret"):
+        VocDataset(data, "evil")

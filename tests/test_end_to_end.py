@@ -207,7 +207,7 @@ def test_corrupt_image_gives_one_line(capsys, chain, tiny_shapes, tmp_path) -> N
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_shapes, broken / "VOC2012")
-    victim = sorted((broken / "VOC2012" / "JPEGImages").iterdir())[0]
+    victim = sorted((broken / "VOC2012" / "JPEGImages").glob("shapes_train_*"))[0]
     victim.write_bytes(victim.read_bytes()[:40])
     result = run_cli(capsys, "dump-cams", "--checkpoint", chain["cam.ckpt"], "--data-root",
                      broken / "VOC2012", "--out", tmp_path / "c.h5")

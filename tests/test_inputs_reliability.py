@@ -251,3 +251,100 @@ def test_bad_image_in_a_loader_worker_is_one_line(capsys, tmp_path: Path) -> Non
     assert line.startswith("error: cannot read image ") and "train_" in line
     assert "DataLoader worker" not in result.stderr
     assert "hint: the file is corrupt or truncated" in result.stderr
+
+
+# ----------------------------------------------------------------------------- large images
+
+
+def _old_infer_cams(model, images, class_ids, settings, precision):
+    """The former `infer_cams`: every class upsampled to full size at once (C x H x W)."""
+    from torch.nn import functional as F
+
+    from weaktr_cli.cams import normalise_maps
+    from weaktr_cli.data.loader import normalize
+    from weaktr_cli.models.cam_vit import cam_maps
+    from weaktr_cli.runtime import autocast
+
+    b, _, height, width = images.shape
+    total = torch.zeros(b, model.num_classes, height, width)
+    pixels = images.float()
+    for scale in settings.scales:
+        size = (max(round(height * scale), model.patch_size),
+                max(round(width * scale), model.patch_size))
+        scaled = pixels if size == (height, width) else F.interpolate(
+            pixels, size=size, mode="bicubic", align_corners=False)
+        batch = normalize(scaled.clamp(0, 255))
+        batch = torch.cat([batch, batch.flip(-1)])
+        with autocast(torch.device("cpu"), precision):
+            maps = cam_maps(model, batch, settings.variant)
+        maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear",
+                             align_corners=False)
+        total += maps[:b]
+        total += maps[b:].flip(-1)
+    return [normalise_maps(total[i, torch.as_tensor(ids - 1)]).numpy()
+            for i, ids in enumerate(class_ids)]
+
+
+@torch.inference_mode()
+def test_large_image_cams_hold_only_the_present_classes(monkeypatch) -> None:
+    """14.12: a 6000x4000 photo needed C full-size maps per pass ("can't allocate 4.4 GB");
+    now only the present classes, one map at a time, and the model sees <= max_size pixels."""
+    import weaktr_cli.cams as cams
+    from weaktr_cli.models.cam_vit import WeakTrCAM
+
+    torch.manual_seed(0)
+    model = WeakTrCAM("micro", 20).eval()
+    images = torch.from_numpy(
+        np.random.default_rng(0).integers(0, 256, (1, 3, 90, 130), dtype=np.uint8))
+    labels = [np.array([3, 12])]
+    settings = cams.CamSettings(scales=(1.0, 0.5), flip=True, variant="fine", precision="fp32",
+                                max_size=None)
+    # Unlimited size: the same numbers as the former all-classes code, to the last bit.
+    got = cams.infer_cams(model, images, labels, settings, torch.device("cpu"), "fp32")
+    np.testing.assert_array_equal(got[0], _old_infer_cams(model, images, labels, settings,
+                                                         "fp32")[0])
+    # The largest tensor at full size is one class map; the model input is capped.
+    seen: list[tuple[int, ...]] = []
+    interpolate = cams.F.interpolate
+
+    def recording(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        seen.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(cams.F, "interpolate", recording)
+    capped = dataclasses.replace(settings, max_size=64)
+    maps = cams.infer_cams(model, images, labels, capped, torch.device("cpu"), "fp32")[0]
+    assert maps.shape == (2, 90, 130) and maps.min() >= 0.0 and maps.max() <= 1.0
+    full = [s for s in seen if s[-2:] == (90, 130)]
+    assert full and all(int(np.prod(s)) == 90 * 130 for s in full)  # (1, 1, H, W) each
+    model_inputs = [s for s in seen if s[1] == 3]
+    assert model_inputs and max(max(s[-2:]) for s in model_inputs) <= 64  # 130 -> 64 long side
+
+
+def test_max_size_flag(capsys) -> None:
+    """14.12: --max-size is a documented flag; a value below a patch is one line."""
+    from weaktr_cli.cams import CamSettings
+    from weaktr_cli.errors import WeakTrError
+
+    result = run_cli(capsys, "dump-cams", "--help")
+    assert "--max-size" in result.stdout and "no limit" in result.stdout
+    with pytest.raises(WeakTrError, match="invalid max size 8"):
+        CamSettings(max_size=8).check()
+    CamSettings(max_size=None).check()
+
+
+def test_non_integer_schema_version_is_one_line(capsys, tmp_path: Path) -> None:
+    """14.17: a non-integer schema_version used to be "unexpected ValueError"."""
+    import h5py
+
+    for name, value in (("schema_version", "two"), ("seed", "x")):
+        path = tmp_path / f"{name}.h5"
+        with ArtifactWriter(path, new_meta("labels", "voc", "train", VOC_CLASSES)) as writer:
+            writer.write_labels("a1", np.zeros((4, 4), np.uint8))
+            writer.finalize()
+        with h5py.File(path, "r+") as h5:
+            h5.attrs[name] = value
+        result = run_cli(capsys, "inspect", path)
+        assert result.code == 1
+        assert f"root attribute '{name}' is '{value}', not an integer" in _one_line(result.stderr)

@@ -157,7 +157,15 @@ def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
         value = attrs[name]
         return value.decode() if isinstance(value, bytes) else value
 
-    version = int(required("schema_version"))
+    def integer(name: str, value: Any) -> int:
+        try:
+            return int(value)
+        except (TypeError, ValueError, OverflowError):
+            raise WeakTrError(f"{path}: root attribute {name!r} is {value!r}, not an integer",
+                              hint="the file is damaged or not a weaktr artifact; see "
+                              "docs/artifacts.md") from None
+
+    version = integer("schema_version", required("schema_version"))
     if version > SCHEMA_VERSION:
         raise WeakTrError(
             f"{path} has schema_version {version}, newer than this weaktr reads "
@@ -183,7 +191,7 @@ def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
             f"{path}: root attribute 'class_names' must be a JSON list of strings",
             hint="see docs/artifacts.md",
         )
-    seed = int(attrs.get("seed", _NO_SEED))
+    seed = integer("seed", attrs.get("seed", _NO_SEED))
 
     def text(name: str) -> str:
         value = attrs.get(name, "")

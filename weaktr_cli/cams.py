@@ -45,12 +45,19 @@ class CamSettings:
     precision: str = "auto"
     batch_size: int = 8
     power: float = 1.0
+    #: longest image side the model sees, before the scales (None: no limit); CAMs are still
+    #: written at the image's own size. Bounds the memory of large photos; VOC and COCO images
+    #: (at most 640 px) are never resized by it.
+    max_size: int | None = 1024
 
     def check(self) -> None:
         if not self.scales or any(s <= 0 for s in self.scales):
             raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. --scales 1.0,1.2")
         if not self.power > 0:
             raise WeakTrError(f"invalid CAM power {self.power}", hint="use a number > 0, e.g. 0.5")
+        if self.max_size is not None and self.max_size < 16:
+            raise WeakTrError(f"invalid max size {self.max_size}",
+                              hint="at least 16 pixels (e.g. --max-size 1024), 0 for no limit")
         if self.variant not in CAM_VARIANTS:
             raise WeakTrError(f"unknown CAM variant {self.variant!r}",
                               hint=f"choose one of {', '.join(CAM_VARIANTS)}")
@@ -64,6 +71,13 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return ((maps - low) / (high - low + NORM_EPS)).clamp_(0, 1)
 
 
+def inference_scale(height: int, width: int, max_size: int | None) -> float:
+    """The factor that brings the longer side down to `max_size` (1.0 when it fits or None)."""
+    if not max_size or max(height, width) <= max_size:
+        return 1.0
+    return max_size / max(height, width)
+
+
 @torch.inference_mode()
 def infer_cams(model: WeakTrCAM, images: torch.Tensor, class_ids: Sequence[np.ndarray],
                settings: CamSettings, device: torch.device, precision: str) -> list[np.ndarray]:
@@ -71,13 +85,21 @@ def infer_cams(model: WeakTrCAM, images: torch.Tensor, class_ids: Sequence[np.nd
 
     images: (B, 3, H, W) uint8; class_ids[b]: int64 foreground ids present in image b.
     Returns per image a float32 (K_b, H, W) array in [0, 1], maps in class_ids order.
+
+    Memory is bounded per image: the model sees at most `settings.max_size` pixels on the long
+    side (times each scale), and only the K_b present classes are upsampled to full size, one
+    class map at a time, so a 6000 x 4000 photo costs K_b full-size maps, not C of them per
+    pass (C x H x W float32 is 1.9 GB for VOC's 20 classes at that size).
     """
     b, _, height, width = images.shape
-    total = torch.zeros(b, model.num_classes, height, width, dtype=torch.float32, device=device)
+    index = [torch.as_tensor(ids - 1, dtype=torch.long, device=device) for ids in class_ids]
+    totals = [torch.zeros(len(ids), height, width, dtype=torch.float32, device=device)
+              for ids in class_ids]
     pixels = images.to(device).float()
+    base = inference_scale(height, width, settings.max_size)
     for scale in settings.scales:
-        size = (max(round(height * scale), model.patch_size),
-                max(round(width * scale), model.patch_size))
+        size = (max(round(height * scale * base), model.patch_size),
+                max(round(width * scale * base), model.patch_size))
         scaled = pixels if size == (height, width) else F.interpolate(
             pixels, size=size, mode="bicubic", align_corners=False)
         batch = normalize(scaled.clamp(0, 255))
@@ -85,22 +107,47 @@ def infer_cams(model: WeakTrCAM, images: torch.Tensor, class_ids: Sequence[np.nd
             batch = torch.cat([batch, batch.flip(-1)])
         with autocast(device, precision):
             maps = cam_maps(model, batch, settings.variant)
-        maps = F.interpolate(maps.float(), size=(height, width), mode="bilinear",
-                             align_corners=False)
-        total += maps[:b]
-        if settings.flip:
-            total += maps[b:].flip(-1)
+        for i in range(b):
+            _add_full_size(totals[i], maps[i, index[i]], flipped=False)
+            if settings.flip:
+                _add_full_size(totals[i], maps[b + i, index[i]], flipped=True)
     out = []
-    for i, ids in enumerate(class_ids):
-        present = total[i, torch.as_tensor(ids - 1, dtype=torch.long, device=device)]
-        if not len(ids):
-            out.append(np.zeros((0, height, width), np.float32))
-            continue
-        maps = normalise_maps(present)
+    for total in totals:
+        maps = normalise_maps(total) if len(total) else total
         if settings.power != 1.0:
             maps = maps.pow_(settings.power)
         out.append(maps.cpu().numpy())
     return out
+
+
+def _add_full_size(total: torch.Tensor, maps: torch.Tensor, *, flipped: bool) -> None:
+    """total (K, H, W) += maps (K, h, w) upsampled bilinear (un-flipped), one class at a time."""
+    for k in range(maps.shape[0]):
+        full = F.interpolate(maps[k][None, None].float(), size=total.shape[-2:],
+                             mode="bilinear", align_corners=False)[0, 0]
+        total[k] += full.flip(-1) if flipped else full
+
+
+def _infer_or_explain(model: WeakTrCAM, images: torch.Tensor, labels: list[np.ndarray],
+                      settings: CamSettings, device: torch.device, precision: str,
+                      first_id: str) -> list[np.ndarray]:
+    """`infer_cams`, with running out of memory said as what to change."""
+    try:
+        return infer_cams(model, images, labels, settings, device, precision)
+    except (MemoryError, RuntimeError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+        if not isinstance(exc, MemoryError) and not _is_out_of_memory(exc):
+            raise
+        _, _, height, width = images.shape
+        raise WeakTrError(
+            f"out of memory computing the CAMs of {first_id} ({width}x{height}, "
+            f"{len(images)} image(s) in the batch, max size {settings.max_size})",
+            hint="lower --max-size or --batch-size, pass fewer --scales, or resize the photos",
+        ) from None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "out of memory" in text or "can't allocate" in text or "failed to allocate" in text
 
 
 def _batches(dataset: SegmentationDataset, ids: Sequence[str], batch_size: int
@@ -143,7 +190,8 @@ def dump_cams(
     model = model.to(dev).eval()
     config = {
         "scales": list(settings.scales), "flip": settings.flip, "variant": settings.variant,
-        "power": settings.power, "precision": precision, "shard": list(shard) if shard else None,
+        "power": settings.power, "max_size": settings.max_size, "precision": precision,
+        "shard": list(shard) if shard else None,
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
     }
     meta = new_meta("cams", dataset.name, dataset.split, dataset.class_names, seed=seed,
@@ -158,7 +206,8 @@ def dump_cams(
             images = torch.stack([to_tensor(image) for _, image in batch])
             labels = [dataset.image_labels(image_id) for image_id, _ in batch]
             for (image_id, _), ids_present, maps in zip(
-                batch, labels, infer_cams(model, images, labels, settings, dev, precision),
+                batch, labels, _infer_or_explain(model, images, labels, settings, dev, precision,
+                                                 batch[0][0]),
                 strict=True,
             ):
                 writer.write_cams(image_id, ids_present, maps)

@@ -41,6 +41,10 @@ def dump_cams(
     variant: Annotated[str | None, typer.Option(
         help="CAM variant: fine (WeakTr), cross (cross-attention x coarse) or coarse.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Images per batch.")] = None,
+    max_size: Annotated[int | None, typer.Option(
+        min=0, help="Longest image side the model sees, before --scales (default 1024; 0: no "
+        "limit). CAMs are still written at full size; bounds the memory of large photos.")
+    ] = None,
     precision: Annotated[str | None, typer.Option(
         help="auto (bf16 on CPUs with native bf16), fp32, bf16 or fp16.")] = None,
     shard: options.Shard = None,
@@ -81,6 +85,8 @@ def dump_cams(
             raise WeakTrError(f"invalid --scales {scales!r}", hint="e.g. 1.0,1.2") from None
     settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items()
                                                 if v is not None})
+    if max_size is not None:
+        settings = dataclasses.replace(settings, max_size=max_size or None)  # 0: no limit
     with output.progress(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
         path = run(model, dataset, out, settings=settings, device=device,
                    shard=parse_shard(shard), resume=resume,
