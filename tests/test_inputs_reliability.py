@@ -170,9 +170,9 @@ def test_corrupt_checkpoint_metadata_is_one_line(capsys, tmp_path: Path) -> None
         assert result.code == 1 and expected in _one_line(result.stderr)
 
 
-def test_non_safetensors_checkpoint_hint_names_the_command_that_reads_it(capsys,
-                                                                       tmp_path: Path) -> None:
-    """14.17: predict / evaluate / export-onnx suggested an option only dump-cams has."""
+def test_non_safetensors_checkpoint_hint_names_where_it_goes(capsys, tmp_path: Path) -> None:
+    """14.17: the hint suggested --reference-checkpoint, which only dump-cams had; it now names
+    the commands that take it, and each of them does."""
     path = tmp_path / "official.pth"
     torch.save({"model": {"w": torch.zeros(2)}}, path)
     for command in (["predict", "--checkpoint", path, "--images", tmp_path],
@@ -181,7 +181,10 @@ def test_non_safetensors_checkpoint_hint_names_the_command_that_reads_it(capsys,
         result = run_cli(capsys, *command)
         assert result.code == 1
         assert "is not a weaktr checkpoint" in _one_line(result.stderr)
-        assert "`weaktr dump-cams --reference-checkpoint`" in result.stderr
+        assert ("--reference-checkpoint (dump-cams, predict, evaluate, export-onnx)"
+                in result.stderr)
+    for command in ("dump-cams", "predict", "evaluate", "export-onnx"):
+        assert "--reference-checkpoint" in run_cli(capsys, command, "--help").stdout
 
 
 def test_pickled_weights_get_one_line_and_never_the_unsafe_advice(capsys, tmp_path: Path

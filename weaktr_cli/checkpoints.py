@@ -59,8 +59,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # safetensors raises its own error types
         raise WeakTrError(
             f"{path} is not a weaktr checkpoint (safetensors): {exc}",
-            hint="official WeakTr .pth checkpoints are read by `weaktr dump-cams "
-            "--reference-checkpoint`",
+            hint="an official hustvl/WeakTr .pth goes to --reference-checkpoint (dump-cams, "
+            "predict, evaluate, export-onnx)",
         ) from exc
     if META_KEY not in metadata:
         raise WeakTrError(f"{path} has no weaktr metadata", hint="was it written by weaktr?")
