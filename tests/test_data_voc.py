@@ -21,7 +21,6 @@ from weaktr_cli.data.images import (
     write_rgb,
 )
 from weaktr_cli.data.voc import (
-    CLS_LABELS_CONVERSION,
     VOC_CLASSES,
     VocDataset,
     check_voc_layout,
@@ -117,6 +116,8 @@ def test_label_sources_agree(voc_sample: Path, source: str) -> None:
 def test_cls_labels_npy_refused_and_its_conversion_matches_json(
     voc_sample: Path, tmp_path: Path
 ) -> None:
+    from weaktr_cli.data.voc import CLS_LABELS_CONVERSION
+
     with pytest.raises(WeakTrError, match="is a pickled dict; weaktr never unpickles") as info:
         load_cls_labels(voc_sample / "cls_labels.npy", VOC_CLASSES)
     assert info.value.hint == CLS_LABELS_CONVERSION
