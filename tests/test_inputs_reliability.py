@@ -225,7 +225,7 @@ def test_ctrl_c_says_how_to_resume(capsys, monkeypatch) -> None:
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data, "check_dataset", interrupted)
+    monkeypatch.setattr(data, "resolve_root", interrupted)  # the first step of `data check`
     result = run_cli(capsys, "data", "check", "--data", "voc", "--data-root", ".")
     assert result.code == 130
     assert _one_line(result.stderr) == "error: interrupted"
