@@ -1,0 +1,260 @@
+"""Each phase before and after, on the same machine in one run, against plain baselines.
+
+    python -m benchmarks.speed_before_after --old /tmp/old [--images 96] [--repeats 3]
+
+`--old` is a checkout of the earlier code (`git worktree add /tmp/old <commit>`). Every
+measurement is a whole `weaktr` process as a user starts it (start-up included), on the first
+N images of the built-in dataset's train split, with the old and the new code run alternately
+(round-robin, `--repeats` rounds) and reported as medians, so both meet the same machine load.
+Plain baselines run in the same rounds: a pydensecrf loop over the same CAMs with the same
+parameters (one process) and a numpy bincount loop over the same label files.
+
+Fixtures are made by the old code (its artifacts are schema 1, which both versions read): the
+old dump-cams output feeds both crf runs, a briefly retrained model feeds predict and its ONNX
+export predict --onnx. evaluate is timed in process on every train image (its start-up is
+the CLI's), like the numpy loop. Writes benchmarks/out/speed_before_after.json and prints a
+table; the machine's CPU kind and load averages are recorded with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+NEW = HERE.parent
+PYTHON = sys.executable
+
+PLAIN_CRF = r'''
+import sys, time, h5py, numpy as np
+from PIL import Image
+import pydensecrf.densecrf as dcrf
+from pydensecrf.utils import unary_from_labels
+cams, root, ids = sys.argv[1], sys.argv[2], open(sys.argv[3]).read().split()
+out = {}
+with h5py.File(cams, "r") as f:
+    for i in ids:
+        ds = f["cams"][i]
+        maps, cls = ds[()].astype(np.float32), ds.attrs["class_ids"].astype(np.int64)
+        order = np.argsort(cls)
+        planes = np.concatenate([np.full((1,) + maps.shape[1:], 0.43, np.float32), maps[order]])
+        label = planes.argmax(0)
+        img = np.array(Image.open(f"{root}/JPEGImages/{i}.png").convert("RGB"), order="C")
+        h, w = label.shape
+        d = dcrf.DenseCRF2D(w, h, planes.shape[0])
+        d.setUnaryEnergy(unary_from_labels(label, planes.shape[0], gt_prob=0.7, zero_unsure=False))
+        d.addPairwiseGaussian(sxy=4, compat=3)
+        d.addPairwiseBilateral(sxy=83, srgb=5, rgbim=img, compat=3)
+        q = np.array(d.inference(10)).reshape(planes.shape[0], h, w)
+        out[i] = np.concatenate([[0], cls[order]])[q.argmax(0)].astype(np.uint8)
+'''
+
+EVALUATE = r'''
+import sys, time, json
+import numpy as np
+from weaktr_cli.artifacts import open_artifact
+from weaktr_cli.data import open_dataset
+labels, root = sys.argv[1], sys.argv[2]
+dataset = open_dataset("shapes", "train", root)
+start = time.perf_counter()
+if sys.argv[3] == "weaktr":
+    from weaktr_cli.evaluation import evaluate_artifact
+    with open_artifact(labels) as reader:
+        miou = evaluate_artifact(reader, dataset).scores.miou
+        n = len(reader)
+else:
+    import h5py
+    from PIL import Image
+    k = dataset.num_classes
+    matrix = np.zeros((k, k), np.int64)
+    with h5py.File(labels, "r") as f:
+        group = f["labels"]
+        for i in group:
+            pred = group[i][()]
+            gt = np.array(Image.open(f"{root}/SegmentationClass/{i}.png"))
+            valid = gt != 255
+            matrix += np.bincount(gt[valid].astype(np.int64) * k + pred[valid],
+                                  minlength=k * k).reshape(k, k)
+        n = len(group)
+    tp = np.diag(matrix); miou = float(np.nanmean(tp / (matrix.sum(0) + matrix.sum(1) - tp)))
+print(json.dumps({"images_per_s": n / (time.perf_counter() - start), "miou": miou}))
+'''
+
+
+def _env(code: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(code), "PYTHONHASHSEED": "0"}
+
+
+def _weaktr(code: Path, *args: object) -> float:
+    """Wall seconds of one `weaktr` process run from checkout `code`."""
+    start = time.perf_counter()
+    subprocess.run([PYTHON, "-m", "weaktr_cli", *map(str, args), "-q"], env=_env(code),
+                   check=True, stdout=subprocess.DEVNULL, cwd=code)
+    return time.perf_counter() - start
+
+
+def _python(code: Path | None, script: str, *args: object) -> tuple[float, str]:
+    start = time.perf_counter()
+    env = _env(code) if code else {**os.environ}
+    result = subprocess.run([PYTHON, "-c", script, *map(str, args)], env=env, check=True,
+                            capture_output=True, text=True)
+    return time.perf_counter() - start, result.stdout
+
+
+def fixtures(old: Path, work: Path, root: Path, n: int, checkpoint: Path) -> dict[str, Path]:
+    """Artifacts every measured command reads, made once by the old code."""
+    work.mkdir(parents=True, exist_ok=True)
+    ids = (root / "ImageSets/Segmentation/train.txt").read_text().split()
+    split = work / "subset.txt"
+    split.write_text("".join(f"{i}\n" for i in ids[:n]))
+    paths = {"split": split, "cams": work / "cams_old.h5", "seeds": work / "seeds_old.h5",
+             "seg": work / "seg.ckpt", "onnx": work / "model.onnx",
+             "labels": work / "labels_train.h5"}
+    data = ["--data", "shapes", "--data-root", root]
+    if not paths["cams"].exists():
+        _weaktr(old, "dump-cams", "--checkpoint", checkpoint, *data, "--split", split,
+                "--out", paths["cams"])
+    if not paths["seeds"].exists():
+        _weaktr(old, "crf", "--cams", paths["cams"], "--data-root", root, "--out",
+                paths["seeds"])
+    if not paths["seg"].exists():
+        _weaktr(old, "retrain", "--seeds", paths["seeds"], "--data-root", root, "--recipe",
+                "shapes", "--iterations", "4", "--out", paths["seg"])
+    if not paths["onnx"].exists():
+        _weaktr(old, "export-onnx", "--checkpoint", paths["seg"], "--out", paths["onnx"],
+                "--dynamic")
+    if not paths["labels"].exists():  # every train image: its mask with a wrong band
+        _python(old, LABELS, root, paths["labels"])
+    return paths
+
+
+LABELS = r'''
+import sys, numpy as np
+from weaktr_cli.artifacts import ArtifactWriter, new_meta
+from weaktr_cli.data import open_dataset
+dataset = open_dataset("shapes", "train", sys.argv[1])
+meta = new_meta("labels", "shapes", "train", dataset.class_names)
+with ArtifactWriter(sys.argv[2], meta) as writer:
+    for i in dataset.ids:
+        label = dataset.load_mask(i).copy()
+        label[label == 255] = 0
+        label[40:48] = 1
+        writer.write_labels(i, label)
+    writer.finalize()
+'''
+
+
+def measurements(old: Path, paths: dict[str, Path], root: Path, work: Path, n: int
+                 ) -> dict[str, dict[str, Any]]:
+    """name -> (images, {variant: callable returning seconds or images/s})."""
+    data = ["--data", "shapes", "--data-root", root, "--split", paths["split"]]
+
+    def fresh(name: str) -> Path:
+        out = work / name
+        out.unlink(missing_ok=True)
+        return out
+
+    def evaluate(code: Path | None, kind: str) -> float:
+        _, out = _python(code, EVALUATE, paths["labels"], root, kind)
+        return float(json.loads(out.strip().splitlines()[-1])["images_per_s"])
+
+    cases: dict[str, dict[str, Any]] = {
+        "dump-cams": {"images": n, "runs": {
+            code_name: (lambda c=code: _weaktr(c, "dump-cams", "--checkpoint", paths["ckpt"],
+                                               *data, "--out", fresh("cams.h5")))
+            for code_name, code in (("old", old), ("new", NEW))}},
+        "crf --workers 1": {"images": n, "runs": {
+            **{code_name: (lambda c=code: _weaktr(c, "crf", "--cams", paths["cams"],
+                                                  "--data-root", root, "--workers", 1,
+                                                  "--out", fresh("seeds.h5")))
+               for code_name, code in (("old", old), ("new", NEW))},
+            "plain pydensecrf loop": lambda: _python(None, PLAIN_CRF, paths["cams"], root,
+                                                     paths["split"])[0]}},
+        "crf --workers 2": {"images": n, "runs": {
+            code_name: (lambda c=code: _weaktr(c, "crf", "--cams", paths["cams"], "--data-root",
+                                               root, "--workers", 2, "--out", fresh("seeds.h5")))
+            for code_name, code in (("old", old), ("new", NEW))}},
+        "predict": {"images": n, "runs": {
+            code_name: (lambda c=code: _weaktr(c, "predict", "--checkpoint", paths["seg"], *data,
+                                               "--out", fresh("preds.h5")))
+            for code_name, code in (("old", old), ("new", NEW))}},
+        "predict --onnx": {"images": n, "runs": {
+            code_name: (lambda c=code: _weaktr(c, "predict", "--onnx", paths["onnx"], *data,
+                                               "--out", fresh("preds_onnx.h5")))
+            for code_name, code in (("old", old), ("new", NEW))}},
+        "evaluate (in process, images/s)": {"images": None, "runs": {
+            "old": lambda: evaluate(old, "weaktr"), "new": lambda: evaluate(NEW, "weaktr"),
+            "plain numpy bincount loop": lambda: evaluate(None, "plain")}},
+    }
+    return cases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--old", type=Path, required=True)
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a shapes cam.ckpt")
+    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/weaktr-speed"))
+    parser.add_argument("--only", nargs="*", help="names of the cases to run")
+    args = parser.parse_args()
+    sys.path.insert(0, str(NEW))
+    from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
+    from weaktr_cli.run_record import machine, versions
+
+    root = ensure_shapes(ShapesConfig())
+    paths = fixtures(args.old.resolve(), args.work, root, args.images, args.checkpoint)
+    paths["ckpt"] = args.checkpoint
+    cases = measurements(args.old.resolve(), paths, root, args.work, args.images)
+    if args.only:
+        cases = {k: v for k, v in cases.items() if k in args.only}
+    load_before = os.getloadavg()
+    samples: dict[str, dict[str, list[float]]] = {k: {} for k in cases}
+    for round_index in range(args.repeats):
+        for name, case in cases.items():
+            for variant, run in case["runs"].items():
+                value = run()
+                samples[name].setdefault(variant, []).append(value)
+                print(f"round {round_index + 1} {name} {variant}: {value:.2f}", flush=True)
+    rows = []
+    for name, case in cases.items():
+        for variant, values in samples[name].items():
+            median = statistics.median(values)
+            per_s = median if case["images"] is None else case["images"] / median
+            rows.append({"phase": name, "code": variant,
+                         "wall_s": None if case["images"] is None else round(median, 2),
+                         "images_per_s": round(per_s, 1), "runs": [round(v, 2) for v in values]})
+    _print(rows)
+    out = HERE / "out" / "speed_before_after.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({
+        "benchmark": "speed_before_after", "images": args.images, "repeats": args.repeats,
+        "old": str(args.old), "old_commit": _commit(args.old), "new_commit": _commit(NEW),
+        "rows": rows, "machine": machine(), "versions": versions(),
+        "load_average_before": load_before, "load_average_after": os.getloadavg()}, indent=2))
+    print(f"-> {out}")
+
+
+def _commit(path: Path) -> str:
+    result = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"],
+                            capture_output=True, text=True, check=False)
+    return result.stdout.strip()
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    print(f"{'phase':34s} {'code':26s} {'wall s':>8s} {'images/s':>9s}")
+    for row in rows:
+        wall = "" if row["wall_s"] is None else f"{row['wall_s']:.2f}"
+        print(f"{row['phase']:34s} {row['code']:26s} {wall:>8s} {row['images_per_s']:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
