@@ -19,6 +19,7 @@ from weaktr_cli.artifacts import ArtifactWriter, new_meta, open_artifact
 from weaktr_cli.checkpoints import META_KEY, save_checkpoint
 from weaktr_cli.data.images import write_label_png, write_rgb
 from weaktr_cli.data.voc import VOC_CLASSES
+from weaktr_cli.errors import WeakTrError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -121,6 +122,23 @@ def test_exif_rotated_photo_gets_an_upright_mask(capsys, tmp_path: Path) -> None
         assert reader.read_labels("plain").shape == (24, 40)
         assert reader.meta.config["image_orientation"] == "exif"
     assert Image.open(tmp_path / "png" / "phone.png").size == (24, 40)  # (width, height)
+    # `show` reads the photos the same way, so the mask lies on the upright photo.
+    result = run_cli(capsys, "show", out, "--out", tmp_path / "panels.png", "-q")
+    assert result.code == 0, result.stderr
+    # A label map of another orientation than its image is refused, not drawn askew.
+    from weaktr_cli.data.folder import ImageFolderDataset
+    from weaktr_cli.visualize import Layer, panel_row
+
+    class StoredGrid(ImageFolderDataset):
+        orientation = "stored"
+
+        def load_image(self, image_id: str) -> np.ndarray:
+            from weaktr_cli.data.images import read_rgb
+
+            return read_rgb(self.image_path(image_id))
+
+    with open_artifact(out) as reader, pytest.raises(WeakTrError, match="are 24x40, the image"):
+        panel_row(StoredGrid(photos, classes), "phone", [Layer("preds", reader)])
 
 
 def test_coco_list_file_split_through_the_cli(capsys, tmp_path: Path) -> None:
@@ -328,7 +346,6 @@ def test_large_image_cams_hold_only_the_present_classes(monkeypatch) -> None:
 def test_max_size_flag(capsys) -> None:
     """14.12: --max-size is a documented flag; a value below a patch is one line."""
     from weaktr_cli.cams import CamSettings
-    from weaktr_cli.errors import WeakTrError
 
     result = run_cli(capsys, "dump-cams", "--help")
     assert "--max-size" in result.stdout and "no limit" in result.stdout

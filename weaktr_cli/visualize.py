@@ -114,6 +114,13 @@ def panel_row(dataset: SegmentationDataset, image_id: str, layers: Sequence[Laye
                                         f"{layer.title}: {names[class_id]}"))
         else:
             label = layer.reader.read_labels(image_id)
+            if label.shape != image.shape[:2]:
+                # e.g. a mask made with the EXIF orientation applied, drawn on the stored grid
+                raise WeakTrError(
+                    f"{layer.reader.path}: the labels of {image_id!r} are {label.shape[1]}x"
+                    f"{label.shape[0]}, the image is {image.shape[1]}x{image.shape[0]}",
+                    hint="draw an artifact with the dataset (or image folder) it was made from",
+                )
             shown.update(int(c) for c in np.unique(label))
             tiles.append(_captioned(_fit(colour_labels(label)), layer.title))
     mask = dataset.load_mask(image_id)
