@@ -368,3 +368,66 @@ def test_non_integer_schema_version_is_one_line(capsys, tmp_path: Path) -> None:
         result = run_cli(capsys, "inspect", path)
         assert result.code == 1
         assert f"root attribute '{name}' is '{value}', not an integer" in _one_line(result.stderr)
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@pytest.fixture
+def shapes_seeds(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny shapes dataset and a labels artifact over its train split (its own masks)."""
+    from weaktr_cli.data.shapes import open_shapes
+
+    voc = _tiny_shapes(tmp_path)
+    dataset = open_shapes("train", root=voc)
+    seeds = tmp_path / "seeds.h5"
+    meta = new_meta("labels", "shapes", "train", dataset.class_names)
+    with ArtifactWriter(seeds, meta) as writer:
+        for image_id in dataset.ids:
+            writer.write_labels(image_id, dataset.load_mask(image_id))
+        writer.finalize()
+    return voc, seeds
+
+
+@pytest.mark.parametrize("tau", ["0", "-1", "0.0"])
+def test_retrain_tau_that_never_clips_is_refused(capsys, tmp_path: Path, shapes_seeds,
+                                                 tau: str) -> None:
+    """14.16: --tau 0 or negative was accepted, and clipping then never started."""
+    voc, seeds = shapes_seeds
+    result = run_cli(capsys, "retrain", "--seeds", seeds, "--data-root", voc, "--tau", tau,
+                     "--out", tmp_path / "seg.ckpt")
+    assert result.code == 1 and not (tmp_path / "seg.ckpt").exists()
+    assert "clipping would never start" in _one_line(result.stderr)
+
+
+def test_retrain_no_clip_with_tau_is_refused(capsys, tmp_path: Path, shapes_seeds) -> None:
+    """14.16: `--no-clip --tau 1.0` was silently accepted (the tau did nothing)."""
+    voc, seeds = shapes_seeds
+    result = run_cli(capsys, "retrain", "--seeds", seeds, "--data-root", voc, "--no-clip",
+                     "--tau", "1.0", "--out", tmp_path / "seg.ckpt")
+    assert result.code == 1 and not (tmp_path / "seg.ckpt").exists()
+    assert "--no-clip and --tau 1.0 contradict each other" in _one_line(result.stderr)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--preset", "voc"], "--preset voc"),
+    (["--gt-prob", "0.9", "--iterations", "5"], "--gt-prob, --iterations"),
+])
+def test_crf_no_crf_with_crf_parameters_is_refused(capsys, tmp_path: Path, flags: list[str],
+                                                   named: str) -> None:
+    """14.16: `--no-crf --preset voc` was silently accepted (the preset did nothing)."""
+    voc = _tiny_shapes(tmp_path)
+    cams = tmp_path / "cams.h5"
+    from weaktr_cli.data.shapes import open_shapes
+
+    dataset = open_shapes("train", root=voc)
+    with ArtifactWriter(cams, new_meta("cams", "shapes", "train", dataset.class_names)) as writer:
+        for image_id in dataset.ids:
+            h, w = dataset.load_mask(image_id).shape
+            ids = dataset.image_labels(image_id)
+            writer.write_cams(image_id, ids, np.zeros((len(ids), h, w), np.float32))
+        writer.finalize()
+    result = run_cli(capsys, "crf", "--cams", cams, "--data-root", voc, "--no-crf", *flags,
+                     "--out", tmp_path / "seeds.h5")
+    assert result.code == 1 and not (tmp_path / "seeds.h5").exists()
+    assert f"--no-crf and {named} contradict each other" in _one_line(result.stderr)

@@ -191,6 +191,10 @@ class RetrainConfig:
                 raise WeakTrError("tau_auto_fraction must be > 0")
         elif not math.isfinite(float(self.tau)):
             raise WeakTrError(f"invalid tau {self.tau!r}", hint="a finite number or 'auto'")
+        elif not float(self.tau) > 0:
+            # Clipping starts once the mean loss falls to tau; a loss is never <= 0.
+            raise WeakTrError(f"invalid tau {self.tau}: clipping would never start",
+                              hint="a number > 0 (the paper's 1.2) or 'auto'")
         if self.clip_patch < 1:
             raise WeakTrError("the clipping patch size must be >= 1 pixel")
         if self.log_every < 1 or (self.save_every is not None and self.save_every < 1):

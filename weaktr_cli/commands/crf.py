@@ -75,11 +75,18 @@ def crf(
     recipe = SEED_RECIPES.get(dataset.name, SEED_RECIPES["voc"])
     params = None
     preset_name = preset or recipe.preset
+    overrides: dict[str, Any] = {
+        "gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
+        "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,
+        "bilateral_srgb": bilateral_srgb, "bilateral_compat": bilateral_compat}
+    crf_flags = ([f"--preset {preset}"] if preset else []) + [
+        f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+    if no_crf and crf_flags:
+        from weaktr_cli.errors import WeakTrError
+
+        raise WeakTrError(f"--no-crf and {', '.join(crf_flags)} contradict each other: "
+                          "without the CRF its parameters do nothing", hint="drop one of them")
     if not no_crf and preset_name is not None:  # a recipe without a preset means no CRF
-        overrides: dict[str, Any] = {
-            "gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
-            "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,
-            "bilateral_srgb": bilateral_srgb, "bilateral_compat": bilateral_compat}
         params = dataclasses.replace(get_preset(preset_name),
                                      **{k: v for k, v in overrides.items() if v is not None})
     threshold = recipe.bg if bg is None else bg

@@ -94,6 +94,9 @@ def retrain(
         "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
         "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
         "workers": workers}
+    if clip is False and tau is not None:
+        raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
+                          "there is no threshold", hint="drop one of them")
     if clip is None and tau is not None:
         clip = True  # asking for a threshold asks for clipping
     overrides["clip"] = clip
