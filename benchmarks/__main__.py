@@ -22,6 +22,7 @@ SCRIPTS = {
     "dump_cams": "benchmarks.bench_dump_cams",
     "retrain": "benchmarks.bench_retrain",
     "onnx": "benchmarks.bench_onnx",
+    "cam_storage": "benchmarks.bench_cam_storage",
 }
 LONG = {"cam_ablation": "benchmarks.cam_ablation"}
 

@@ -10,6 +10,7 @@ and 1.2, each with its flip, up-sampled bilinearly and min-max normalised; 1-2 c
 any real artifacts given with --cams (their stored values are the reference then).
 
 Run: python -m benchmarks.bench_cam_storage [--images 24] [--cams cams.h5 ...]
+The committed record benchmarks/cam_storage.json is such a run (its "command" says which).
 """
 
 from __future__ import annotations

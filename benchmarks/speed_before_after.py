@@ -12,8 +12,9 @@ parameters (one process) and a numpy bincount loop over the same label files.
 Fixtures are made by the old code (its artifacts are schema 1, which both versions read): the
 old dump-cams output feeds both crf runs, a briefly retrained model feeds predict and its ONNX
 export predict --onnx. evaluate is timed in process on every train image (its start-up is
-the CLI's), like the numpy loop. Writes benchmarks/out/speed_before_after.json and prints a
-table; the machine's CPU kind and load averages are recorded with it.
+the CLI's), like the numpy loop. Writes the record benchmarks/speed_before_after.json and a
+table, benchmarks/speed_before_after.md; the machine's CPU kind and load averages are recorded
+with it. `--table-only` rewrites the table from the record.
 """
 
 from __future__ import annotations
@@ -205,7 +206,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/weaktr-speed"))
     parser.add_argument("--only", nargs="*", help="names of the cases to run")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the .md only")
+    parser.add_argument("--from-log", type=Path,
+                        help="build the record from the printed rounds of an unfinished run")
     args = parser.parse_args()
+    record_path = HERE / "speed_before_after.json"
+    if args.table_only:
+        _write_table(json.loads(record_path.read_text()))
+        return
     sys.path.insert(0, str(NEW))
     from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes
     from weaktr_cli.run_record import machine, versions
@@ -218,7 +226,9 @@ def main() -> None:
         cases = {k: v for k, v in cases.items() if k in args.only}
     load_before = os.getloadavg()
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in cases}
-    for round_index in range(args.repeats):
+    if args.from_log:
+        args.repeats = _read_log(args.from_log, samples)
+    for round_index in range(0 if args.from_log else args.repeats):
         for name, case in cases.items():
             for variant, run in case["runs"].items():
                 value = run()
@@ -226,21 +236,40 @@ def main() -> None:
                 print(f"round {round_index + 1} {name} {variant}: {value:.2f}", flush=True)
     rows = []
     for name, case in cases.items():
-        for variant, values in samples[name].items():
+        for variant, values in samples.get(name, {}).items():
             median = statistics.median(values)
             per_s = median if case["images"] is None else case["images"] / median
             rows.append({"phase": name, "code": variant,
                          "wall_s": None if case["images"] is None else round(median, 2),
                          "images_per_s": round(per_s, 1), "runs": [round(v, 2) for v in values]})
-    _print(rows)
-    out = HERE / "out" / "speed_before_after.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({
+    record = {
         "benchmark": "speed_before_after", "images": args.images, "repeats": args.repeats,
         "old": str(args.old), "old_commit": _commit(args.old), "new_commit": _commit(NEW),
         "rows": rows, "machine": machine(), "versions": versions(),
-        "load_average_before": load_before, "load_average_after": os.getloadavg()}, indent=2))
-    print(f"-> {out}")
+        "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(_write_table(record))
+    print(f"-> {record_path}")
+
+
+def _read_log(path: Path, samples: dict[str, dict[str, list[float]]]) -> int:
+    """Fill `samples` from "round R NAME VARIANT: VALUE" lines of complete rounds only."""
+    rounds: dict[int, list[tuple[str, str, float]]] = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("round ") or ": " not in line:
+            continue
+        head, value = line.rsplit(": ", 1)
+        number, rest = head[len("round "):].split(" ", 1)
+        for name in samples:
+            if rest.startswith(name + " "):
+                rounds.setdefault(int(number), []).append(
+                    (name, rest[len(name) + 1:], float(value)))
+    expected = max(len(r) for r in rounds.values())
+    complete = [r for r in rounds.values() if len(r) == expected]
+    for entries in complete:
+        for name, variant, value in entries:
+            samples[name].setdefault(variant, []).append(value)
+    return len(complete)
 
 
 def _commit(path: Path) -> str:
@@ -249,11 +278,23 @@ def _commit(path: Path) -> str:
     return result.stdout.strip()
 
 
-def _print(rows: list[dict[str, Any]]) -> None:
-    print(f"{'phase':34s} {'code':26s} {'wall s':>8s} {'images/s':>9s}")
-    for row in rows:
+def _write_table(record: dict[str, Any]) -> str:
+    """The record as Markdown (benchmarks/speed_before_after.md); returns the text."""
+    m = record["machine"]
+    bf16 = "native bf16" if m.get("native_bf16") else "no native bf16"
+    lines = [f"# Before ({record['old_commit']}) and after ({record['new_commit']}), one run",
+             "", f"{m['cpu']}, {m['cores']} cores, {bf16}; load average "
+             f"{record['load_average_before']} before, {record['load_average_after']} after "
+             f"(other jobs shared the machine). {record['images']} shapes train images, whole "
+             f"processes, medians of {record['repeats']} interleaved rounds.", "",
+             "| phase | code | wall s | images/s | runs |", "|---|---|---|---|---|"]
+    for row in record["rows"]:
         wall = "" if row["wall_s"] is None else f"{row['wall_s']:.2f}"
-        print(f"{row['phase']:34s} {row['code']:26s} {wall:>8s} {row['images_per_s']:>9.1f}")
+        lines.append(f"| {row['phase']} | {row['code']} | {wall} | {row['images_per_s']:.1f} "
+                     f"| {', '.join(map(str, row['runs']))} |")
+    text = "\n".join(lines) + "\n"
+    (HERE / "speed_before_after.md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":
