@@ -394,8 +394,9 @@ def test_retrain_tau_that_never_clips_is_refused(capsys, tmp_path: Path, shapes_
                                                  tau: str) -> None:
     """14.16: --tau 0 or negative was accepted, and clipping then never started."""
     voc, seeds = shapes_seeds
+    # A run that would finish in one step: only the tau can stop it.
     result = run_cli(capsys, "retrain", "--seeds", seeds, "--data-root", voc, "--tau", tau,
-                     "--out", tmp_path / "seg.ckpt")
+                     "--batch-size", "4", "--iterations", "1", "--out", tmp_path / "seg.ckpt")
     assert result.code == 1 and not (tmp_path / "seg.ckpt").exists()
     assert "clipping would never start" in _one_line(result.stderr)
 
@@ -404,7 +405,8 @@ def test_retrain_no_clip_with_tau_is_refused(capsys, tmp_path: Path, shapes_seed
     """14.16: `--no-clip --tau 1.0` was silently accepted (the tau did nothing)."""
     voc, seeds = shapes_seeds
     result = run_cli(capsys, "retrain", "--seeds", seeds, "--data-root", voc, "--no-clip",
-                     "--tau", "1.0", "--out", tmp_path / "seg.ckpt")
+                     "--tau", "1.0", "--batch-size", "4", "--iterations", "1",
+                     "--out", tmp_path / "seg.ckpt")
     assert result.code == 1 and not (tmp_path / "seg.ckpt").exists()
     assert "--no-clip and --tau 1.0 contradict each other" in _one_line(result.stderr)
 
