@@ -23,8 +23,8 @@ _weaktr() {
     local words=
     case "$path $prev" in
         "weaktr train-cam --data") words="shapes voc coco" ;;
-        "weaktr train-cam --recipe") words="shapes voc coco smoke" ;;
-        "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro" ;;
+        "weaktr train-cam --recipe") words="shapes voc coco" ;;
+        "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8" ;;
         "weaktr train-cam --select") words="last val-map cam-miou" ;;
         "weaktr train-cam --precision") words="auto fp32 bf16 fp16" ;;
         "weaktr train-cam --device") words="auto cpu cuda" ;;
@@ -76,8 +76,8 @@ _weaktr() {
         "weaktr crf --shard") COMPREPLY=(); return ;;
         "weaktr crf --workers") COMPREPLY=(); return ;;
         "weaktr retrain --data") words="shapes voc coco" ;;
-        "weaktr retrain --recipe") words="shapes voc coco smoke" ;;
-        "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro" ;;
+        "weaktr retrain --recipe") words="shapes voc coco" ;;
+        "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8" ;;
         "weaktr retrain --precision") words="auto fp32 bf16 fp16" ;;
         "weaktr retrain --device") words="auto cpu cuda" ;;
         "weaktr retrain --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -148,7 +148,7 @@ _weaktr() {
         "weaktr show --id") COMPREPLY=(); return ;;
         "weaktr show --n") COMPREPLY=(); return ;;
         "weaktr pipeline --data") words="shapes voc coco" ;;
-        "weaktr pipeline --recipe") words="shapes voc coco smoke" ;;
+        "weaktr pipeline --recipe") words="shapes voc coco" ;;
         "weaktr pipeline --force") words="train-cam dump-cams crf retrain predict evaluate report" ;;
         "weaktr pipeline --device") words="auto cpu cuda" ;;
         "weaktr pipeline --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;

@@ -18,8 +18,8 @@ complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l val-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l recipe -xa 'shapes voc coco smoke'
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l recipe -xa 'shapes voc coco'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8'
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l fusion -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-pool -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l pretrained -r -F
@@ -84,13 +84,13 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l seeds -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l data -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l out -r -F
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l recipe -xa 'shapes voc coco smoke'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l recipe -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l tau -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l patch -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l clip
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-clip
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l bg -x
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 micro'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l decoder -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l pretrained -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l crop-size -x
@@ -188,7 +188,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l train-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l val-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l test-split -x
-complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l recipe -xa 'shapes voc coco smoke'
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l recipe -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l pretrained -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l force -xa 'train-cam dump-cams crf retrain predict evaluate report'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seed -x

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from tests._registry_entries import register_test_entries
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+register_test_entries()  # the `micro` backbone and the `smoke` recipe exist for tests only
 
 
 @pytest.fixture(scope="session", autouse=True)

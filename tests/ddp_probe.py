@@ -3,7 +3,6 @@ step count and a hash of its parameters, which must agree across ranks."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import sys
@@ -11,15 +10,17 @@ from pathlib import Path
 
 import torch
 
+from tests._registry_entries import register_test_entries
 from weaktr_cli.data.shapes import open_shapes
-from weaktr_cli.recipes import CAM_RECIPES
+from weaktr_cli.recipes import resolve
 from weaktr_cli.train_cam import train_cam
 
 
 def main() -> None:
     root, out = Path(sys.argv[1]), Path(sys.argv[2])
     torch.set_num_threads(1)
-    config = dataclasses.replace(CAM_RECIPES["smoke"], batch_size=4, max_steps=2, epochs=1)
+    register_test_entries()
+    config = resolve("cam", "smoke", batch_size=4, max_steps=2, epochs=1)
     result = train_cam(open_shapes("train", root), None, out / "cam.ckpt", config, device="cpu")
     assert result.model is not None
     digest = hashlib.sha256()

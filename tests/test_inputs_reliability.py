@@ -143,7 +143,7 @@ def test_exif_rotated_photo_gets_an_upright_mask(capsys, tmp_path: Path) -> None
 
 def test_coco_list_file_split_through_the_cli(capsys, tmp_path: Path) -> None:
     """18.9: `--split one_val.txt` with --data coco used to say "unknown COCO split"."""
-    from weaktr_cli.data.coco import COCO_CATEGORIES
+    from weaktr_cli.data.coco import COCO_CATEGORIES, COCO_CLASSES
 
     images = []
     for k in (7, 8):
@@ -159,7 +159,7 @@ def test_coco_list_file_split_through_the_cli(capsys, tmp_path: Path) -> None:
     listed = tmp_path / "one_val.txt"
     listed.write_text("COCO_val2014_000000000008\n")
     artifact = tmp_path / "gt.h5"
-    meta = new_meta("labels", "coco", str(listed), ("background", *["x"] * 90))
+    meta = new_meta("labels", "coco", str(listed), COCO_CLASSES)
     with ArtifactWriter(artifact, meta) as writer:
         label = np.zeros((10, 12), np.uint8)
         label[1:3, 1:3] = 1

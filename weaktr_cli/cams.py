@@ -9,7 +9,6 @@ map to [0, 1]. Images of equal size are batched together.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,50 +16,21 @@ import torch
 from torch.nn import functional as F
 
 from weaktr_cli.artifacts import ArtifactWriter, file_sha256, new_meta
+from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import normalize, to_tensor
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.models.cam_vit import CAM_VARIANTS, WeakTrCAM, cam_maps
+from weaktr_cli.models.cam_vit import WeakTrCAM, cam_maps
 from weaktr_cli.runtime import (
     FreedMemoryReleaser,
     autocast,
     resolve_precision,
     select_device,
 )
+from weaktr_cli.settings import CamSettings
 from weaktr_cli.shards import select_shard
 
 NORM_EPS = 1e-5
-
-
-@dataclass(frozen=True)
-class CamSettings:
-    """How CAMs are inferred: test-time scales and flip, the `cam_maps` variant, and `power`,
-    an exponent applied after min-max normalisation. A power below 1 lifts the low end of a
-    peaky map so that its best background threshold lands in the usual 0.3-0.6 range; it is
-    monotone, so the CAM mIoU at the best threshold does not change (1.0: the reference)."""
-
-    scales: tuple[float, ...] = (1.0, 1.2)
-    flip: bool = True
-    variant: str = "fine"
-    precision: str = "auto"
-    batch_size: int = 8
-    power: float = 1.0
-    #: longest image side the model sees, before the scales (None: no limit); CAMs are still
-    #: written at the image's own size. Bounds the memory of large photos; VOC and COCO images
-    #: (at most 640 px) are never resized by it.
-    max_size: int | None = 1024
-
-    def check(self) -> None:
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. --scales 1.0,1.2")
-        if not self.power > 0:
-            raise WeakTrError(f"invalid CAM power {self.power}", hint="use a number > 0, e.g. 0.5")
-        if self.max_size is not None and self.max_size < 16:
-            raise WeakTrError(f"invalid max size {self.max_size}",
-                              hint="at least 16 pixels (e.g. --max-size 1024), 0 for no limit")
-        if self.variant not in CAM_VARIANTS:
-            raise WeakTrError(f"unknown CAM variant {self.variant!r}",
-                              hint=f"choose one of {', '.join(CAM_VARIANTS)}")
 
 
 def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
@@ -175,10 +145,19 @@ def dump_cams(
     resume: bool = True,
     checkpoint: str | Path | None = None,
     seed: int | None = None,
+    class_names: Sequence[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write the CAMs of every image of `dataset` (or of one shard) to a `cams` artifact."""
+    """Write the CAMs of every image of `dataset` (or of one shard) to a `cams` artifact.
+
+    `class_names`: the classes the model was trained on (its checkpoint's, background
+    first), checked against the dataset's; None checks the count only (official checkpoints
+    record no names).
+    """
     settings.check()
+    if class_names is not None:
+        check_class_names(f"the CAM model{f' {checkpoint}' if checkpoint else ''}",
+                          class_names, dataset, hint="use the checkpoint trained on this dataset")
     if model.num_classes != dataset.num_classes - 1:
         raise WeakTrError(
             f"the CAM model has {model.num_classes} classes, dataset {dataset.name!r} has "

@@ -22,17 +22,17 @@ def _named_values() -> dict[str, list[str]]:
     only when the scripts are generated."""
     from weaktr_cli.crf import PRESETS
     from weaktr_cli.models.cam_vit import CAM_VARIANTS
-    from weaktr_cli.models.registry import arch_names
+    from weaktr_cli.models.registry import SHIPPED_ARCHS
     from weaktr_cli.pipeline import PHASES
-    from weaktr_cli.recipes import recipe_names
-    from weaktr_cli.retrain import NORMALIZATIONS
+    from weaktr_cli.recipes import SHIPPED_RECIPES
     from weaktr_cli.runtime import PRECISIONS
     from weaktr_cli.seeds import UNARIES
+    from weaktr_cli.settings import NORMALIZATIONS
     from weaktr_cli.train_cam import SELECTIONS
 
     return {
-        "--arch": arch_names(),
-        "--recipe": recipe_names(),
+        "--arch": list(SHIPPED_ARCHS),  # not those a test or a project registers
+        "--recipe": list(SHIPPED_RECIPES),
         "--crf": [*PRESETS, "none"],
         "--preset": list(PRESETS),
         "--precision": list(PRECISIONS),

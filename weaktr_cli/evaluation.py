@@ -67,24 +67,16 @@ def reference_search(sweep: Sequence[tuple[float, float]],
 
 def check_compatible(reader: ArtifactReader, dataset: SegmentationDataset) -> None:
     """Fail clearly when an artifact cannot be scored against `dataset`."""
-    if reader.meta.num_classes != dataset.num_classes:
-        raise WeakTrError(
-            f"{reader.path} has {reader.meta.num_classes} classes, dataset {dataset.name!r} has "
-            f"{dataset.num_classes}",
-            hint="evaluate against the dataset the artifact was made from (see `weaktr inspect`)",
-        )
+    from weaktr_cli.data.align import align_ids, check_class_names
+
+    hint = "evaluate against the dataset the artifact was made from (see `weaktr inspect`)"
+    check_class_names(str(reader.path), reader.meta.class_names, dataset, hint=hint)
     if not dataset.has_masks:
         raise WeakTrError(
             f"dataset {dataset.name!r} split {dataset.split!r} has no pixel ground truth to score"
         )
-    known = set(dataset.ids)
-    missing = [i for i in reader.ids if i not in known]
-    if missing:
-        raise WeakTrError(
-            f"{len(missing)} ids of {reader.path} are not in {dataset.name}/{dataset.split} "
-            f"(first: {missing[0]!r})",
-            hint="pass the --data/--split the artifact was made from",
-        )
+    align_ids(str(reader.path), reader.meta.class_names, reader.ids, dataset,
+              hint="pass the --data/--split the artifact was made from")
 
 
 def evaluate_artifact(

@@ -686,7 +686,8 @@ def export_checkpoint(
     kind = read_checkpoint_meta(checkpoint).get("kind")
     model: nn.Module
     if kind == "segmenter":
-        from weaktr_cli.retrain import NORMALIZATIONS, load_segmenter
+        from weaktr_cli.models.io import load_segmenter
+        from weaktr_cli.settings import NORMALIZATIONS
 
         model, meta = load_segmenter(checkpoint)
         norm = str(meta["model"].get("normalization", "imagenet"))
@@ -694,7 +695,7 @@ def export_checkpoint(
             raise WeakTrError(f"{checkpoint} names an unknown normalisation {norm!r}")
         mean, std = NORMALIZATIONS[norm]
     elif kind == "cam":
-        from weaktr_cli.train_cam import load_cam_model
+        from weaktr_cli.models.io import load_cam_model
 
         model, meta = load_cam_model(checkpoint)
         mean, std = IMAGENET_MEAN, IMAGENET_STD  # CAM training normalises with ImageNet stats
@@ -735,7 +736,7 @@ def export_reference_checkpoint(
     """
     from weaktr_cli.artifacts import file_sha256
     from weaktr_cli.reference_model import open_reference_segmenter
-    from weaktr_cli.retrain import NORMALIZATIONS
+    from weaktr_cli.settings import NORMALIZATIONS
 
     checkpoint = Path(checkpoint)
     model, meta = open_reference_segmenter(checkpoint, normalization=normalization,

@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.settings import check_inference_windows
 from weaktr_cli.windows import label_from_probs, pass_size, window_starts
 
 __all__ = [
@@ -210,19 +212,9 @@ class OnnxPredictSettings:
     def _check(self, info: OnnxModelInfo) -> None:
         window, stride = self.window, self.stride
         assert window is not None and stride is not None
-        if window < 1 or stride < 1:
-            raise WeakTrError(f"invalid window {window} / stride {stride}")
-        if stride > window:
-            raise WeakTrError(
-                f"stride {stride} is larger than the window {window}: pixels between "
-                "windows would get no prediction", hint="use a stride <= the window",
-            )
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. 0.5,1.0,1.5")
-        if self.base_size is not None and self.base_size < 1:
-            raise WeakTrError(f"invalid base size {self.base_size}")
-        if self.batch_size < 1:
-            raise WeakTrError("batch size must be >= 1")
+        check_inference_windows(window=window, stride=stride, scales=self.scales,
+                                base_size=self.base_size, batch_size=self.batch_size,
+                                layer_weights=self.layer_weights, crf=self.crf)
         if info.dynamic:
             if window < max(info.min_size):
                 raise WeakTrError(
@@ -235,21 +227,13 @@ class OnnxPredictSettings:
                 hint="omit --window, or re-export with --dynamic",
             )
         weights = self.layer_weights
-        if weights is not None:
-            if not weights or any(w < 0 for w in weights) or not sum(weights) > 0:
-                raise WeakTrError(f"invalid layer weights {weights}",
-                                  hint="non-negative numbers, e.g. 0.8,1.0")
-            if len(weights) != info.layers:
-                hint = ("re-export with all decoder layers (--all-layers)" if info.layers == 1
-                        else "give one weight per decoder layer")
-                raise WeakTrError(
-                    f"{len(weights)} layer weights, but the ONNX model outputs "
-                    f"{info.layers} decoder layer(s)", hint=hint,
-                )
-        if self.crf is not None:
-            from weaktr_cli.crf import get_preset
-
-            get_preset(self.crf)
+        if weights is not None and len(weights) != info.layers:
+            hint = ("re-export with all decoder layers (--all-layers)" if info.layers == 1
+                    else "give one weight per decoder layer")
+            raise WeakTrError(
+                f"{len(weights)} layer weights, but the ONNX model outputs "
+                f"{info.layers} decoder layer(s)", hint=hint,
+            )
 
 
 # ----------------------------------------------------------------------------- numerics
@@ -474,13 +458,8 @@ def predict_split_onnx(
     segmenter = OnnxSegmenter(path, threads=threads, providers=providers)
     settings = (settings or OnnxPredictSettings()).resolved(segmenter.info)
     names = segmenter.class_names
-    if names != tuple(dataset.class_names):
-        raise WeakTrError(
-            f"the model predicts {len(names)} classes ({', '.join(names[1:4])}, ...), dataset "
-            f"{dataset.name!r} has {dataset.num_classes} ({', '.join(dataset.class_names[1:4])}, "
-            "...)",
-            hint="use a model exported from a checkpoint trained on this dataset",
-        )
+    check_class_names(f"the ONNX model {path}", names, dataset,
+                      hint="use a model exported from a checkpoint trained on this dataset")
     out_path = Path(out_path)
     config = {
         "settings": settings.to_dict(),

@@ -127,14 +127,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                  ) -> PipelineResult:
     """Run (or skip) every phase on `config.data` and return per-phase records and metrics."""
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import (
-        CAM_RECIPES,
-        DUMP_RECIPES,
-        PREDICT_RECIPES,
-        RETRAIN_FROM_CAM,
-        RETRAIN_RECIPES,
-        SEED_RECIPES,
-    )
+    from weaktr_cli.recipes import RETRAIN_FROM_CAM, resolve
 
     say = log or (lambda _m: None)
     bar = progress or (lambda _name: (lambda _done, _total: None))
@@ -143,9 +136,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
         raise WeakTrError(f"unknown phase {unknown[0]!r} in --force",
                           hint=f"phases: {', '.join(PHASES)}")
     recipe = config.recipe or config.data
-    if recipe not in CAM_RECIPES:
-        raise WeakTrError(f"unknown recipe {recipe!r}",
-                          hint=f"choose one of {', '.join(CAM_RECIPES)}")
+    cam_config = resolve("cam", recipe, seed=config.seed)
     work = config.work
     work.mkdir(parents=True, exist_ok=True)
     runner = _Runner(work, config.force, say)
@@ -153,13 +144,9 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     val_set = open_dataset(config.data, config.val_split, config.data_root)
     test_set = _held_out(config, val_set)
 
-    cam_config = CAM_RECIPES[recipe]
-    retrain_config = RETRAIN_RECIPES[recipe]
-    if config.seed is not None:
-        cam_config = dataclasses.replace(cam_config, seed=config.seed)
-        retrain_config = dataclasses.replace(retrain_config, seed=config.seed)
-    dump_settings, seed_recipe = DUMP_RECIPES[recipe], SEED_RECIPES[recipe]
-    predict_settings = PREDICT_RECIPES[recipe]
+    retrain_config = resolve("retrain", recipe, seed=config.seed)
+    dump_settings, seed_recipe = resolve("dump", recipe), resolve("seeds", recipe)
+    predict_settings = resolve("predict", recipe)
     dataset_key = {"data": config.data, "root": str(config.data_root),
                    "train": train_set.split, "val": val_set.split, "n": len(train_set)}
 
@@ -188,7 +175,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
 
     def dump_phase() -> dict[str, Any]:
         from weaktr_cli.cams import dump_cams
-        from weaktr_cli.train_cam import load_cam_model
+        from weaktr_cli.models.io import load_cam_model
 
         model, _ = load_cam_model(cam_ckpt)
         dump_cams(model, train_set, cams, settings=dump_settings, device=config.device,
@@ -215,7 +202,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     encoder_init = config.pretrained or (cam_ckpt if recipe in RETRAIN_FROM_CAM else None)
 
     def retrain_phase() -> dict[str, Any]:
-        from weaktr_cli.retrain import retrain
+        from weaktr_cli.retrain.loop import retrain
 
         (work / "seg.ckpt.jsonl").unlink(missing_ok=True)
         result = retrain(train_set, seeds, seg_ckpt, retrain_config, pretrained=encoder_init,
@@ -228,8 +215,8 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                [seeds] + ([cam_ckpt] if encoder_init == cam_ckpt else []), retrain_phase)
 
     def predict_phase() -> dict[str, Any]:
+        from weaktr_cli.models.io import load_segmenter
         from weaktr_cli.predict import predict_split, settings_for_checkpoint
-        from weaktr_cli.retrain import load_segmenter
 
         model, meta = load_segmenter(seg_ckpt)
         settings = settings_for_checkpoint(meta, predict_settings)

@@ -19,7 +19,7 @@ dense CRF on the probabilities of the classes present in the argmax (as the refe
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifacts import ArtifactWriter, new_meta, open_artifact
+from weaktr_cli.artifacts import ArtifactWriter, new_meta
+from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.label_pngs import write_png_dir
 from weaktr_cli.models.segmenter import Segmenter
 from weaktr_cli.runtime import (
     FreedMemoryReleaser,
@@ -38,6 +40,7 @@ from weaktr_cli.runtime import (
     resolve_precision,
     select_device,
 )
+from weaktr_cli.settings import NORMALIZATIONS, PROCEDURES, PredictSettings
 from weaktr_cli.shards import select_shard
 from weaktr_cli.windows import label_from_probs, pass_size, window_starts
 
@@ -51,88 +54,6 @@ __all__ = [
     "settings_for_checkpoint",
     "write_png_dir",
 ]
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    """How `predict_probs` runs a model over one image (see the module docstring).
-
-    window / stride: sliding-window crop and step in pixels (reference 480 / 320).
-    scales / base_size: passes at short side scale x base_size (reference: ratios 0.5-1.75 of
-        512); base_size None scales the image's own size.
-    flip: also run the mirrored image of every scale.
-    layer_weights: per-decoder-layer weights for the probabilities ((0.8, 1.0) is the
-        reference's 0.8 P1 + P2); None uses the last layer only.
-    normalization: input normalisation name (`weaktr_cli.retrain.NORMALIZATIONS`); take it
-        from the checkpoint (`settings_for_checkpoint`).
-    precision: "auto" (bf16 on CUDA or fast-bf16 CPUs, else fp32), "fp32", "bf16", "fp16".
-    crf: a `weaktr_cli.crf` preset name ("voc-test", "coco-test") or None.
-    batch_size: windows per forward pass.
-    procedure: "weaktr" (above) or "reference": the reference's test-time procedure
-        (`weaktr_cli.test_time`; `base_size` is then its im_size, 520 for VOC and COCO): its
-        two-stage resize rule, per-layer view averaging, layers fused without renormalising
-        and the CRF fed the fused planes as they are (docs/REPRODUCING.md).
-    """
-
-    window: int = 480
-    stride: int = 320
-    scales: tuple[float, ...] = (1.0,)
-    base_size: int | None = None
-    flip: bool = True
-    layer_weights: tuple[float, ...] | None = None
-    normalization: str = "imagenet"
-    precision: str = "auto"
-    crf: str | None = None
-    batch_size: int = 4
-    procedure: str = "weaktr"
-
-    def check(self, model: Segmenter | None = None) -> None:
-        """Raise `WeakTrError` for settings that cannot work (with `model`: layer count too)."""
-        from weaktr_cli.retrain import NORMALIZATIONS
-
-        if self.window < 1 or self.stride < 1:
-            raise WeakTrError(f"invalid window {self.window} / stride {self.stride}")
-        if self.stride > self.window:
-            raise WeakTrError(
-                f"stride {self.stride} is larger than the window {self.window}: pixels between "
-                "windows would get no prediction", hint="use a stride <= the window",
-            )
-        if not self.scales or any(not s > 0 for s in self.scales):
-            raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. 0.5,1.0,1.5")
-        if self.base_size is not None and self.base_size < 1:
-            raise WeakTrError(f"invalid base size {self.base_size}")
-        if self.procedure not in PROCEDURES:
-            raise WeakTrError(f"unknown test-time procedure {self.procedure!r}",
-                              hint=f"use {' or '.join(PROCEDURES)}")
-        if self.procedure == "reference" and self.base_size is None:
-            raise WeakTrError("the reference's procedure needs a base size (its im_size, 520)")
-        if self.normalization not in NORMALIZATIONS:
-            raise WeakTrError(f"unknown normalization {self.normalization!r}",
-                              hint=f"use {', '.join(NORMALIZATIONS)}")
-        if self.batch_size < 1:
-            raise WeakTrError("batch size must be >= 1")
-        if self.layer_weights is not None:
-            if not self.layer_weights or any(w < 0 for w in self.layer_weights) or not sum(
-                    self.layer_weights) > 0:
-                raise WeakTrError(f"invalid layer weights {self.layer_weights}",
-                                  hint="non-negative numbers, e.g. 0.8,1.0")
-            if model is not None and len(self.layer_weights) != model.num_decoder_layers:
-                raise WeakTrError(
-                    f"{len(self.layer_weights)} layer weights for a decoder of "
-                    f"{model.num_decoder_layers} layers",
-                    hint="give one weight per decoder layer",
-                )
-        if self.crf is not None:
-            from weaktr_cli.crf import get_preset
-
-            get_preset(self.crf)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-#: `PredictSettings.procedure` values.
-PROCEDURES = ("weaktr", "reference")
 
 
 #: The reference's multi-scale test time for VOC (docs/REPRODUCING.md): its procedure at
@@ -214,9 +135,7 @@ def predict_probs(
         float32 (n_cls, H, W) softmax probabilities (each pixel sums to 1; with the
         reference's procedure to the sum of the layer weights, e.g. 1.8).
     """
-    from weaktr_cli.retrain import NORMALIZATIONS
-
-    settings.check(model)
+    settings.check(model.num_decoder_layers)
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise WeakTrError(f"expected an RGB (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
@@ -261,7 +180,6 @@ def predict_probs(
 def _reference_probs(model: Segmenter, image: np.ndarray, settings: PredictSettings,
                      precision: str) -> np.ndarray:
     """`predict_probs` with the reference's procedure: sum_k w_k P_k, not renormalised."""
-    from weaktr_cli.retrain import NORMALIZATIONS
     from weaktr_cli.test_time import fuse_layers, reference_layer_probs
 
     weights = settings.layer_weights or (0.0,) * (model.num_decoder_layers - 1) + (1.0,)
@@ -299,17 +217,12 @@ def predict_split(
     """
     from weaktr_cli.artifacts import file_sha256
 
-    settings.check(model)
+    settings.check(model.num_decoder_layers)
     names = tuple(class_names)
     if len(names) != model.n_cls:
         raise WeakTrError(f"{len(names)} class names for a model with {model.n_cls} outputs")
-    if names != tuple(dataset.class_names):
-        raise WeakTrError(
-            f"the model predicts {len(names)} classes ({', '.join(names[1:4])}, ...), dataset "
-            f"{dataset.name!r} has {dataset.num_classes} ({', '.join(dataset.class_names[1:4])}, "
-            "...)",
-            hint="use the checkpoint trained on this dataset",
-        )
+    check_class_names(f"the model{f' {checkpoint}' if checkpoint else ''}", names, dataset,
+                      hint="use the checkpoint trained on this dataset")
     out_path = Path(out_path)
     dev = select_device(device)
     model = model.to(dev).eval()
@@ -339,23 +252,3 @@ def predict_split(
             if progress:
                 progress(done, len(ids))
         return writer.finalize()
-
-
-def write_png_dir(artifact_path: str | Path, folder: str | Path,
-                  palette: Sequence[int] | None = None) -> int:
-    """Write every label map of a ``labels`` artifact as `<folder>/<id>.png` (palette PNG,
-    pixel value = class id, VOC colours by default); returns the number of files written."""
-    from weaktr_cli.data.images import write_label_png
-
-    folder = Path(folder)
-    root = folder.resolve()
-    count = 0
-    with open_artifact(artifact_path, kind="labels") as reader:
-        for image_id in reader.ids:
-            path = folder / f"{image_id}.png"
-            # An id is a relative path at most (COCO-style subfolders); never leave the folder.
-            if root not in path.resolve().parents:
-                raise WeakTrError(f"image id {image_id!r} would be written outside {folder}")
-            write_label_png(path, reader.read_labels(image_id), palette)
-            count += 1
-    return count

@@ -1,33 +1,39 @@
-"""Named recipes: per dataset, the settings of every phase (CAM training, CAM dump, seeds,
-retraining, prediction).
+"""Named recipes: per dataset, the settings of every phase.
 
-`CAM_RECIPES["voc"]` and `["coco"]` are the paper's (METHOD.md Phase 1/2, DeiT-S from an
-ImageNet checkpoint). `["shapes"]` is the built-in dataset's CPU recipe: a tiny ViT trained from
-scratch in about a minute on 2 cores. Every shapes choice below was measured on the built-in
-dataset (CAM mIoU of the 2000 train images at the best background threshold, model taken at
-the last epoch, seeds 504/505/506); benchmarks/cam_ablation.py reruns the fusion ablation.
+`resolve(phase, name, **overrides)` is the one way in: the recipe `name` of `phase` ("cam",
+"dump", "seeds", "retrain", "predict") with the overrides that are not None, one error (listing
+the valid names) for an unknown one. `recipe_for_dataset` names the recipe a dataset gets when
+the user names none (VOC's for a dataset without one).
 
-Recipes are plain `CamTrainConfig` / `CamSettings` values: take one and override fields with
-`dataclasses.replace(CAM_RECIPES["shapes"], seed=1)`.
+"voc" and "coco" are the paper's (docs/method.md). "shapes" is the built-in dataset's CPU
+recipe: a tiny ViT trained from scratch in about a minute on 2 cores; every choice was measured
+on the built-in dataset (docs/experiments.md; benchmarks/cam_ablation.py reruns the fusion
+ablation).
+
+The tables hold plain values (`weaktr_cli.settings`) and import without torch, so the `crf`
+and `predict --onnx` paths stay light; the CAM training and retraining tables are built on
+first use, because the shapes recipes train in bf16 where the CPU has native bf16 kernels
+(which only torch can tell).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from weaktr_cli.cams import CamSettings
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.predict import PredictSettings
-from weaktr_cli.retrain import RETRAIN_RECIPES as _RETRAIN_RECIPES
-from weaktr_cli.retrain import RetrainConfig
-from weaktr_cli.runtime import cpu_bf16_is_fast
-from weaktr_cli.train_cam import CamTrainConfig
+from weaktr_cli.settings import CamSettings, CamTrainConfig, PredictSettings, RetrainConfig
+
+if TYPE_CHECKING:  # built on first use by `__getattr__`
+    CAM_RECIPES: dict[str, CamTrainConfig]
+    RETRAIN_RECIPES: dict[str, RetrainConfig]
 
 __all__ = [
     "CAM_RECIPES",
     "DUMP_RECIPES",
+    "PHASES",
     "PREDICT_RECIPES",
     "RETRAIN_FROM_CAM",
     "RETRAIN_RECIPES",
@@ -35,51 +41,60 @@ __all__ = [
     "SeedRecipe",
     "cam_recipe",
     "dump_recipe",
+    "recipe_for_dataset",
     "recipe_names",
+    "register",
+    "resolve",
 ]
 
-CAM_RECIPES: dict[str, CamTrainConfig] = {
-    # Measured on 2 cores (AMD EPYC with AVX512-BF16), shapes train split, cross CAM dumped at
-    # scales 1.0 + 1.5 with flips. From scratch, CAMs peak while the classifier is still weak
-    # and then shrink to the most discriminative parts, so the recipe is small and short:
-    "shapes": CamTrainConfig(
-        # tiny-p8 (12x12 grid at 96 px). dim 192 / depth 6 classifies better but localises
-        # worse (71.3 vs 76.9 at 4 epochs); patch 6 scored 79.7 but costs 1.8x and its patch
-        # embedding does not fit the tiny-p8 segmenter that retraining initialises from it.
-        arch="tiny-p8",
-        # 3 epochs (93 steps): 77.7 / 75.6 / 75.8 (seeds 504/505/506); 4 epochs: 76.9 / 73.8;
-        # 8 epochs: 76.4 (seed 504). The coarse CAM drops faster with length (73.7 -> 68.8 -> 66.2).
-        epochs=3,
-        batch_size=64,
-        # lr 5e-4 at batch 64 (DeiT scaling: base 4e-3 per 512), half an epoch of warm-up.
-        base_lr=4e-3,
-        weight_decay=0.05,
-        warmup_epochs=0.5,
-        input_size=96,
-        # Small crops drop objects of multi-object images, leaving wrong image-level labels.
-        crop_scale=(0.5, 1.0),
-        # No RandAugment: colour is half of every class here; erasing and stochastic depth are
-        # regularisers for long schedules, not for 3 epochs.
-        randaugment=False,
-        random_erasing=0.0,
-        drop_path=0.0,
-        # bf16 autocast where the CPU has native bf16: 1.7x the fp32 speed (190 vs 110 img/s,
-        # batch 64), the same CAM mIoU (76.89 vs 76.90) and still bit-identical reruns.
-        # Emulated bf16 is slower than fp32, hence the check.
-        precision="bf16" if cpu_bf16_is_fast() else "auto",
-        cache_images=True,  # the whole split is ~55 MB decoded: skip PNG decoding after epoch 1
-    ),
-    # The paper's VOC recipe (CamTrainConfig's defaults): DeiT-S, batch 64, 60 epochs, AdamW
-    # base lr 6e-4 per 512, weight decay 0.03 (the reference's), 5 warm-up epochs, cosine to
-    # 1e-5, RandomResizedCrop 224 (0.08-1), flip, RandAugment m9, random erasing 0.25.
-    "voc": CamTrainConfig(),
-    # COCO differs only in its base learning rate.
-    "coco": CamTrainConfig(base_lr=2e-4),
-}
+
+def _native_bf16() -> str:
+    """"bf16" where the CPU runs bf16 natively (1.7x fp32 for the shapes models, the same
+    mIoU, still bit-identical reruns), else "auto"; emulated bf16 is slower than fp32."""
+    from weaktr_cli.runtime import cpu_bf16_is_fast
+
+    return "bf16" if cpu_bf16_is_fast() else "auto"
+
+
+def _cam_recipes() -> dict[str, CamTrainConfig]:
+    native_bf16 = _native_bf16()
+    return {
+        # From scratch, CAMs peak while the classifier is still weak and then shrink to the most
+        # discriminative parts, so the recipe is small and short (docs/experiments.md).
+        "shapes": CamTrainConfig(
+            # tiny-p8: a 12x12 grid at 96 px; wider / deeper or patch 6 localised worse or cost
+            # more, and its patch embedding must fit the segmenter retraining may start from.
+            arch="tiny-p8",
+            # Short: CAMs shrink to the most discriminative parts as training goes on.
+            epochs=3,
+            batch_size=64,
+            # lr 5e-4 at batch 64 (DeiT scaling: base 4e-3 per 512), half an epoch of warm-up.
+            base_lr=4e-3,
+            weight_decay=0.05,
+            warmup_epochs=0.5,
+            input_size=96,
+            # Small crops drop objects of multi-object images, leaving wrong image-level labels.
+            crop_scale=(0.5, 1.0),
+            # No RandAugment: colour is half of every class here; erasing and stochastic depth
+            # are regularisers for long schedules, not for 3 epochs.
+            randaugment=False,
+            random_erasing=0.0,
+            drop_path=0.0,
+            precision=native_bf16,
+            cache_images=True,  # the split is ~55 MB decoded: skip PNG decoding after epoch 1
+        ),
+        # The paper's VOC recipe (CamTrainConfig's defaults): DeiT-S, batch 64, 60 epochs, AdamW
+        # base lr 6e-4 per 512, weight decay 0.03 (the reference's), 5 warm-up epochs, cosine to
+        # 1e-5, RandomResizedCrop 224 (0.08-1), flip, RandAugment m9, random erasing 0.25.
+        "voc": CamTrainConfig(),
+        # COCO differs only in its base learning rate.
+        "coco": CamTrainConfig(base_lr=2e-4),
+    }
+
 
 DUMP_RECIPES: dict[str, CamSettings] = {
     # Cross-attention x coarse CAM: the fine CAM fails from scratch (2-3 mIoU: the background
-    # attends to objects, METHOD.md) and the coarse CAM alone scores 4-8 points lower.
+    # attends to objects, docs/method.md) and the coarse CAM alone scores 4-8 points lower.
     # Scales 1.0 + 1.5 (an 18x18 grid at 1.5): 76.9 vs 76.4 for 1.0 + 1.25, 77.4 with all
     # three, at 2/3 of the cost. The cross CAM is peaky (best background threshold 0.16-0.18
     # at power 1); power 0.5 moves it to ~0.41, inside the usual 0.3-0.6 sweep, so the seeds'
@@ -89,35 +104,6 @@ DUMP_RECIPES: dict[str, CamSettings] = {
     "voc": CamSettings(scales=(1.0, 1.2), flip=True, variant="fine"),
     "coco": CamSettings(scales=(1.0, 0.8, 1.2), flip=True, variant="fine"),
 }
-
-
-def recipe_names() -> list[str]:
-    """Datasets with a recipe, in table order."""
-    return list(CAM_RECIPES)
-
-
-def _lookup(table: dict[str, Any], name: str, what: str) -> Any:
-    try:
-        return table[name]
-    except KeyError:
-        raise WeakTrError(
-            f"no {what} recipe for {name!r}", hint=f"choose one of: {', '.join(table)}"
-        ) from None
-
-
-def cam_recipe(name: str) -> CamTrainConfig:
-    """The CAM training recipe for dataset `name` (a fresh copy; edits do not leak)."""
-    config: CamTrainConfig = _lookup(CAM_RECIPES, name, "CAM training")
-    return dataclasses.replace(config)
-
-
-def dump_recipe(name: str) -> CamSettings:
-    """The CAM dump settings for dataset `name` (`CamSettings` is frozen)."""
-    settings: CamSettings = _lookup(DUMP_RECIPES, name, "CAM dump")
-    return settings
-
-
-# ----------------------------------------------------------------------------- later phases
 
 
 @dataclass(frozen=True)
@@ -130,42 +116,144 @@ class SeedRecipe:
 
 
 SEED_RECIPES: dict[str, SeedRecipe] = {
-    # METHOD.md Phase 3: background 0.43 (VOC) / 0.42 (COCO) with the matching CRF sets.
+    # docs/method.md, phase 3: background 0.43 (VOC) / 0.42 (COCO) with the matching CRF sets.
     "voc": SeedRecipe(bg=0.43, preset="voc"),
     "coco": SeedRecipe(bg=0.42, preset="coco"),
     # The built-in dataset keeps VOC's level: chosen without pixel labels (the CAM power of its
     # dump recipe puts the usual 0.3-0.6 range where its CAMs separate objects).
     "shapes": SeedRecipe(bg=0.43, preset="voc"),
-    "smoke": SeedRecipe(bg=0.43, preset="voc"),
 }
 
-#: Retraining recipes live beside RetrainConfig; re-exported so every phase's recipe is here.
-RETRAIN_RECIPES: dict[str, RetrainConfig] = {
-    **_RETRAIN_RECIPES,
-    # A few optimizer steps of a micro model: the end-to-end tests' plumbing check.
-    "smoke": RetrainConfig(arch="micro", crop_size=32, batch_size=4, iterations=4,
-                           optimizer="adamw", lr=1e-3, encoder_lr_mult=1.0, tau="auto",
-                           tau_auto_steps=2, clip_patch=8, drop_path=0.0, log_every=2),
-}
+
+def _retrain_recipes() -> dict[str, RetrainConfig]:
+    # "voc" is the paper's (ViT-S/16 at 480 px: pass local ImageNet weights as `pretrained`);
+    # the paper gives no COCO-specific retraining settings, so "coco" uses the same. "shapes"
+    # is sized for the built-in 96 px dataset on a CPU, from scratch. Colour defines its
+    # classes, so no photometric distortion; AdamW because SGD at 1e-4 barely moves a randomly
+    # initialised encoder; a conv-stem stride-8 encoder with a linear decoder, because the
+    # question is whether the model learns circle vs square, which the seeds cannot teach.
+    # It trains without clipping: clipping hurt at every tau tried on these seeds, whose
+    # errors are systematic rather than noise (docs/experiments.md); `--clip` switches it
+    # on at the best setting measured, tau auto at 0.3.
+    return {
+        "voc": RetrainConfig(),
+        "coco": RetrainConfig(),
+        "shapes": RetrainConfig(
+            arch="tiny-c8",
+            decoder="linear",
+            crop_size=96,
+            scale_range=(1.0, 1.0),  # objects keep their size: scale jitter delayed the shapes
+            photometric=False,  # colour defines the class here: no hue/saturation jitter
+            batch_size=16,
+            iterations=4800,
+            optimizer="adamw",
+            lr=1e-3,
+            min_lr=1e-5,
+            encoder_lr_mult=1.0,
+            weight_decay=0.01,
+            clip=False,
+            tau="auto",
+            tau_auto_fraction=0.3,
+            clip_patch=24,
+            drop_path=0.0,
+            precision=_native_bf16(),
+            cache_images=True,  # 2000 images of 96 px: decode each PNG once
+            log_every=25,
+        ),
+    }
+
 
 #: Recipes whose retraining encoder starts from the phase-1 CAM backbone when no ImageNet
-#: weights are given (`weaktr retrain --pretrained cam.ckpt`). Not "shapes": its CAM backbone
-#: separates colours only (val mAP 0.65) and did not help (29.4 vs 30.4 train mIoU, measured),
-#: and its retraining encoder is the conv-stem `tiny-c8`. "smoke" keeps the path exercised.
-RETRAIN_FROM_CAM: frozenset[str] = frozenset({"smoke"})
+#: weights are given. None of the shipped ones: the shapes CAM backbone separates colours only
+#: (val mAP 0.65) and did not help (29.4 vs 30.4 train mIoU, measured), and its retraining
+#: encoder is the conv-stem `tiny-c8`. A recipe registered with `register(...,
+#: retrain_from_cam=True)` (the tests' "smoke") takes this path.
+RETRAIN_FROM_CAM: set[str] = set()
 
 #: Test-time settings; `predict` fills window, stride and normalisation from the checkpoint.
 PREDICT_RECIPES: dict[str, PredictSettings] = {
     "voc": PredictSettings(),
     "coco": PredictSettings(),
-    # The paper's headline numbers use test-time CRF (METHOD.md: 74.0 with CRF vs 73.0). On
-    # shapes it sharpens the stride-8 model's outlines: 82.5 vs 79.8 train, 64.0 vs 61.9 val.
+    # The paper's headline numbers use test-time CRF (74.0 with CRF vs 73.0). On shapes it
+    # sharpens the stride-8 model's outlines: 82.5 vs 79.8 train, 64.0 vs 61.9 val mIoU.
     "shapes": PredictSettings(crf="voc-test"),
-    "smoke": PredictSettings(flip=False),
 }
 
-CAM_RECIPES["smoke"] = CamTrainConfig(
-    arch="micro", epochs=1, batch_size=8, base_lr=4e-3, warmup_epochs=0.0, input_size=32,
-    crop_scale=(0.5, 1.0), randaugment=False, random_erasing=0.0, drop_path=0.0,
-    precision="fp32", seed=0)
-DUMP_RECIPES["smoke"] = CamSettings(scales=(1.0,), flip=True, variant="cross", power=0.5)
+# ----------------------------------------------------------------------------- the resolver
+
+PHASES = ("cam", "dump", "seeds", "retrain", "predict")
+_WHAT = {"cam": "CAM training", "dump": "CAM dump", "seeds": "seed", "retrain": "retraining",
+         "predict": "prediction"}
+_BUILT: dict[str, dict[str, Any]] = {"dump": DUMP_RECIPES, "seeds": SEED_RECIPES,
+                                     "predict": PREDICT_RECIPES}
+_BUILDERS: dict[str, Callable[[], dict[str, Any]]] = {"cam": _cam_recipes,
+                                                      "retrain": _retrain_recipes}
+
+
+def _table(phase: str) -> dict[str, Any]:
+    if phase not in PHASES:
+        raise WeakTrError(f"unknown phase {phase!r}", hint=f"choose one of: {', '.join(PHASES)}")
+    if phase not in _BUILT:
+        _BUILT[phase] = _BUILDERS[phase]()
+    return _BUILT[phase]
+
+
+def resolve(phase: str, name: str, **overrides: Any) -> Any:
+    """The `phase` settings of recipe `name`, with the `overrides` that are not None.
+
+    A fresh value each call: editing it does not change the table.
+    """
+    table = _table(phase)
+    if name not in table:
+        raise WeakTrError(f"no {_WHAT[phase]} recipe {name!r}",
+                          hint=f"choose one of: {', '.join(table)}")
+    return dataclasses.replace(table[name], **{k: v for k, v in overrides.items()
+                                               if v is not None})
+
+
+#: The recipes weaktr ships (the shell completions list these; see `register`).
+SHIPPED_RECIPES: tuple[str, ...] = ("shapes", "voc", "coco")
+
+
+def recipe_names() -> list[str]:
+    """Recipes of every phase, in table order (those registered later included)."""
+    return list(_table("cam"))
+
+
+def recipe_for_dataset(dataset_name: str) -> str:
+    """The recipe a dataset gets when none is named: its own, else VOC's (the paper's)."""
+    return dataset_name if dataset_name in _table("cam") else "voc"
+
+
+def register(name: str, *, cam: CamTrainConfig, dump: CamSettings, seeds: SeedRecipe,
+             retrain: RetrainConfig, predict: PredictSettings,
+             retrain_from_cam: bool = False) -> None:
+    """Add (or replace) recipe `name` for every phase, e.g. a project's own dataset."""
+    for phase, value in (("cam", cam), ("dump", dump), ("seeds", seeds), ("retrain", retrain),
+                         ("predict", predict)):
+        _table(phase)[name] = value
+    if retrain_from_cam:
+        RETRAIN_FROM_CAM.add(name)
+    else:
+        RETRAIN_FROM_CAM.discard(name)
+
+
+def cam_recipe(name: str) -> CamTrainConfig:
+    """The CAM training recipe for dataset `name` (a fresh copy; edits do not leak)."""
+    config: CamTrainConfig = resolve("cam", name)
+    return config
+
+
+def dump_recipe(name: str) -> CamSettings:
+    """The CAM dump settings for dataset `name`."""
+    settings: CamSettings = resolve("dump", name)
+    return settings
+
+
+def __getattr__(name: str) -> Any:
+    # The torch-dependent tables, built on first use (see the module docstring).
+    if name == "CAM_RECIPES":
+        return _table("cam")
+    if name == "RETRAIN_RECIPES":
+        return _table("retrain")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

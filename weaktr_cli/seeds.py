@@ -294,25 +294,10 @@ def make_seeds(
 
 def _ordered_ids(reader: ArtifactReader, dataset: SegmentationDataset) -> list[str]:
     """The CAM artifact's ids in dataset order; ids unknown to the dataset are an error."""
-    if tuple(reader.meta.class_names) != tuple(dataset.class_names):
-        raise WeakTrError(
-            f"{reader.path} has {reader.meta.num_classes} classes for dataset "
-            f"{reader.meta.dataset!r}, but the given dataset has {dataset.num_classes} "
-            f"({dataset.name!r}) with other class names",
-            hint="pass the dataset the CAMs were made from",
-        )
-    known = set(dataset.ids)
-    missing = [i for i in reader.ids if i not in known]
-    if missing:
-        shown = ", ".join(repr(i) for i in missing[:5])
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise WeakTrError(
-            f"{len(missing)} image(s) of {reader.path} are not in dataset "
-            f"{dataset.name!r} split {dataset.split!r}: {shown}{more}",
-            hint="pass the dataset and split the CAMs were made from",
-        )
-    in_cams = set(reader.ids)
-    return [i for i in dataset.ids if i in in_cams]
+    from weaktr_cli.data.align import align_ids
+
+    return align_ids(str(reader.path), reader.meta.class_names, reader.ids, dataset,
+                     hint="pass the dataset and split the CAMs were made from")
 
 
 def _start_method() -> str:

@@ -1,8 +1,10 @@
 """Phase 1: train the WeakTr CAM model from image-level labels.
 
 `train_cam(train_set, val_set, out, config)` runs AdamW with warm-up and cosine decay (timm's
-factories), the augmentations of METHOD.md, gradient accumulation and mixed precision on CUDA,
-and writes a self-describing checkpoint. It runs unchanged under torchrun (DDP, gloo on CPU).
+factories), the augmentations of docs/method.md, gradient accumulation and mixed precision on
+CUDA, on the shared skeleton of `weaktr_cli.training`: a self-describing checkpoint,
+`<out>.last` / `<out>.state` after every epoch for an exact `resume=True`, unchanged under
+torchrun (DDP, gloo on CPU).
 
 Checkpoint selection never needs pixel labels by default: `select="last"` or `"val-map"`
 (image-level mAP on the validation split). `"cam-miou"` is an explicit opt-in that scores CAMs
@@ -11,7 +13,6 @@ against pixel ground truth, as the reference does.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -24,61 +25,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from weaktr_cli.checkpoints import (
-    load_checkpoint,
-    load_training_state,
-    save_checkpoint,
-    save_training_state,
-)
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import LabelledImages, cam_train_transform, normalize, to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.cam_vit import WeakTrCAM, cam_loss
-from weaktr_cli.runtime import (
-    autocast,
-    configure_determinism,
-    distributed,
-    resolve_precision,
-    seed_everything,
-)
+from weaktr_cli.models.io import load_cam_model
+from weaktr_cli.runtime import autocast
+from weaktr_cli.settings import SELECTIONS, CamSettings, CamTrainConfig
+from weaktr_cli.training import TrainingRun, training_run
 
-SELECTIONS = ("last", "val-map", "cam-miou")
+__all__ = [
+    "SELECTIONS",
+    "CamTrainConfig",
+    "CamTrainResult",
+    "average_precision",
+    "build_cam_model",
+    "cam_miou_scorer",
+    "load_cam_model",
+    "train_cam",
+    "validation_map",
+]
+
 Log = Callable[[str], None]
-
-
-@dataclass
-class CamTrainConfig:
-    """Every setting of a CAM training run (recorded in the checkpoint).
-
-    Defaults are the paper's VOC recipe (METHOD.md Phase 1); the built-in dataset's recipe
-    lives in `recipes.py`.
-    """
-
-    arch: str = "deit-small"
-    fusion: str = "aaf"
-    aaf_pool: str | None = None  # None: the fusion's recipe (aaf avg, aaf-feat max)
-    epochs: int = 60
-    batch_size: int = 64
-    base_lr: float = 6e-4  # per 512 images: lr = base_lr * batch_size * accum * world / 512
-    weight_decay: float = 0.03
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-5
-    warmup_lr: float = 1e-6
-    input_size: int = 224
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    randaugment: bool = True
-    random_erasing: float = 0.25
-    drop_path: float = 0.1
-    accum_steps: int = 1
-    precision: str = "auto"
-    seed: int = 504
-    select: str = "last"
-    workers: int = 0
-    cache_images: bool = False
-    max_steps: int | None = None  # stop early (smoke tests); the schedule still spans all epochs
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+#: Settings a resumed run may change: where it stops and how data is loaded.
+_FREE_ON_RESUME = ("max_steps", "workers", "cache_images")
 
 
 @dataclass
@@ -94,16 +64,6 @@ class CamTrainResult:
 def build_cam_model(config: CamTrainConfig, num_classes: int) -> WeakTrCAM:
     return WeakTrCAM(config.arch, num_classes, fusion=config.fusion, aaf_pool=config.aaf_pool,
                      drop_path_rate=config.drop_path)
-
-
-def load_cam_model(path: str | Path) -> tuple[WeakTrCAM, dict[str, Any]]:
-    """A trained CAM model (eval mode) and its checkpoint metadata."""
-    from weaktr_cli.models.weights import strict_load
-
-    state, meta = load_checkpoint(path, kind="cam")
-    model = WeakTrCAM.from_config(meta["model"])
-    strict_load(model, state, what=f"checkpoint {path}")
-    return model.eval(), meta
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -144,8 +104,27 @@ def validation_map(model: WeakTrCAM, dataset: SegmentationDataset, device: torch
     return average_precision(np.concatenate(scores), np.concatenate(targets))
 
 
-def _state_paths(out: Path) -> tuple[Path, Path]:
-    return out.with_name(out.name + ".last"), out.with_name(out.name + ".state")
+def cam_miou_scorer(val_set: SegmentationDataset, settings: CamSettings
+                    ) -> Callable[[WeakTrCAM], float]:
+    """CAM mIoU (best background threshold) of a model on `val_set`'s pixel ground truth,
+    for the opt-in `select="cam-miou"`; the CAMs are dumped with `settings`."""
+    import tempfile
+
+    from weaktr_cli.artifacts import open_artifact
+    from weaktr_cli.cams import dump_cams
+    from weaktr_cli.evaluation import evaluate_artifact
+    from weaktr_cli.metrics import default_thresholds
+
+    def score(model: WeakTrCAM) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = dump_cams(model, val_set, Path(tmp) / "cams.h5", settings=settings,
+                             resume=False)
+            with open_artifact(path) as reader:
+                result = evaluate_artifact(reader, val_set, thresholds=default_thresholds())
+        model.train()
+        return result.scores.miou
+
+    return score
 
 
 def train_cam(
@@ -164,196 +143,216 @@ def train_cam(
 ) -> CamTrainResult:
     """Train a CAM model and write the selected checkpoint to `out` (safetensors).
 
-    Also writes `<out>.last` (the newest epoch) and `<out>.state` (optimizer, scheduler, RNG)
-    after every epoch, so `resume=True` continues an interrupted run exactly.
+    Also writes `<out>.last` (the newest epoch) and `<out>.state` (optimizer, scheduler, RNG,
+    the run's settings) after every epoch, so `resume=True` continues an interrupted run
+    exactly, and refuses one of another dataset or with other settings.
     """
     out = Path(out)
     say = log or (lambda _msg: None)
-    if config.select not in SELECTIONS:
-        raise WeakTrError(f"unknown selection {config.select!r}",
-                          hint=f"choose one of {', '.join(SELECTIONS)}")
+    config.check()
     if config.select == "val-map" and val_set is None:
         raise WeakTrError("--select val-map needs a validation split", hint="pass --val-split")
     if config.select == "cam-miou" and cam_miou_fn is None:
         raise WeakTrError("--select cam-miou needs pixel ground truth to score CAMs")
     if len(train_set) == 0:
         raise WeakTrError(f"training split {train_set.split!r} is empty")
-
-    with distributed(device) as (dist_info, dev):
-        seed_everything(config.seed, dist_info.rank)
-        configure_determinism(True)
-        precision = resolve_precision(config.precision, dev, training=True)
+    settings = {k: v for k, v in config.to_dict().items() if k not in _FREE_ON_RESUME}
+    settings.update(dataset=train_set.name, train_split=train_set.split,
+                    class_names=list(train_set.class_names), num_images=len(train_set),
+                    val_split=val_set.split if val_set is not None else None)
+    with training_run(out, device=device, seed=config.seed, precision=config.precision,
+                      settings=settings) as run:
         model = build_cam_model(config, train_set.num_classes - 1)
         if pretrained is not None:
             from weaktr_cli.models.weights import load_pretrained_backbone
 
             load_pretrained_backbone(model, pretrained)
-        model.to(dev)
-
-        transform = cam_train_transform(config.input_size, crop_scale=config.crop_scale,
-                                        randaugment=config.randaugment,
-                                        random_erasing=config.random_erasing)
-        images = LabelledImages(train_set, transform, cache=config.cache_images)
-        generator = torch.Generator().manual_seed(config.seed)
-        sampler: Any
-        if dist_info.enabled:
-            from torch.utils.data.distributed import DistributedSampler
-
-            sampler = DistributedSampler(images, num_replicas=dist_info.world_size,
-                                         rank=dist_info.rank, shuffle=True, seed=config.seed,
-                                         drop_last=True)
-        else:
-            sampler = torch.utils.data.RandomSampler(images, generator=generator)
-        loader = DataLoader(images, batch_size=config.batch_size, sampler=sampler,
-                            num_workers=config.workers, drop_last=True,
-                            persistent_workers=config.workers > 0, generator=generator)
-        steps_per_epoch = len(loader) // config.accum_steps
-        if steps_per_epoch == 0:
-            raise WeakTrError(
-                f"{len(images)} training images give no full batch of {config.batch_size}",
-                hint="lower --batch-size",
-            )
-
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import CosineLRScheduler
-
-        effective_batch = config.batch_size * config.accum_steps * dist_info.world_size
-        lr = config.base_lr * effective_batch / 512
-        optimizer = create_optimizer_v2(model, opt="adamw", lr=lr,
-                                        weight_decay=config.weight_decay)
-        total_steps = config.epochs * steps_per_epoch
-        scheduler = CosineLRScheduler(
-            optimizer, t_initial=total_steps, lr_min=config.min_lr,
-            warmup_t=int(config.warmup_epochs * steps_per_epoch),
-            warmup_lr_init=config.warmup_lr, t_in_epochs=False,
-        )
-        scaler = torch.amp.GradScaler(enabled=precision == "fp16")
-        train_model: torch.nn.Module = model
-        if dist_info.enabled:
-            from torch.nn.parallel import DistributedDataParallel
-
-            train_model = DistributedDataParallel(
-                model, device_ids=[dev.index] if dev.type == "cuda" else None
-            )
-
-        last_path, state_path = _state_paths(out)
-        start_epoch, step, history = 0, 0, []
-        best = (-math.inf, 0)
+        model.to(run.device)
+        trainer = _CamTrainer(run, model, config, train_set)
         if resume:
-            state = load_training_state(state_path)
-            weights, _ = load_checkpoint(last_path, kind="cam")
-            model.load_state_dict(weights)
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            start_epoch, step = int(state["epoch"]), int(state["step"])
-            history = json.loads(state["history"])
-            best = (float(state["best_score"]), int(state["best_epoch"]))
-            torch.set_rng_state(state["torch_rng"])
-            generator.set_state(state["generator_rng"])
-            say(f"resumed from epoch {start_epoch}")
-
-        meta_base = {
+            trainer.resume()
+            say(f"resumed from epoch {trainer.start_epoch}")
+        trainer.meta_base = {
             "kind": "cam",
             "model": model.config(),
             "class_names": list(train_set.class_names),
             "dataset": train_set.name,
             "train_split": train_set.split,
             "train": config.to_dict(),
-            "lr": lr,
-            "world_size": dist_info.world_size,
+            "lr": trainer.lr,
+            "world_size": run.world,
             "pretrained": str(pretrained) if pretrained else None,
         }
-        say(f"training {config.arch} ({config.fusion}) on {len(images)} images, "
-            f"{config.epochs} epochs x {steps_per_epoch} steps, lr {lr:.2e}, {precision}, "
-            f"{dev}, world {dist_info.world_size}")
-        stop = False
-        for epoch in range(start_epoch, config.epochs):
-            if dist_info.enabled:
-                sampler.set_epoch(epoch)
-            train_model.train()
-            started = time.perf_counter()
-            sums = {"loss": 0.0, "token": 0.0, "coarse": 0.0, "fine": 0.0}
-            seen = 0
-            optimizer.zero_grad(set_to_none=True)
-            for micro, (batch, targets) in enumerate(loader):
-                batch, targets = batch.to(dev, non_blocking=True), targets.to(dev)
-                with autocast(dev, precision):
-                    outputs = train_model(batch)
-                loss, parts = cam_loss(outputs, targets.float())
-                if not torch.isfinite(loss):
-                    raise WeakTrError(
-                        f"training diverged: loss is {loss.item()} at epoch {epoch + 1}",
-                        hint="lower --lr or use --precision fp32",
-                    )
-                scaler.scale(loss / config.accum_steps).backward()
-                sums["loss"] += loss.item() * len(batch)
-                for key, value in parts.items():
-                    sums[key] += value.item() * len(batch)
-                seen += len(batch)
-                if (micro + 1) % config.accum_steps:
-                    continue
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                scheduler.step_update(step)
-                if progress and dist_info.is_main:
-                    progress(step, total_steps)
-                if config.max_steps is not None and step >= config.max_steps:
-                    stop = True
-                    break
-            record: dict[str, Any] = {
-                "epoch": epoch + 1, "step": step,
-                **{k: v / max(seen, 1) for k, v in sums.items()},
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": seen * dist_info.world_size / (time.perf_counter() - started),
-            }
-            if dist_info.is_main:
-                score = float(epoch)  # "last": the newest epoch wins
-                if val_set is not None and len(val_set):
-                    record["val_map"] = validation_map(model, val_set, dev, config.input_size,
-                                                       precision)
-                    if config.select == "val-map":
-                        score = record["val_map"]
-                if config.select == "cam-miou" and cam_miou_fn is not None:
-                    record["cam_miou"] = cam_miou_fn(model)
-                    score = record["cam_miou"]
-                history.append(record)
+        say(f"training {config.arch} ({config.fusion}) on {len(trainer.images)} images, "
+            f"{config.epochs} epochs x {trainer.steps_per_epoch} steps, lr {trainer.lr:.2e}, "
+            f"{run.precision}, {run.device}, world {run.world}")
+        trainer.train(val_set, say=say, log_jsonl=log_jsonl, progress=progress,
+                      cam_miou_fn=cam_miou_fn)
+        if run.is_main:
+            out.with_name(out.name + ".best").replace(out)
+    return CamTrainResult(checkpoint=out, history=trainer.history,
+                          selected_epoch=trainer.best[1], model=model, steps=trainer.step)
+
+
+class _CamTrainer:
+    """Data, optimizer, schedule and the epoch loop of one CAM training run."""
+
+    def __init__(self, run: TrainingRun, model: WeakTrCAM, config: CamTrainConfig,
+                 train_set: SegmentationDataset) -> None:
+        from timm.optim import create_optimizer_v2
+        from timm.scheduler import CosineLRScheduler
+
+        self.run, self.model, self.config = run, model, config
+        transform = cam_train_transform(config.input_size, crop_scale=config.crop_scale,
+                                        randaugment=config.randaugment,
+                                        random_erasing=config.random_erasing)
+        self.images = LabelledImages(train_set, transform, cache=config.cache_images)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.sampler = self._sampler()
+        self.loader = DataLoader(self.images, batch_size=config.batch_size, sampler=self.sampler,
+                                 num_workers=config.workers, drop_last=True,
+                                 persistent_workers=config.workers > 0, generator=self.generator)
+        self.steps_per_epoch = len(self.loader) // config.accum_steps
+        if self.steps_per_epoch == 0:
+            raise WeakTrError(
+                f"{len(self.images)} training images give no full batch of {config.batch_size}",
+                hint="lower --batch-size",
+            )
+        effective_batch = config.batch_size * config.accum_steps * run.world
+        self.lr = config.base_lr * effective_batch / 512
+        self.optimizer = create_optimizer_v2(model, opt="adamw", lr=self.lr,
+                                             weight_decay=config.weight_decay)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.scheduler = CosineLRScheduler(
+            self.optimizer, t_initial=self.total_steps, lr_min=config.min_lr,
+            warmup_t=int(config.warmup_epochs * self.steps_per_epoch),
+            warmup_lr_init=config.warmup_lr, t_in_epochs=False,
+        )
+        self.scaler = torch.amp.GradScaler(enabled=run.precision == "fp16")
+        self.train_model = run.wrap(model)
+        self.start_epoch, self.step = 0, 0
+        self.history: list[dict[str, Any]] = []
+        self.best = (-math.inf, 0)
+        self.meta_base: dict[str, Any] = {}
+
+    def _sampler(self) -> Any:
+        run = self.run
+        if run.dist.enabled:
+            from torch.utils.data.distributed import DistributedSampler
+
+            return DistributedSampler(self.images, num_replicas=run.world, rank=run.dist.rank,
+                                      shuffle=True, seed=self.config.seed, drop_last=True)
+        return torch.utils.data.RandomSampler(self.images, generator=self.generator)
+
+    def resume(self) -> None:
+        state = self.run.resume(self.model, "cam")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.start_epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = json.loads(state["history"])
+        self.best = (float(state["best_score"]), int(state["best_epoch"]))
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["generator_rng"])
+
+    def train(self, val_set: SegmentationDataset | None, *, say: Log,
+              log_jsonl: str | Path | None, progress: Callable[[int, int], None] | None,
+              cam_miou_fn: Callable[[WeakTrCAM], float] | None) -> None:
+        for epoch in range(self.start_epoch, self.config.epochs):
+            if self.run.dist.enabled:
+                self.sampler.set_epoch(epoch)
+            record, stop = self._epoch(epoch, progress)
+            if self.run.is_main:
+                score = self._validate(record, epoch, val_set, cam_miou_fn)
+                self.history.append(record)
                 say(_format_record(record))
-                if log_jsonl:
-                    with open(log_jsonl, "a") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                # Timings stay out of the checkpoint so seeded runs give identical files.
-                timeless = [{k: v for k, v in r.items() if k != "images_per_s"} for r in history]
-                meta = {**meta_base, "epoch": epoch + 1, "step": step, "history": timeless}
-                save_checkpoint(last_path, model.state_dict(), meta)
-                if score >= best[0]:
-                    best = (score, epoch + 1)
-                    save_checkpoint(out.with_name(out.name + ".best"), model.state_dict(),
-                                    {**meta, "selected_by": config.select})
-                save_training_state(state_path, {
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch + 1,
-                    "step": step,
-                    "history": json.dumps(history),
-                    "best_score": best[0],
-                    "best_epoch": best[1],
-                    "torch_rng": torch.get_rng_state(),
-                    "generator_rng": generator.get_state(),
-                })
+                self.run.log_record(record, log_jsonl)
+                self._save(epoch, score)
             if stop:
                 break
 
-        if dist_info.is_main:
-            best_path = out.with_name(out.name + ".best")
-            best_path.replace(out)
-        if dist_info.enabled:
-            import torch.distributed as dist
+    def _epoch(self, epoch: int, progress: Callable[[int, int], None] | None
+               ) -> tuple[dict[str, Any], bool]:
+        """One epoch (or up to `max_steps`): its log record and whether to stop."""
+        config, run, optimizer = self.config, self.run, self.optimizer
+        self.train_model.train()
+        started = time.perf_counter()
+        sums = {"loss": 0.0, "token": 0.0, "coarse": 0.0, "fine": 0.0}
+        seen, stop = 0, False
+        optimizer.zero_grad(set_to_none=True)
+        for micro, (batch, targets) in enumerate(self.loader):
+            batch, targets = batch.to(run.device, non_blocking=True), targets.to(run.device)
+            with autocast(run.device, run.precision):
+                outputs = self.train_model(batch)
+            loss, parts = cam_loss(outputs, targets.float())
+            if not torch.isfinite(loss):
+                raise WeakTrError(
+                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}",
+                    hint="lower --lr or use --precision fp32",
+                )
+            self.scaler.scale(loss / config.accum_steps).backward()
+            sums["loss"] += loss.item() * len(batch)
+            for key, value in parts.items():
+                sums[key] += value.item() * len(batch)
+            seen += len(batch)
+            if (micro + 1) % config.accum_steps:
+                continue
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.scheduler.step_update(self.step)
+            if progress and run.is_main:
+                progress(self.step, self.total_steps)
+            if config.max_steps is not None and self.step >= config.max_steps:
+                stop = True
+                break
+        record: dict[str, Any] = {
+            "epoch": epoch + 1, "step": self.step,
+            **{k: v / max(seen, 1) for k, v in sums.items()},
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen * run.world / (time.perf_counter() - started),
+        }
+        return record, stop
 
-            dist.barrier()
-    return CamTrainResult(checkpoint=out, history=history, selected_epoch=best[1], model=model,
-                          steps=step)
+    def _validate(self, record: dict[str, Any], epoch: int,
+                  val_set: SegmentationDataset | None,
+                  cam_miou_fn: Callable[[WeakTrCAM], float] | None) -> float:
+        """Add the validation figures to `record`; returns the selection score."""
+        config = self.config
+        score = float(epoch)  # "last": the newest epoch wins
+        if val_set is not None and len(val_set):
+            record["val_map"] = validation_map(self.model, val_set, self.run.device,
+                                               config.input_size, self.run.precision)
+            if config.select == "val-map":
+                score = record["val_map"]
+        if config.select == "cam-miou" and cam_miou_fn is not None:
+            record["cam_miou"] = cam_miou_fn(self.model)
+            score = record["cam_miou"]
+        return score
+
+    def _save(self, epoch: int, score: float) -> None:
+        from weaktr_cli.checkpoints import save_checkpoint
+
+        out = self.run.out
+        # Timings stay out of the checkpoint so seeded runs give identical files.
+        timeless = [{k: v for k, v in r.items() if k != "images_per_s"} for r in self.history]
+        meta = {**self.meta_base, "epoch": epoch + 1, "step": self.step, "history": timeless}
+        self.run.save_last(self.model, meta)
+        if score >= self.best[0]:
+            self.best = (score, epoch + 1)
+            save_checkpoint(out.with_name(out.name + ".best"), self.model.state_dict(),
+                            {**meta, "selected_by": self.config.select})
+        self.run.save_state({
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch + 1,
+            "step": self.step,
+            "history": json.dumps(self.history),
+            "best_score": self.best[0],
+            "best_epoch": self.best[1],
+            "torch_rng": torch.get_rng_state(),
+            "generator_rng": self.generator.get_state(),
+        })
 
 
 def _format_record(r: dict[str, Any]) -> str:

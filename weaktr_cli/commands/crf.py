@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -58,41 +57,24 @@ def crf(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.artifacts import read_meta
-    from weaktr_cli.crf import get_preset
-    from weaktr_cli.data import open_artifact_dataset
-    from weaktr_cli.recipes import SEED_RECIPES
-    from weaktr_cli.seeds import make_seeds
+    from weaktr_cli.errors import WeakTrError
+    from weaktr_cli.phases import crf_run
     from weaktr_cli.shards import parse_shard
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    meta = read_meta(cams)
-    if meta.kind != "cams":
-        from weaktr_cli.errors import WeakTrError
-
-        raise WeakTrError(f"{cams} is a {meta.kind!r} artifact, but --cams needs a 'cams' one")
-    dataset = open_artifact_dataset(meta, data=data, root=data_root)
-    recipe = SEED_RECIPES.get(dataset.name, SEED_RECIPES["voc"])
-    params = None
-    preset_name = preset or recipe.preset
-    overrides: dict[str, Any] = {
+    crf_overrides: dict[str, Any] = {
         "gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
         "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,
         "bilateral_srgb": bilateral_srgb, "bilateral_compat": bilateral_compat}
     crf_flags = ([f"--preset {preset}"] if preset else []) + [
-        f"--{k.replace('_', '-')}" for k, v in overrides.items() if v is not None]
+        f"--{k.replace('_', '-')}" for k, v in crf_overrides.items() if v is not None]
     if no_crf and crf_flags:
-        from weaktr_cli.errors import WeakTrError
-
         raise WeakTrError(f"--no-crf and {', '.join(crf_flags)} contradict each other: "
                           "without the CRF its parameters do nothing", hint="drop one of them")
-    if not no_crf and preset_name is not None:  # a recipe without a preset means no CRF
-        params = dataclasses.replace(get_preset(preset_name),
-                                     **{k: v for k, v in overrides.items() if v is not None})
-    threshold = recipe.bg if bg is None else bg
-    with output.progress(f"crf {dataset.name}/{dataset.split}") as update:
-        path = make_seeds(cams, dataset, out, bg=threshold, params=params, unary=unary,
-                          mark_disagreement=ignore_disagreement, workers=workers,
-                          shard=parse_shard(shard), resume=resume, progress=update)
+    path, threshold, params = crf_run(
+        cams=cams, data=None if data is None else str(data), data_root=data_root, out=out,
+        bg=bg, preset=preset, no_crf=no_crf, unary=unary,
+        ignore_disagreement=ignore_disagreement, crf_overrides=crf_overrides, workers=workers,
+        shard=parse_shard(shard), resume=resume, bar=output.progress)
     output.log(f"wrote seeds to {path}")
     output.artifact(path, {"bg": threshold, "crf": params.to_dict() if params else None})

@@ -53,29 +53,11 @@ def dump_cams(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.cams import dump_cams as run
-    from weaktr_cli.data import open_dataset
     from weaktr_cli.errors import WeakTrError
-    from weaktr_cli.recipes import DUMP_RECIPES
+    from weaktr_cli.phases import dump_cams_run
     from weaktr_cli.shards import parse_shard
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    if (checkpoint is None) == (reference_checkpoint is None):
-        raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
-    seed = None
-    if checkpoint is not None:
-        from weaktr_cli.train_cam import load_cam_model
-
-        model, meta = load_cam_model(checkpoint)
-        dataset_name = data or meta.get("dataset", "shapes")
-        seed = meta.get("train", {}).get("seed")
-    else:
-        from weaktr_cli.models.reference import load_reference_checkpoint
-
-        model = load_reference_checkpoint(reference_checkpoint)  # type: ignore[arg-type]
-        dataset_name = data or "voc"
-    dataset = open_dataset(dataset_name, split, data_root)
-    settings = DUMP_RECIPES.get(str(dataset_name), DUMP_RECIPES["voc"])
     overrides: dict[str, Any] = {"flip": flip, "variant": variant, "batch_size": batch_size,
                                  "precision": precision}
     if scales is not None:
@@ -83,13 +65,10 @@ def dump_cams(
             overrides["scales"] = tuple(float(s) for s in scales.split(","))
         except ValueError:
             raise WeakTrError(f"invalid --scales {scales!r}", hint="e.g. 1.0,1.2") from None
-    settings = dataclasses.replace(settings, **{k: v for k, v in overrides.items()
-                                                if v is not None})
-    if max_size is not None:
-        settings = dataclasses.replace(settings, max_size=max_size or None)  # 0: no limit
-    with output.progress(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
-        path = run(model, dataset, out, settings=settings, device=device,
-                   shard=parse_shard(shard), resume=resume,
-                   checkpoint=checkpoint or reference_checkpoint, seed=seed, progress=update)
+    path, dataset, settings = dump_cams_run(
+        checkpoint=checkpoint, reference_checkpoint=reference_checkpoint,
+        data=None if data is None else str(data), split=split, data_root=data_root, out=out,
+        overrides=overrides, max_size=max_size, shard=parse_shard(shard), resume=resume,
+        device=device, bar=output.progress)
     output.log(f"wrote CAMs of {dataset.name}/{dataset.split} to {path}")
     output.artifact(path, {"settings": dataclasses.asdict(settings)})

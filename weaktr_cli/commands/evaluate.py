@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -12,7 +11,6 @@ from rich.table import Table
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
-from weaktr_cli.commands.predict import ReferenceCheckpoint, ReferenceHeads, ReferenceNormalization
 
 HELP = """Score an artifact against the dataset's pixel ground truth.
 
@@ -35,9 +33,9 @@ def evaluate(
     checkpoint: Annotated[Path | None, typer.Option(
         help="Predict with this segmenter checkpoint first, then score the predictions.",
         rich_help_panel="Model")] = None,
-    reference_checkpoint: ReferenceCheckpoint = None,
-    reference_normalization: ReferenceNormalization = None,
-    reference_heads: ReferenceHeads = None,
+    reference_checkpoint: options.ReferenceCheckpoint = None,
+    reference_normalization: options.ReferenceNormalization = None,
+    reference_heads: options.ReferenceHeads = None,
     multiscale: Annotated[bool, typer.Option(help="With --checkpoint: multi-scale + flip.",
                                              rich_help_panel="Model")] = False,
     fuse_layers: Annotated[bool, typer.Option(help="With --checkpoint: 0.8 P1 + P2.",
@@ -62,42 +60,16 @@ def evaluate(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.artifacts import open_artifact
-    from weaktr_cli.data import open_artifact_dataset
-    from weaktr_cli.evaluation import evaluate_artifact, parse_thresholds
+    from weaktr_cli.phases import ReferenceModel, evaluate_run
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    sweep = parse_thresholds(thresholds)
-    if sum(x is not None for x in (artifact, checkpoint, reference_checkpoint)) != 1:
-        from weaktr_cli.errors import WeakTrError
-
-        raise WeakTrError("pass one of an artifact, --checkpoint and --reference-checkpoint")
-    model = checkpoint or reference_checkpoint
-    if model is not None:
-        import tempfile
-
-        from weaktr_cli.commands.predict import predict_checkpoint
-
-        keep = predictions
-        tmp = None if keep else tempfile.TemporaryDirectory()
-        target = keep or Path(tmp.name) / "preds.h5"  # type: ignore[union-attr]
-        artifact = predict_checkpoint(
-            model, data=data, data_root=data_root, split=split or "val", images=None,
-            out=target, multiscale=multiscale, flip=None, fuse_layers=fuse_layers, crf=crf,
-            window=None, stride=None, precision=None, shard=None, resume=False, device=device,
-            output=output, reference=reference_checkpoint is not None,
-            reference_normalization=reference_normalization, reference_heads=reference_heads)
-    assert artifact is not None  # one of the two was given, and predict filled it in
-    with open_artifact(artifact) as reader:
-        dataset = open_artifact_dataset(reader.meta, data=data, split=split, root=data_root)
-        with output.progress(f"evaluate {artifact.name}", len(reader)) as update:
-            result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update)
-    payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,
-               **result.to_dict()}
-    if out is not None:
-        from weaktr_cli.io import atomic_write_text
-
-        atomic_write_text(out, json.dumps(payload, indent=2))
+    reference = None if reference_checkpoint is None else ReferenceModel(
+        reference_checkpoint, reference_normalization, reference_heads)
+    payload = evaluate_run(
+        artifact=artifact, checkpoint=checkpoint, reference=reference,
+        data=None if data is None else str(data), data_root=data_root, split=split,
+        thresholds=thresholds, multiscale=multiscale, fuse_layers=fuse_layers, crf=crf,
+        predictions=predictions, device=device, out=out, bar=output.progress)
     output.result(payload, lambda console: render(console, payload))
 
 

@@ -10,7 +10,6 @@ from rich.console import Console
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
-from weaktr_cli.commands.predict import ReferenceCheckpoint, ReferenceHeads, ReferenceNormalization
 
 if TYPE_CHECKING:
     from weaktr_cli.export import ExportReport
@@ -37,9 +36,9 @@ leaves no file.
 def export_onnx(
     checkpoint: Annotated[Path | None, typer.Option(
         help="A segmenter (or, with --cam, CAM) checkpoint.")] = None,
-    reference_checkpoint: ReferenceCheckpoint = None,
-    reference_normalization: ReferenceNormalization = None,
-    reference_heads: ReferenceHeads = None,
+    reference_checkpoint: options.ReferenceCheckpoint = None,
+    reference_normalization: options.ReferenceNormalization = None,
+    reference_heads: options.ReferenceHeads = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path(
         "model.onnx"),
     cam: Annotated[bool, typer.Option("--cam", help="Export the CAM model instead.")] = False,

@@ -65,6 +65,16 @@ Workers = Annotated[
     int,
     typer.Option("--workers", min=1, help="Worker processes.", rich_help_panel="Compute"),
 ]
+#: A released reference segmentation checkpoint (predict, evaluate, export-onnx).
+ReferenceCheckpoint = Annotated[Path | None, typer.Option(
+    help="A released hustvl/WeakTr segmentation checkpoint (checkpoint.pth), loaded strictly "
+         "and run with the reference's test-time procedure.", rich_help_panel="Model")]
+ReferenceNormalization = Annotated[str | None, typer.Option(
+    help="Its input normalisation: deit (DeiT-S) or vit (ViT-S); default the variant.yml "
+         "beside it.", rich_help_panel="Model")]
+ReferenceHeads = Annotated[int | None, typer.Option(
+    min=1, help="Its attention heads (default: width // 64, as the reference).",
+    rich_help_panel="Model")]
 Shard = Annotated[
     str | None,
     typer.Option(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -68,21 +67,11 @@ def retrain(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.artifacts import read_meta
-    from weaktr_cli.data import open_dataset
     from weaktr_cli.errors import WeakTrError
-    from weaktr_cli.recipes import RETRAIN_RECIPES, SEED_RECIPES
-    from weaktr_cli.retrain import SeedSource
-    from weaktr_cli.retrain import retrain as run
+    from weaktr_cli.phases import retrain_run
     from weaktr_cli.runtime import dist_info_from_env
 
     output = Output(json_mode=json_mode, quiet=quiet or not dist_info_from_env().is_main)
-    meta = read_meta(seeds)
-    dataset = open_dataset(data or meta.dataset, meta.split, data_root)
-    recipe_name = recipe or dataset.name
-    if recipe_name not in RETRAIN_RECIPES:
-        raise WeakTrError(f"unknown recipe {recipe_name!r}",
-                          hint=f"choose one of {', '.join(RETRAIN_RECIPES)}")
     tau_value: float | str | None = tau
     if tau is not None and tau != "auto":
         try:
@@ -97,22 +86,9 @@ def retrain(
     if clip is False and tau is not None:
         raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
                           "there is no threshold", hint="drop one of them")
-    if clip is None and tau is not None:
-        clip = True  # asking for a threshold asks for clipping
-    overrides["clip"] = clip
-    config = dataclasses.replace(RETRAIN_RECIPES[recipe_name],
-                                 **{k: v for k, v in overrides.items() if v is not None})
-    if meta.kind == "cams":
-        threshold = bg if bg is not None else SEED_RECIPES.get(
-            recipe_name, SEED_RECIPES["voc"]).bg
-        source = SeedSource(seeds, bg=threshold)
-        output.log(f"seeds from CAMs with background threshold {threshold} (no CRF)")
-    else:
-        source = SeedSource(seeds)
-    with output.progress("retrain") as update:
-        result = run(dataset, source, out, config, pretrained=pretrained, resume=resume,
-                     device=device, log=output.log,
-                     log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
-                     progress=update)
+    result, config = retrain_run(
+        seeds=seeds, data=None if data is None else str(data), data_root=data_root, out=out,
+        recipe=recipe, overrides=overrides, clip=clip, bg=bg, pretrained=pretrained,
+        resume=resume, device=device, log_jsonl=log_jsonl, log=output.log, bar=output.progress)
     output.artifact(result.checkpoint, {"tau": result.tau, "steps": result.steps,
                                         "config": config.to_dict()})

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -59,60 +58,21 @@ def train_cam(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.data import open_dataset
-    from weaktr_cli.errors import WeakTrError
-    from weaktr_cli.recipes import CAM_RECIPES
+    from weaktr_cli.phases import train_cam_run
     from weaktr_cli.runtime import dist_info_from_env
-    from weaktr_cli.train_cam import train_cam as run
 
     output = Output(json_mode=json_mode, quiet=quiet or not dist_info_from_env().is_main)
-    recipe_name = recipe or str(data)
-    if recipe_name not in CAM_RECIPES:
-        raise WeakTrError(f"unknown recipe {recipe_name!r}",
-                          hint=f"choose one of {', '.join(CAM_RECIPES)}")
     overrides: dict[str, Any] = {
         "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "epochs": epochs,
         "batch_size": batch_size, "base_lr": lr, "accum_steps": accum_steps,
         "input_size": input_size, "precision": precision, "seed": seed, "workers": workers,
+        "select": select,
     }
-    config = dataclasses.replace(CAM_RECIPES[recipe_name], select=select,
-                                 **{k: v for k, v in overrides.items() if v is not None})
-    train_set = open_dataset(data, split, data_root)
-    val_set = None if val_split == "none" else open_dataset(data, val_split, data_root)
-    cam_miou = None
-    if select == "cam-miou":
-        if val_set is None:
-            raise WeakTrError("--select cam-miou needs --val-split")
-        output.log(f"[yellow]--select cam-miou scores CAMs with the pixel labels of "
-                   f"{val_set.split!r}: not a weakly-supervised protocol[/]")
-        cam_miou = _cam_miou_scorer(val_set, recipe_name)
-    with output.progress("train-cam") as update:
-        result = run(train_set, val_set, out, config, pretrained=pretrained, resume=resume,
-                     device=device, log=output.log,
-                     log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
-                     progress=update, cam_miou_fn=cam_miou)
+    result, config = train_cam_run(
+        data=str(data), split=split, val_split=None if val_split == "none" else val_split,
+        data_root=data_root, out=out, recipe=recipe, overrides=overrides,
+        pretrained=pretrained, resume=resume, device=device, log_jsonl=log_jsonl,
+        log=output.log, bar=output.progress)
     last = result.history[-1] if result.history else {}
     output.artifact(result.checkpoint, {"selected_epoch": result.selected_epoch,
                                         "final": last, "config": config.to_dict()})
-
-
-def _cam_miou_scorer(val_set, recipe_name: str):
-    """CAM mIoU (best threshold) of a model on val_set, for the opt-in selection."""
-    import tempfile
-
-    from weaktr_cli.artifacts import open_artifact
-    from weaktr_cli.cams import dump_cams
-    from weaktr_cli.evaluation import evaluate_artifact
-    from weaktr_cli.metrics import default_thresholds
-    from weaktr_cli.recipes import DUMP_RECIPES
-
-    def score(model) -> float:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = dump_cams(model, val_set, Path(tmp) / "cams.h5",
-                             settings=DUMP_RECIPES[recipe_name], resume=False)
-            with open_artifact(path) as reader:
-                result = evaluate_artifact(reader, val_set, thresholds=default_thresholds())
-        model.train()
-        return result.scores.miou
-
-    return score

@@ -10,9 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from weaktr_cli.data.base import SegmentationDataset
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from weaktr_cli.settings import IMAGENET_MEAN, IMAGENET_STD
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.fusion import FUSIONS, build_fusion, weighted_mean_attention
 from weaktr_cli.models.registry import ArchSpec, build_vit, get_arch
+from weaktr_cli.settings import CAM_VARIANTS
 
 __all__ = [
     "CAM_VARIANTS",
@@ -50,7 +51,6 @@ __all__ = [
     "resample_patch_pos_embed",
 ]
 
-CAM_VARIANTS = ("fine", "cross", "coarse")
 #: fusion -> (pooling, head-FFN reduction) of its training recipe (paper V1; released V3)
 _FUSION_RECIPES = {"aaf": ("avg", 4), "aaf-feat": ("max", 8), "aaf-rand": ("avg", 4),
                    "mean-sum": ("avg", 4)}

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.stem import ConvStemPatchEmbed, stem_stride
 
-__all__ = ["ARCHS", "ArchSpec", "arch_names", "build_vit", "get_arch"]
+__all__ = ["ARCHS", "ArchSpec", "arch_names", "build_vit", "get_arch", "register_arch"]
 
 
 @dataclass(frozen=True)
@@ -131,15 +131,6 @@ ARCHS: dict[str, ArchSpec] = {
             description="CPU-sized hybrid: conv stem (stride 8) + ViT dim 128, depth 2 at 96 px "
             "(built-in dataset's segmenter)",
         ),
-        ArchSpec(
-            name="micro",
-            patch_size=8,
-            embed_dim=64,
-            depth=2,
-            num_heads=2,
-            img_size=32,
-            description="unit tests: patch 8, dim 64, depth 2 at 32 px",
-        ),
     )
 }
 
@@ -147,6 +138,15 @@ ARCHS: dict[str, ArchSpec] = {
 def arch_names() -> list[str]:
     """Registered architecture names, in registry order."""
     return list(ARCHS)
+
+
+#: The backbones weaktr ships (the shell completions list these; see `register_arch`).
+SHIPPED_ARCHS: tuple[str, ...] = tuple(ARCHS)
+
+
+def register_arch(spec: ArchSpec) -> None:
+    """Add (or replace) a backbone under `spec.name`, e.g. a project's own or a test's."""
+    ARCHS[spec.name] = spec
 
 
 def get_arch(name: str) -> ArchSpec:

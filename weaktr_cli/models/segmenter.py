@@ -1,6 +1,6 @@
 """The online-retraining segmentation model: a timm ViT encoder and a Segmenter decoder.
 
-Architecture (METHOD.md, Phase 4; Strudel et al., "Segmenter", 2021):
+Architecture (docs/method.md, phase 4; Strudel et al., "Segmenter", 2021):
 
 - Encoder: a timm `VisionTransformer` with one class token, the final LayerNorm applied and
   `dynamic_img_size=True` (the positional embedding, stored for the training crop, is resampled
@@ -15,7 +15,7 @@ Architecture (METHOD.md, Phase 4; Strudel et al., "Segmenter", 2021):
   each patch token to the class logits. It trains faster from scratch: on the built-in data,
   trained on the ground truth (38k crops, no scale augmentation), the `tiny-c8` hybrid told
   circles from squares with it (80.7 val mIoU) and not with the mask transformer (44.7 after
-  31k crops). See `weaktr_cli.retrain.RETRAIN_RECIPES` for what happens on seeds.
+  31k crops). See docs/experiments.md for what happens on seeds.
 
 Parameter names follow the reference implementation (`encoder.*` as timm, `decoder.cls_emb`,
 `decoder.proj_dec`, `decoder.proj_patch`, ...), so a reference retraining checkpoint maps
@@ -29,6 +29,7 @@ H, W > patch size (a 1-patch grid is excluded by timm's reshapes).
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Any, Literal, overload
 
@@ -54,6 +55,7 @@ __all__ = [
     "encoder_norm_eps",
     "encoder_pos_embed_interp",
     "param_groups",
+    "use_explicit_attention",
 ]
 
 
@@ -324,6 +326,7 @@ class Segmenter(nn.Module):
         self.n_cls = n_cls
         self.num_prefix_tokens = int(encoder.num_prefix_tokens)
         self.encoder = encoder
+        self._build_config: dict[str, Any] | None = None  # set by build_segmenter
         self.decoder: MaskTransformerDecoder | LinearDecoder
         if decoder == "linear":
             self.decoder = LinearDecoder(n_cls, int(encoder.embed_dim))
@@ -339,6 +342,31 @@ class Segmenter(nn.Module):
             dropout=decoder_dropout,
             drop_path_rate=decoder_drop_path,
         )
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able build arguments; `Segmenter.from_config(model.config())` rebuilds it.
+
+        Only for models made by `build_segmenter` (which records them).
+        """
+        if self._build_config is None:
+            raise WeakTrError("this Segmenter was not made by build_segmenter: no config")
+        return dict(self._build_config)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Segmenter:
+        """Rebuild a (randomly initialised) model from `config()`; load weights afterwards.
+
+        The backbone comes spelled out (`encoder`), so a checkpoint does not depend on the
+        registry staying the same; 0.1.0 checkpoints have no `decoder` (then "mask").
+        """
+        cfg = dict(config)
+        spec = ArchSpec(**cfg.pop("encoder"))
+        return build_segmenter(
+            int(cfg.pop("n_cls")), spec, img_size=int(cfg.pop("img_size")),
+            drop_path_rate=float(cfg.pop("drop_path_rate")),
+            decoder=str(cfg.pop("decoder", "mask")),
+            decoder_layers=int(cfg.pop("decoder_layers")),
+            decoder_dropout=float(cfg.pop("decoder_dropout")), **cfg)
 
     @property
     def decoder_kind(self) -> str:
@@ -435,7 +463,37 @@ def build_segmenter(
     """
     spec = get_arch(arch) if isinstance(arch, str) else arch
     encoder = _encoder_for(spec, img_size, drop_path_rate, norm_eps, pos_embed_interp)
-    return Segmenter(encoder, n_cls, **decoder_kwargs)
+    model = Segmenter(encoder, n_cls, **decoder_kwargs)
+    extra = dict(decoder_kwargs)
+    # The reference-checkpoint options are recorded only when set, so weaktr's own
+    # checkpoints keep their metadata.
+    if norm_eps != 1e-6:
+        extra["norm_eps"] = norm_eps
+    if pos_embed_interp != "bicubic":
+        extra["pos_embed_interp"] = pos_embed_interp
+    model._build_config = {
+        "encoder": dataclasses.asdict(spec),
+        "n_cls": n_cls,
+        "img_size": img_size,
+        "drop_path_rate": drop_path_rate,
+        "decoder": extra.pop("decoder", "mask"),
+        "decoder_layers": extra.pop("decoder_layers", 2),
+        "decoder_dropout": extra.pop("decoder_dropout", 0.1),
+        **extra,
+    }
+    return model
+
+
+def use_explicit_attention(model: nn.Module) -> None:
+    """Switch timm's attention layers from the fused kernel to softmax(q k^T) v.
+
+    On CPU under bf16 autocast the fused kernel's backward is the slow part of a step: per
+    training step on 2 threads, tiny-c8 batch 16 at 96 px 108 -> 81 ms, DeiT-S batch 2 at 480 px
+    2.59 -> 2.28 s. Same weights and outputs, so checkpoints and exports are unaffected.
+    """
+    for module in model.modules():
+        if isinstance(module, Attention):
+            setattr(module, "fused_attn", False)  # noqa: B010 (declared Final, read per call)
 
 
 def param_groups(model: Segmenter, lr: float, encoder_lr_mult: float = 0.1) -> list[dict[str, Any]]:

@@ -20,11 +20,12 @@ check is strict: any missing, unexpected or mis-shaped key raises one `WeakTrErr
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from timm.layers.pos_embed import resample_abs_pos_embed
@@ -32,11 +33,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.models.cam_vit import WeakTrCAM
+from weaktr_cli.models.cam_vit import WeakTrCAM, resample_patch_pos_embed
+
+if TYPE_CHECKING:
+    from weaktr_cli.models.segmenter import Segmenter
 
 __all__ = [
     "LoadReport",
     "describe_key_mismatch",
+    "load_encoder_weights",
     "load_pretrained_backbone",
     "read_state_dict",
     "strict_load",
@@ -299,3 +304,55 @@ def _load_into_vit(model: VisionTransformer, state: dict[str, Tensor], path: Pat
     return LoadReport(
         path=path, loaded=len(mapped), dropped=sorted(dropped), pos_embed_resampled=resampled
     )
+
+
+def load_encoder_weights(model: Segmenter, path: str | Path) -> str:
+    """Initialise the encoder from `path`; returns what the file was ("imagenet" or "cam").
+
+    - an ImageNet DeiT/ViT checkpoint (.pth/.safetensors): `load_pretrained_backbone`;
+    - a weaktr ``cam`` checkpoint (from train-cam, same backbone shape): its patch embedding
+      and blocks; the C class tokens (and their positional embeddings) are averaged into the
+      encoder's one class token; the patch positional embedding is resampled to the encoder's
+      grid. The final norm, which the CAM model never applies, keeps its identity init. On a
+      dataset without ImageNet weights (the built-in shapes) this starts retraining from what
+      phase 1 learned from the image-level labels.
+    """
+    from weaktr_cli.checkpoints import META_KEY, load_checkpoint
+
+    path = Path(path)
+    meta: dict[str, Any] = {}
+    if path.is_file():
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get(META_KEY, "{}"))
+        except Exception:  # not a safetensors file: an ImageNet .pth
+            meta = {}
+    if meta.get("kind") == "segmenter":
+        raise WeakTrError(
+            f"{path} is a retrained segmenter, not encoder weights",
+            hint="pass ImageNet ViT weights or a train-cam checkpoint",
+        )
+    if meta.get("kind") != "cam":
+        load_pretrained_backbone(model.encoder, path)
+        return "imagenet"
+    state, _ = load_checkpoint(path, kind="cam")
+    n = int(meta["model"]["num_classes"])
+    encoder = model.encoder
+    mapped = {k[len("backbone."):]: v for k, v in state.items()
+              if k.startswith(("backbone.patch_embed.", "backbone.blocks."))}
+    mapped["cls_token"] = state["cls_token"].mean(dim=1, keepdim=True)
+    pos = state["pos_embed"]
+    spec = meta["model"]["arch"]
+    old_side = int(spec["img_size"]) // int(spec["patch_size"])
+    old_grid = (old_side, old_side)
+    grid = encoder.patch_embed.grid_size
+    new_grid = (int(grid[0]), int(grid[1]))
+    patch_pos = pos[:, n:]
+    if old_grid != new_grid:
+        patch_pos = resample_patch_pos_embed(patch_pos, old_grid, new_grid)
+    mapped["pos_embed"] = torch.cat([pos[:, :n].mean(dim=1, keepdim=True), patch_pos], dim=1)
+    strict_load(encoder, mapped, what=f"CAM checkpoint {path}",
+                fresh=[k for k in encoder.state_dict() if k.startswith("norm.")])
+    return "cam"

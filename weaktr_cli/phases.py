@@ -1,0 +1,411 @@
+"""Each phase as a command runs it: from dataset names, paths, a recipe name and overrides.
+
+Every `weaktr` subcommand parses its flags and makes one call here; the call resolves the
+recipe (`weaktr_cli.recipes.resolve`), opens the datasets and models, and runs the phase's
+library function. Nothing here imports torch at import time, so the `crf` and
+`predict --onnx` commands stay light.
+
+`bar(description, total)` is a context manager yielding `update(done, total)` (the CLI's
+progress bar); `log(message)` prints a note.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from weaktr_cli.errors import WeakTrError
+
+if TYPE_CHECKING:
+    from weaktr_cli.crf import CrfParams
+    from weaktr_cli.data.base import SegmentationDataset
+    from weaktr_cli.retrain.loop import RetrainResult
+    from weaktr_cli.settings import CamSettings, CamTrainConfig, RetrainConfig
+    from weaktr_cli.train_cam import CamTrainResult
+
+__all__ = [
+    "MULTISCALE",
+    "ReferenceModel",
+    "crf_run",
+    "dump_cams_run",
+    "evaluate_run",
+    "predict_run",
+    "retrain_run",
+    "train_cam_run",
+]
+
+Update = Callable[..., None]
+Bar = Callable[[str, "int | None"], AbstractContextManager[Update]]
+Log = Callable[[str], None]
+
+#: docs/method.md, phase 4 inference: ratios 0.5-1.75 of the image
+MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@contextlib.contextmanager
+def _no_bar(_description: str, _total: int | None = None) -> Iterator[Update]:
+    yield lambda *_args, **_kwargs: None
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+# ----------------------------------------------------------------------------- phase 1
+
+
+def train_cam_run(*, data: str, split: str, val_split: str | None, data_root: Path | None,
+                  out: Path, recipe: str | None, overrides: dict[str, Any],
+                  pretrained: Path | None = None, resume: bool = False, device: str = "auto",
+                  log_jsonl: Path | None = None, log: Log = _quiet, bar: Bar = _no_bar,
+                  ) -> tuple[CamTrainResult, CamTrainConfig]:
+    """Train the CAM model of recipe `recipe` (default: the dataset's) with `overrides`;
+    `val_split` None skips validation. Returns the result and the settings used."""
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.recipes import resolve
+    from weaktr_cli.train_cam import cam_miou_scorer, train_cam
+
+    recipe_name = recipe or data
+    config: CamTrainConfig = resolve("cam", recipe_name, **overrides)
+    config.check()
+    train_set = open_dataset(data, split, data_root)
+    val_set = None if val_split is None else open_dataset(data, val_split, data_root)
+    cam_miou = None
+    if config.select == "cam-miou":
+        if val_set is None:
+            raise WeakTrError("--select cam-miou needs --val-split")
+        log(f"[yellow]--select cam-miou scores CAMs with the pixel labels of "
+            f"{val_set.split!r}: not a weakly-supervised protocol[/]")
+        cam_miou = cam_miou_scorer(val_set, resolve("dump", recipe_name))
+    with bar("train-cam", None) as update:
+        result = train_cam(train_set, val_set, out, config, pretrained=pretrained,
+                           resume=resume, device=device, log=log,
+                           log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
+                           progress=update, cam_miou_fn=cam_miou)
+    return result, config
+
+
+# ----------------------------------------------------------------------------- phase 2
+
+
+def dump_cams_run(*, checkpoint: Path | None, reference_checkpoint: Path | None,
+                  data: str | None, split: str, data_root: Path | None, out: Path,
+                  overrides: dict[str, Any], max_size: int | None = None,
+                  shard: tuple[int, int] | None = None, resume: bool = True,
+                  device: str = "auto", bar: Bar = _no_bar,
+                  ) -> tuple[Path, SegmentationDataset, CamSettings]:
+    """CAMs of a split from a train-cam checkpoint or an official WeakTr one; the dataset
+    defaults to the checkpoint's (VOC for an official one), the settings to its recipe.
+    `max_size` caps the longest image side the model sees (None: the settings', 0: no cap)."""
+    from weaktr_cli.cams import dump_cams
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.recipes import recipe_for_dataset, resolve
+
+    if (checkpoint is None) == (reference_checkpoint is None):
+        raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
+    seed, class_names = None, None
+    if checkpoint is not None:
+        from weaktr_cli.models.io import load_cam_model
+
+        model, meta = load_cam_model(checkpoint)
+        dataset_name = data or meta.get("dataset", "shapes")
+        seed = meta.get("train", {}).get("seed")
+        class_names = meta.get("class_names")
+    else:
+        from weaktr_cli.models.reference import load_reference_checkpoint
+
+        assert reference_checkpoint is not None
+        model = load_reference_checkpoint(reference_checkpoint)
+        dataset_name = data or "voc"
+    dataset = open_dataset(dataset_name, split, data_root)
+    settings: CamSettings = resolve("dump", recipe_for_dataset(str(dataset_name)), **overrides)
+    if max_size is not None:
+        settings = dataclasses.replace(settings, max_size=max_size or None)
+    with bar(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
+        path = dump_cams(model, dataset, out, settings=settings, device=device, shard=shard,
+                         resume=resume, checkpoint=checkpoint or reference_checkpoint,
+                         seed=seed, class_names=class_names, progress=update)
+    return path, dataset, settings
+
+
+# ----------------------------------------------------------------------------- phase 3
+
+
+def crf_run(*, cams: Path, data: str | None, data_root: Path | None, out: Path,
+            bg: float | None, preset: str | None, no_crf: bool, unary: str,
+            ignore_disagreement: bool, crf_overrides: dict[str, Any], workers: int = 1,
+            shard: tuple[int, int] | None = None, resume: bool = True, bar: Bar = _no_bar,
+            ) -> tuple[Path, float, CrfParams | None]:
+    """Seeds from a cams artifact: background `bg` (default: the recipe's), then a dense CRF
+    with `preset` (default: the recipe's) and `crf_overrides`, unless `no_crf`. Returns the
+    artifact, the background level and the CRF parameters used."""
+    from weaktr_cli.artifacts import read_meta
+    from weaktr_cli.crf import get_preset
+    from weaktr_cli.data import open_artifact_dataset
+    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.seeds import make_seeds
+
+    meta = read_meta(cams)
+    if meta.kind != "cams":
+        raise WeakTrError(f"{cams} is a {meta.kind!r} artifact, but --cams needs a 'cams' one")
+    dataset = open_artifact_dataset(meta, data=data, root=data_root)
+    recipe = resolve("seeds", recipe_for_dataset(dataset.name))
+    params = None
+    preset_name = preset or recipe.preset
+    if not no_crf and preset_name is not None:  # a recipe without a preset means no CRF
+        params = dataclasses.replace(get_preset(preset_name),
+                                     **{k: v for k, v in crf_overrides.items() if v is not None})
+    threshold = recipe.bg if bg is None else bg
+    with bar(f"crf {dataset.name}/{dataset.split}", None) as update:
+        path = make_seeds(cams, dataset, out, bg=threshold, params=params, unary=unary,
+                          mark_disagreement=ignore_disagreement, workers=workers,
+                          shard=shard, resume=resume, progress=update)
+    return path, threshold, params
+
+
+# ----------------------------------------------------------------------------- phase 4
+
+
+def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: Path,
+                recipe: str | None, overrides: dict[str, Any], clip: bool | None = None,
+                bg: float | None = None, pretrained: Path | None = None, resume: bool = False,
+                device: str = "auto", log_jsonl: Path | None = None, log: Log = _quiet,
+                bar: Bar = _no_bar) -> tuple[RetrainResult, RetrainConfig]:
+    """Retrain on a seeds (or cams) artifact with recipe `recipe` (default: the dataset's).
+
+    Asking for a threshold (a `tau` override) asks for clipping unless `clip` says otherwise;
+    seeds from a cams artifact use `bg`, else the recipe's background level (no CRF).
+    """
+    from weaktr_cli.artifacts import read_meta
+    from weaktr_cli.data import open_dataset
+    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.retrain.loop import retrain
+    from weaktr_cli.retrain.seed_source import SeedSource
+
+    meta = read_meta(seeds)
+    dataset = open_dataset(data or meta.dataset, meta.split, data_root)
+    recipe_name = recipe or dataset.name
+    if clip is None and overrides.get("tau") is not None:
+        clip = True
+    config: RetrainConfig = resolve("retrain", recipe_name, **overrides, clip=clip)
+    if meta.kind == "cams":
+        threshold = bg if bg is not None else resolve("seeds",
+                                                      recipe_for_dataset(recipe_name)).bg
+        source = SeedSource(seeds, bg=threshold)
+        log(f"seeds from CAMs with background threshold {threshold} (no CRF)")
+    else:
+        source = SeedSource(seeds)
+    with bar("retrain", None) as update:
+        result = retrain(dataset, source, out, config, pretrained=pretrained, resume=resume,
+                         device=device, log=log,
+                         log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
+                         progress=update)
+    return result, config
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def _open(data: str, data_root: Path | None, split: str, images: Path | None,
+          class_names: list[str] | tuple[str, ...]) -> SegmentationDataset:
+    from weaktr_cli.data import open_dataset
+
+    if images is not None:
+        from weaktr_cli.data.folder import ImageFolderDataset
+
+        return ImageFolderDataset(images, class_names)
+    return open_dataset(data, split, data_root)
+
+
+def _crf_choice(crf: str | None, recipe_crf: str | None) -> str | None:
+    """--crf: a preset name, "none", or unset for the recipe's."""
+    if crf is None:
+        return recipe_crf
+    return None if crf.lower() == "none" else crf
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceModel:
+    """A released hustvl/WeakTr segmentation checkpoint and how to read it: its input
+    normalisation ("deit" or "vit"; None: the variant.yml beside it) and head count."""
+
+    checkpoint: Path
+    normalization: str | None = None
+    heads: int | None = None
+
+
+def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | None = None,
+                onnx: Path | None = None, data: str | None, data_root: Path | None,
+                split: str, images: Path | None, out: Path, multiscale: bool = False,
+                flip: bool | None = None, fuse_layers: bool = False, crf: str | None = None,
+                window: int | None = None, stride: int | None = None,
+                precision: str | None = None, shard: tuple[int, int] | None = None,
+                resume: bool = True, device: str = "auto", png_dir: Path | None = None,
+                log: Log = _quiet, bar: Bar = _no_bar) -> Path:
+    """Predict a split (or the images of a folder) into a labels artifact with a segmenter
+    checkpoint (settings from the dataset's recipe and the checkpoint), a released reference
+    checkpoint (the reference's test time) or an ONNX export. With `png_dir`, also write the
+    label maps there as palette PNGs."""
+    if sum(x is not None for x in (checkpoint, reference, onnx)) != 1:
+        raise WeakTrError("pass exactly one of --checkpoint, --reference-checkpoint and --onnx")
+    if onnx is not None:
+        path = _predict_onnx(onnx, data=data, data_root=data_root, split=split, images=images,
+                             out=out, flip=flip, crf=crf, shard=shard, resume=resume, bar=bar)
+    else:
+        path = _predict_checkpoint(
+            checkpoint, reference, data=data, data_root=data_root, split=split, images=images,
+            out=out, multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf,
+            window=window, stride=stride, precision=precision, shard=shard, resume=resume,
+            device=device, bar=bar)
+    if png_dir is not None:
+        from weaktr_cli.label_pngs import write_png_dir
+
+        count = write_png_dir(path, png_dir)
+        log(f"wrote {count} PNGs to {png_dir}")
+    return path
+
+
+def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | None, *,
+                        data: str | None, data_root: Path | None, split: str,
+                        images: Path | None, out: Path, multiscale: bool, flip: bool | None,
+                        fuse_layers: bool, crf: str | None, window: int | None,
+                        stride: int | None, precision: str | None,
+                        shard: tuple[int, int] | None, resume: bool, device: str, bar: Bar
+                        ) -> Path:
+    from weaktr_cli.predict import predict_split
+
+    fixed = {k: v for k, v in {"window": window, "stride": stride,
+                               "precision": precision}.items() if v is not None}
+    if reference is not None:
+        model, meta, dataset, settings = _open_reference(
+            reference, data=data, data_root=data_root, split=split, images=images,
+            multiscale=multiscale, flip=flip, crf=crf)
+        settings = dataclasses.replace(settings, **fixed)
+        checkpoint = reference.checkpoint
+    else:
+        assert checkpoint is not None
+        model, meta, dataset, settings = _open_segmenter(
+            checkpoint, data=data, data_root=data_root, split=split, images=images,
+            multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, fixed=fixed)
+    with bar(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
+        return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
+                             device=device, shard=shard, resume=resume, checkpoint=checkpoint,
+                             progress=update)
+
+
+def _open_segmenter(checkpoint: Path, *, data: str | None, data_root: Path | None, split: str,
+                    images: Path | None, multiscale: bool, flip: bool | None,
+                    fuse_layers: bool, crf: str | None, fixed: dict[str, Any]
+                    ) -> tuple[Any, dict[str, Any], SegmentationDataset, Any]:
+    """(model, checkpoint meta, dataset, settings) for a weaktr segmenter checkpoint."""
+    from weaktr_cli.models.io import load_segmenter
+    from weaktr_cli.predict import settings_for_checkpoint
+    from weaktr_cli.recipes import recipe_for_dataset, resolve
+
+    model, meta = load_segmenter(checkpoint)
+    dataset_name = data or meta.get("dataset", "shapes")
+    dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
+    base = resolve("predict", recipe_for_dataset(str(dataset_name)))
+    overrides: dict[str, Any] = {**fixed, "crf": _crf_choice(crf, base.crf)}
+    if flip is not None:
+        overrides["flip"] = flip
+    if multiscale:
+        overrides["scales"] = MULTISCALE
+    if fuse_layers:
+        overrides["layer_weights"] = (0.8, 1.0)
+    return model, meta, dataset, settings_for_checkpoint(meta, base, **overrides)
+
+
+def _open_reference(reference: ReferenceModel, *, data: str | None, data_root: Path | None,
+                    split: str, images: Path | None, multiscale: bool, flip: bool | None,
+                    crf: str | None) -> tuple[Any, dict[str, Any], SegmentationDataset, Any]:
+    """(model, meta with class_names, dataset, settings) for a released reference checkpoint."""
+    from weaktr_cli.reference_model import open_reference_segmenter, reference_predict_settings
+
+    checkpoint = reference.checkpoint
+    model, meta = open_reference_segmenter(checkpoint, normalization=reference.normalization,
+                                           num_heads=reference.heads)
+    n_cls = meta["model"]["n_cls"]
+    name = data or meta["dataset"]
+    if name is None:
+        raise WeakTrError(f"{checkpoint} predicts {n_cls} classes, neither VOC's 21 nor COCO's 91",
+                          hint="name its dataset with --data")
+    if images is not None:
+        from weaktr_cli.data.coco import COCO_CLASSES
+        from weaktr_cli.data.voc import VOC_CLASSES
+
+        names = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}.get(str(name))
+        if names is None:
+            raise WeakTrError("--images with a reference checkpoint needs --data voc or coco")
+        dataset = _open(name, data_root, split, images, names)
+    else:
+        dataset = _open(name, data_root, split, None, ())
+    if dataset.num_classes != n_cls:
+        raise WeakTrError(f"{checkpoint} predicts {n_cls} classes, dataset {dataset.name!r} has "
+                          f"{dataset.num_classes}", hint="pass the dataset it was trained on")
+    meta["class_names"] = list(dataset.class_names)
+    settings = reference_predict_settings(meta, str(name), multiscale=multiscale,
+                                          crf="default" if crf is None else _crf_choice(crf, None),
+                                          flip=flip)
+    return model, meta, dataset, settings
+
+
+def _predict_onnx(onnx: Path, *, data: str | None, data_root: Path | None, split: str,
+                  images: Path | None, out: Path, flip: bool | None, crf: str | None,
+                  shard: tuple[int, int] | None, resume: bool, bar: Bar) -> Path:
+    from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
+    from weaktr_cli.recipes import recipe_for_dataset, resolve
+
+    info = read_onnx_info(onnx)
+    dataset = _open(data or "shapes", data_root, split, images, info.class_names)
+    recipe_crf = resolve("predict", recipe_for_dataset(data or "shapes")).crf
+    settings = OnnxPredictSettings(crf=_crf_choice(crf, recipe_crf))
+    if flip is not None:
+        settings = dataclasses.replace(settings, flip=flip)
+    with bar(f"predict (onnx) {dataset.name}/{dataset.split}", len(dataset)) as update:
+        return predict_split_onnx(onnx, dataset, out, settings, shard=shard, resume=resume,
+                                  progress=update)
+
+
+def evaluate_run(*, artifact: Path | None, checkpoint: Path | None = None,
+                 reference: ReferenceModel | None = None, data: str | None,
+                 data_root: Path | None, split: str | None, thresholds: str,
+                 multiscale: bool = False, fuse_layers: bool = False, crf: str | None = None,
+                 predictions: Path | None = None, device: str = "auto",
+                 out: Path | None = None, bar: Bar = _no_bar) -> dict[str, Any]:
+    """Score an artifact (or the predictions of a segmenter or reference checkpoint, kept at
+    `predictions` if given) against the ground truth; returns the metrics (also written to
+    `out` as JSON if given)."""
+    import json
+    import tempfile
+
+    from weaktr_cli.artifacts import open_artifact
+    from weaktr_cli.data import open_artifact_dataset
+    from weaktr_cli.evaluation import evaluate_artifact, parse_thresholds
+
+    sweep = parse_thresholds(thresholds)
+    if sum(x is not None for x in (artifact, checkpoint, reference)) != 1:
+        raise WeakTrError("pass one of an artifact, --checkpoint and --reference-checkpoint")
+    with tempfile.TemporaryDirectory() as tmp:
+        if checkpoint is not None or reference is not None:
+            artifact = predict_run(
+                checkpoint=checkpoint, reference=reference, data=data, data_root=data_root,
+                split=split or "val", images=None, out=predictions or Path(tmp) / "preds.h5",
+                multiscale=multiscale, fuse_layers=fuse_layers, crf=crf, resume=False,
+                device=device, bar=bar)
+        assert artifact is not None  # one of the three was given, and predict filled it in
+        with open_artifact(artifact) as reader:
+            dataset = open_artifact_dataset(reader.meta, data=data, split=split, root=data_root)
+            with bar(f"evaluate {artifact.name}", len(reader)) as update:
+                result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update)
+    payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,
+               **result.to_dict()}
+    if out is not None:
+        from weaktr_cli.io import atomic_write_text
+
+        atomic_write_text(out, json.dumps(payload, indent=2))
+    return payload
