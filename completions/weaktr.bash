@@ -26,7 +26,7 @@ _weaktr() {
         "weaktr train-cam --recipe") words="shapes voc coco" ;;
         "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8" ;;
         "weaktr train-cam --select") words="last val-map cam-miou" ;;
-        "weaktr train-cam --precision") words="auto fp32 bf16 fp16" ;;
+        "weaktr train-cam --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr train-cam --device") words="auto cpu cuda" ;;
         "weaktr train-cam --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr train-cam --log-jsonl") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -45,8 +45,9 @@ _weaktr() {
         "weaktr train-cam --val-split") COMPREPLY=(); return ;;
         "weaktr train-cam --workers") COMPREPLY=(); return ;;
         "weaktr dump-cams --data") words="shapes voc coco" ;;
+        "weaktr dump-cams --recipe") words="shapes voc coco" ;;
         "weaktr dump-cams --variant") words="fine cross coarse" ;;
-        "weaktr dump-cams --precision") words="auto fp32 bf16 fp16" ;;
+        "weaktr dump-cams --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr dump-cams --device") words="auto cpu cuda" ;;
         "weaktr dump-cams --checkpoint") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr dump-cams --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -60,6 +61,7 @@ _weaktr() {
         "weaktr dump-cams --split") COMPREPLY=(); return ;;
         "weaktr crf --data") words="shapes voc coco" ;;
         "weaktr crf --preset") words="voc coco voc-test coco-test" ;;
+        "weaktr crf --recipe") words="shapes voc coco" ;;
         "weaktr crf --unary") words="hard soft" ;;
         "weaktr crf --cams") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr crf --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -78,7 +80,7 @@ _weaktr() {
         "weaktr retrain --data") words="shapes voc coco" ;;
         "weaktr retrain --recipe") words="shapes voc coco" ;;
         "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8" ;;
-        "weaktr retrain --precision") words="auto fp32 bf16 fp16" ;;
+        "weaktr retrain --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr retrain --device") words="auto cpu cuda" ;;
         "weaktr retrain --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain --log-jsonl") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -98,8 +100,9 @@ _weaktr() {
         "weaktr retrain --tau") COMPREPLY=(); return ;;
         "weaktr retrain --workers") COMPREPLY=(); return ;;
         "weaktr predict --data") words="shapes voc coco" ;;
+        "weaktr predict --recipe") words="shapes voc coco" ;;
         "weaktr predict --crf") words="voc coco voc-test coco-test none" ;;
-        "weaktr predict --precision") words="auto fp32 bf16 fp16" ;;
+        "weaktr predict --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr predict --device") words="auto cpu cuda" ;;
         "weaktr predict --checkpoint") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr predict --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -125,6 +128,7 @@ _weaktr() {
         "weaktr evaluate --reference-checkpoint") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr evaluate --reference-heads") COMPREPLY=(); return ;;
         "weaktr evaluate --reference-normalization") COMPREPLY=(); return ;;
+        "weaktr evaluate --search-start") COMPREPLY=(); return ;;
         "weaktr evaluate --split") COMPREPLY=(); return ;;
         "weaktr evaluate --thresholds") COMPREPLY=(); return ;;
         "weaktr export-onnx --variant") words="fine cross coarse" ;;
@@ -176,11 +180,11 @@ _weaktr() {
         case "$path" in
             "weaktr") words="train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data --version" ;;
             "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
-            "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
-            "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
+            "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --recipe --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
+            "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --recipe --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
             "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --arch --decoder --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
-            "weaktr predict") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --onnx --data --data-root --split --images --out --png-dir --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;
-            "weaktr evaluate") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --out --json --quiet" ;;
+            "weaktr predict") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --onnx --data --data-root --split --images --out --png-dir --recipe --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;
+            "weaktr evaluate") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --search-start --out --json --quiet" ;;
             "weaktr export-onnx") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --out --cam --height --width --dynamic --no-dynamic --batch-size --opset --variant --all-layers --no-all-layers --atol --json --quiet" ;;
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;

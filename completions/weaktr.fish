@@ -29,7 +29,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l lr -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l accum-steps -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l input-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l select -xa 'last val-map cam-miou'
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l precision -xa 'auto fp32 bf16 fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l precision -xa 'auto fp32 bf16 fp16 amp-fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l log-jsonl -r -F
@@ -44,13 +44,14 @@ complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l data -xa 'shape
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l out -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l recipe -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l scales -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l flip
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l no-flip
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l variant -xa 'fine cross coarse'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l batch-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l max-size -x
-complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l precision -xa 'auto fp32 bf16 fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l precision -xa 'auto fp32 bf16 fp16 amp-fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l shard -x
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from dump-cams' -l no-resume
@@ -64,6 +65,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from crf' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l bg -x
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l preset -xa 'voc coco voc-test coco-test'
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l no-crf
+complete -c weaktr -n '__fish_seen_subcommand_from crf' -l recipe -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l unary -xa 'hard soft'
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l ignore-disagreement
 complete -c weaktr -n '__fish_seen_subcommand_from crf' -l no-ignore-disagreement
@@ -98,7 +100,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l batch-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l epochs -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l iterations -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l lr -x
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l precision -xa 'auto fp32 bf16 fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l precision -xa 'auto fp32 bf16 fp16 amp-fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l log-jsonl -r -F
@@ -118,6 +120,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from predict' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l images -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l png-dir -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l recipe -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l multiscale
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l no-multiscale
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l flip
@@ -127,7 +130,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from predict' -l no-fuse-layers
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l crf -xa 'voc coco voc-test coco-test none'
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l window -x
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l stride -x
-complete -c weaktr -n '__fish_seen_subcommand_from predict' -l precision -xa 'auto fp32 bf16 fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from predict' -l precision -xa 'auto fp32 bf16 fp16 amp-fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l shard -x
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l resume
 complete -c weaktr -n '__fish_seen_subcommand_from predict' -l no-resume
@@ -149,6 +152,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l data -xa 'shapes
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l data-root -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l thresholds -x
+complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l search-start -x
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from evaluate' -l quiet

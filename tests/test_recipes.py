@@ -52,18 +52,40 @@ def test_recipes_are_valid(name: str) -> None:
 
 
 def test_paper_recipes() -> None:
+    # voc / coco are the reference's release recipes (0ff9d9a); "-paper" its paper's (3547b87);
+    # every value against the reference: tests/test_reference_recipes.py, docs/REPRODUCING.md.
     voc, coco = cam_recipe("voc"), cam_recipe("coco")
+    assert voc == cam_recipe("voc-release") and coco == cam_recipe("coco-release")
     assert (voc.arch, voc.fusion, voc.epochs, voc.batch_size, voc.input_size) == (
-        "deit-small", "aaf", 60, 64, 224,
+        "deit-small", "aaf-feat", 60, 64, 224,
     )  # fmt: skip
     assert (voc.base_lr, voc.weight_decay, voc.warmup_epochs, voc.min_lr) == (
         6e-4, 0.03, 5.0, 1e-5,
     )  # fmt: skip
-    assert voc.crop_scale == (0.08, 1.0) and voc.randaugment and voc.random_erasing == 0.25
+    assert voc.crop_scale == (0.08, 1.0) and voc.augment == "timm" and voc.random_erasing == 0.25
     assert coco.base_lr == 2e-4
     assert dataclasses.replace(coco, base_lr=voc.base_lr) == voc  # COCO differs only in lr
-    assert DUMP_RECIPES["voc"] == CamSettings(scales=(1.0, 1.2), flip=True, variant="fine")
-    assert DUMP_RECIPES["coco"] == CamSettings(scales=(1.0, 0.8, 1.2), flip=True, variant="fine")
+    paper = cam_recipe("voc-paper")
+    assert (paper.fusion, paper.base_lr, paper.weight_decay) == ("aaf", 4e-4, 0.05)
+    assert DUMP_RECIPES["voc"] == CamSettings(scales=(1.0, 1.2), flip=True, variant="fine",
+                                              minmax_eps=1e-8, precision="amp-fp16")
+    assert DUMP_RECIPES["coco"].scales == (1.0, 0.8, 1.2)
+    assert DUMP_RECIPES["voc-paper"].scales == (1.0, 0.8, 1.2)
+
+
+def test_recipe_names_resolve_per_dataset() -> None:
+    from weaktr_cli.recipes import qualify_recipe, recipe_help
+
+    assert qualify_recipe(None, "voc") == "voc" and qualify_recipe(None, "shapes") == "shapes"
+    assert qualify_recipe("paper", "coco") == "coco-paper"
+    assert qualify_recipe("release", "voc") == "voc-release"
+    assert qualify_recipe("paper", "mydata") == "voc-paper"
+    assert qualify_recipe("shapes", "voc") == "shapes"
+    text = recipe_help()
+    for name in CAM_RECIPES:
+        if name != "smoke":  # registered by the tests
+            assert name in text
+    assert "release" in text and "paper" in text
 
 
 def test_shapes_recipe_fits_the_builtin_dataset() -> None:

@@ -33,12 +33,14 @@ from weaktr_cli.shards import select_shard
 NORM_EPS = 1e-5
 
 
-def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each (H, W) map of a (K, H, W) tensor to [0, 1]."""
+def normalise_maps(maps: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    """Min-max normalise each (H, W) map of a (K, H, W) tensor to [0, 1]: (m - min) /
+    (max - min + eps). weaktr's eps is 1e-5; the reference's 1e-8 (engine.py:209-210), which
+    matters for maps whose range is small (an untrained model's: maxima 0.01-0.14 with 1e-5)."""
     flat = maps.flatten(1)
     low = flat.min(dim=1).values[:, None, None]
     high = flat.max(dim=1).values[:, None, None]
-    return ((maps - low) / (high - low + NORM_EPS)).clamp_(0, 1)
+    return ((maps - low) / (high - low + eps)).clamp_(0, 1)
 
 
 def inference_scale(height: int, width: int, max_size: int | None) -> float:
@@ -83,7 +85,7 @@ def infer_cams(model: WeakTrCAM, images: torch.Tensor, class_ids: Sequence[np.nd
                 _add_full_size(totals[i], maps[b + i, index[i]], flipped=True)
     out = []
     for total in totals:
-        maps = normalise_maps(total) if len(total) else total
+        maps = normalise_maps(total, settings.minmax_eps) if len(total) else total
         if settings.power != 1.0:
             maps = maps.pow_(settings.power)
         out.append(maps.cpu().numpy())

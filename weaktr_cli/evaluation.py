@@ -29,6 +29,7 @@ class Evaluation:
     sweep: list[tuple[float, float]] = field(default_factory=list)
     #: (threshold, mIoU) the reference's early-stopping search finds in `sweep` (CAMs only)
     reference: tuple[float, float] | None = None
+    search_start: float = 0.40
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {"kind": self.kind, "num_images": self.num_images}
@@ -36,6 +37,7 @@ class Evaluation:
             out["best_threshold"] = self.threshold
             out["sweep"] = [{"threshold": t, "miou": round(m * 100, 4)} for t, m in self.sweep]
         if self.reference is not None:
+            out["search_start"] = self.search_start
             out["reference_search"] = {"threshold": self.reference[0],
                                        "miou": round(self.reference[1] * 100, 4)}
         out.update(self.scores.to_dict(self.class_names))
@@ -126,6 +128,7 @@ def evaluate_artifact(
         threshold=best_t,
         sweep=curve,
         reference=reference_search(curve, reference_start),
+        search_start=reference_start,
     )
 
 

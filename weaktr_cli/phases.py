@@ -66,10 +66,10 @@ def train_cam_run(*, data: str, split: str, val_split: str | None, data_root: Pa
     """Train the CAM model of recipe `recipe` (default: the dataset's) with `overrides`;
     `val_split` None skips validation. Returns the result and the settings used."""
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import resolve
+    from weaktr_cli.recipes import qualify_recipe, resolve
     from weaktr_cli.train_cam import cam_miou_scorer, train_cam
 
-    recipe_name = recipe or data
+    recipe_name = qualify_recipe(recipe, data)
     config: CamTrainConfig = resolve("cam", recipe_name, **overrides)
     config.check()
     train_set = open_dataset(data, split, data_root)
@@ -97,13 +97,14 @@ def dump_cams_run(*, checkpoint: Path | None, reference_checkpoint: Path | None,
                   overrides: dict[str, Any], max_size: int | None = None,
                   shard: tuple[int, int] | None = None, resume: bool = True,
                   device: str = "auto", bar: Bar = _no_bar,
+                  recipe: str | None = None,
                   ) -> tuple[Path, SegmentationDataset, CamSettings]:
     """CAMs of a split from a train-cam checkpoint or an official WeakTr one; the dataset
     defaults to the checkpoint's (VOC for an official one), the settings to its recipe.
     `max_size` caps the longest image side the model sees (None: the settings', 0: no cap)."""
     from weaktr_cli.cams import dump_cams
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.recipes import qualify_recipe, resolve
 
     if (checkpoint is None) == (reference_checkpoint is None):
         raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
@@ -122,7 +123,8 @@ def dump_cams_run(*, checkpoint: Path | None, reference_checkpoint: Path | None,
         model = load_reference_checkpoint(reference_checkpoint)
         dataset_name = data or "voc"
     dataset = open_dataset(dataset_name, split, data_root)
-    settings: CamSettings = resolve("dump", recipe_for_dataset(str(dataset_name)), **overrides)
+    settings: CamSettings = resolve("dump", qualify_recipe(recipe, str(dataset_name)),
+                                    **overrides)
     if max_size is not None:
         settings = dataclasses.replace(settings, max_size=max_size or None)
     with bar(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
@@ -139,6 +141,7 @@ def crf_run(*, cams: Path, data: str | None, data_root: Path | None, out: Path,
             bg: float | None, preset: str | None, no_crf: bool, unary: str,
             ignore_disagreement: bool, crf_overrides: dict[str, Any], workers: int = 1,
             shard: tuple[int, int] | None = None, resume: bool = True, bar: Bar = _no_bar,
+            recipe: str | None = None,
             ) -> tuple[Path, float, CrfParams | None]:
     """Seeds from a cams artifact: background `bg` (default: the recipe's), then a dense CRF
     with `preset` (default: the recipe's) and `crf_overrides`, unless `no_crf`. Returns the
@@ -146,20 +149,20 @@ def crf_run(*, cams: Path, data: str | None, data_root: Path | None, out: Path,
     from weaktr_cli.artifacts import read_meta
     from weaktr_cli.crf import get_preset
     from weaktr_cli.data import open_artifact_dataset
-    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.recipes import qualify_recipe, resolve
     from weaktr_cli.seeds import make_seeds
 
     meta = read_meta(cams)
     if meta.kind != "cams":
         raise WeakTrError(f"{cams} is a {meta.kind!r} artifact, but --cams needs a 'cams' one")
     dataset = open_artifact_dataset(meta, data=data, root=data_root)
-    recipe = resolve("seeds", recipe_for_dataset(dataset.name))
+    seed_recipe = resolve("seeds", qualify_recipe(recipe, dataset.name))
     params = None
-    preset_name = preset or recipe.preset
+    preset_name = preset or seed_recipe.preset
     if not no_crf and preset_name is not None:  # a recipe without a preset means no CRF
         params = dataclasses.replace(get_preset(preset_name),
                                      **{k: v for k, v in crf_overrides.items() if v is not None})
-    threshold = recipe.bg if bg is None else bg
+    threshold = seed_recipe.bg if bg is None else bg
     with bar(f"crf {dataset.name}/{dataset.split}", None) as update:
         path = make_seeds(cams, dataset, out, bg=threshold, params=params, unary=unary,
                           mark_disagreement=ignore_disagreement, workers=workers,
@@ -182,13 +185,13 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
     """
     from weaktr_cli.artifacts import read_meta
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.recipes import qualify_recipe, recipe_for_dataset, resolve
     from weaktr_cli.retrain.loop import retrain
     from weaktr_cli.retrain.seed_source import SeedSource
 
     meta = read_meta(seeds)
     dataset = open_dataset(data or meta.dataset, meta.split, data_root)
-    recipe_name = recipe or dataset.name
+    recipe_name = qualify_recipe(recipe, dataset.name)
     if clip is None and overrides.get("tau") is not None:
         clip = True
     config: RetrainConfig = resolve("retrain", recipe_name, **overrides, clip=clip)
@@ -245,7 +248,7 @@ def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | N
                 window: int | None = None, stride: int | None = None,
                 precision: str | None = None, shard: tuple[int, int] | None = None,
                 resume: bool = True, device: str = "auto", png_dir: Path | None = None,
-                log: Log = _quiet, bar: Bar = _no_bar) -> Path:
+                log: Log = _quiet, bar: Bar = _no_bar, recipe: str | None = None) -> Path:
     """Predict a split (or the images of a folder) into a labels artifact with a segmenter
     checkpoint (settings from the dataset's recipe and the checkpoint), a released reference
     checkpoint (the reference's test time) or an ONNX export. With `png_dir`, also write the
@@ -260,7 +263,7 @@ def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | N
             checkpoint, reference, data=data, data_root=data_root, split=split, images=images,
             out=out, multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf,
             window=window, stride=stride, precision=precision, shard=shard, resume=resume,
-            device=device, bar=bar)
+            device=device, bar=bar, recipe=recipe)
     if png_dir is not None:
         from weaktr_cli.label_pngs import write_png_dir
 
@@ -274,8 +277,8 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
                         images: Path | None, out: Path, multiscale: bool, flip: bool | None,
                         fuse_layers: bool, crf: str | None, window: int | None,
                         stride: int | None, precision: str | None,
-                        shard: tuple[int, int] | None, resume: bool, device: str, bar: Bar
-                        ) -> Path:
+                        shard: tuple[int, int] | None, resume: bool, device: str, bar: Bar,
+                        recipe: str | None = None) -> Path:
     from weaktr_cli.predict import predict_split
 
     fixed = {k: v for k, v in {"window": window, "stride": stride,
@@ -290,7 +293,8 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
         assert checkpoint is not None
         model, meta, dataset, settings = _open_segmenter(
             checkpoint, data=data, data_root=data_root, split=split, images=images,
-            multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, fixed=fixed)
+            multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, fixed=fixed,
+            recipe=recipe)
     with bar(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
         return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
                              device=device, shard=shard, resume=resume, checkpoint=checkpoint,
@@ -299,22 +303,25 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
 
 def _open_segmenter(checkpoint: Path, *, data: str | None, data_root: Path | None, split: str,
                     images: Path | None, multiscale: bool, flip: bool | None,
-                    fuse_layers: bool, crf: str | None, fixed: dict[str, Any]
+                    fuse_layers: bool, crf: str | None, fixed: dict[str, Any],
+                    recipe: str | None = None,
                     ) -> tuple[Any, dict[str, Any], SegmentationDataset, Any]:
     """(model, checkpoint meta, dataset, settings) for a weaktr segmenter checkpoint."""
     from weaktr_cli.models.io import load_segmenter
     from weaktr_cli.predict import settings_for_checkpoint
-    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.recipes import qualify_recipe, resolve
 
     model, meta = load_segmenter(checkpoint)
     dataset_name = data or meta.get("dataset", "shapes")
     dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
-    base = resolve("predict", recipe_for_dataset(str(dataset_name)))
+    base = resolve("predict", qualify_recipe(recipe, str(dataset_name)))
     overrides: dict[str, Any] = {**fixed, "crf": _crf_choice(crf, base.crf)}
     if flip is not None:
         overrides["flip"] = flip
     if multiscale:
         overrides["scales"] = MULTISCALE
+        if flip is None and base.procedure == "reference":
+            overrides["flip"] = True  # the reference's multi-scale always adds flips
     if fuse_layers:
         overrides["layer_weights"] = (0.8, 1.0)
     return model, meta, dataset, settings_for_checkpoint(meta, base, **overrides)
@@ -376,7 +383,8 @@ def evaluate_run(*, artifact: Path | None, checkpoint: Path | None = None,
                  data_root: Path | None, split: str | None, thresholds: str,
                  multiscale: bool = False, fuse_layers: bool = False, crf: str | None = None,
                  predictions: Path | None = None, device: str = "auto",
-                 out: Path | None = None, bar: Bar = _no_bar) -> dict[str, Any]:
+                 out: Path | None = None, bar: Bar = _no_bar,
+                 search_start: float = 0.40) -> dict[str, Any]:
     """Score an artifact (or the predictions of a segmenter or reference checkpoint, kept at
     `predictions` if given) against the ground truth; returns the metrics (also written to
     `out` as JSON if given)."""
@@ -401,7 +409,8 @@ def evaluate_run(*, artifact: Path | None, checkpoint: Path | None = None,
         with open_artifact(artifact) as reader:
             dataset = open_artifact_dataset(reader.meta, data=data, split=split, root=data_root)
             with bar(f"evaluate {artifact.name}", len(reader)) as update:
-                result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update)
+                result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update,
+                                           reference_start=search_start)
     payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,
                **result.to_dict()}
     if out is not None:

@@ -127,7 +127,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                  ) -> PipelineResult:
     """Run (or skip) every phase on `config.data` and return per-phase records and metrics."""
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import RETRAIN_FROM_CAM, resolve
+    from weaktr_cli.recipes import RETRAIN_FROM_CAM, qualify_recipe, resolve
 
     say = log or (lambda _m: None)
     bar = progress or (lambda _name: (lambda _done, _total: None))
@@ -135,7 +135,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     if unknown:
         raise WeakTrError(f"unknown phase {unknown[0]!r} in --force",
                           hint=f"phases: {', '.join(PHASES)}")
-    recipe = config.recipe or config.data
+    recipe = qualify_recipe(config.recipe, config.data)
     cam_config = resolve("cam", recipe, seed=config.seed)
     work = config.work
     work.mkdir(parents=True, exist_ok=True)

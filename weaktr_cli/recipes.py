@@ -41,7 +41,9 @@ __all__ = [
     "SeedRecipe",
     "cam_recipe",
     "dump_recipe",
+    "qualify_recipe",
     "recipe_for_dataset",
+    "recipe_help",
     "recipe_names",
     "register",
     "resolve",
@@ -83,12 +85,9 @@ def _cam_recipes() -> dict[str, CamTrainConfig]:
             precision=native_bf16,
             cache_images=True,  # the split is ~55 MB decoded: skip PNG decoding after epoch 1
         ),
-        # The paper's VOC recipe (CamTrainConfig's defaults): DeiT-S, batch 64, 60 epochs, AdamW
-        # base lr 6e-4 per 512, weight decay 0.03 (the reference's), 5 warm-up epochs, cosine to
-        # 1e-5, RandomResizedCrop 224 (0.08-1), flip, RandAugment m9, random erasing 0.25.
-        "voc": CamTrainConfig(),
-        # COCO differs only in its base learning rate.
-        "coco": CamTrainConfig(base_lr=2e-4),
+        # "voc" / "coco" are the reference's release recipes, "<dataset>-paper" its paper's
+        # (`_reference_recipes`, docs/REPRODUCING.md).
+        **_reference_recipes("cam", CamTrainConfig),
     }
 
 
@@ -100,9 +99,6 @@ DUMP_RECIPES: dict[str, CamSettings] = {
     # at power 1); power 0.5 moves it to ~0.41, inside the usual 0.3-0.6 sweep, so the seeds'
     # background level needs no pixel labels to choose.
     "shapes": CamSettings(scales=(1.0, 1.5), flip=True, variant="cross", power=0.5),
-    # The reference's dumps: the fine CAM at 1.0 and 1.2 (VOC), 1.0, 0.8 and 1.2 (COCO), + flip.
-    "voc": CamSettings(scales=(1.0, 1.2), flip=True, variant="fine"),
-    "coco": CamSettings(scales=(1.0, 0.8, 1.2), flip=True, variant="fine"),
 }
 
 
@@ -116,9 +112,6 @@ class SeedRecipe:
 
 
 SEED_RECIPES: dict[str, SeedRecipe] = {
-    # docs/method.md, phase 3: background 0.43 (VOC) / 0.42 (COCO) with the matching CRF sets.
-    "voc": SeedRecipe(bg=0.43, preset="voc"),
-    "coco": SeedRecipe(bg=0.42, preset="coco"),
     # The built-in dataset keeps VOC's level: chosen without pixel labels (the CAM power of its
     # dump recipe puts the usual 0.3-0.6 range where its CAMs separate objects).
     "shapes": SeedRecipe(bg=0.43, preset="voc"),
@@ -136,8 +129,7 @@ def _retrain_recipes() -> dict[str, RetrainConfig]:
     # errors are systematic rather than noise (docs/experiments.md); `--clip` switches it
     # on at the best setting measured, tau auto at 0.3.
     return {
-        "voc": RetrainConfig(),
-        "coco": RetrainConfig(),
+        **_reference_recipes("retrain", RetrainConfig),
         "shapes": RetrainConfig(
             arch="tiny-c8",
             decoder="linear",
@@ -172,12 +164,60 @@ RETRAIN_FROM_CAM: set[str] = set()
 
 #: Test-time settings; `predict` fills window, stride and normalisation from the checkpoint.
 PREDICT_RECIPES: dict[str, PredictSettings] = {
-    "voc": PredictSettings(),
-    "coco": PredictSettings(),
     # The paper's headline numbers use test-time CRF (74.0 with CRF vs 73.0). On shapes it
     # sharpens the stride-8 model's outlines: 82.5 vs 79.8 train, 64.0 vs 61.9 val mIoU.
     "shapes": PredictSettings(crf="voc-test"),
 }
+
+# ----------------------------------------------------------------------------- the reference's
+
+#: The reference's versions as recipes (weaktr_cli.reference_recipes): "paper" is hustvl/WeakTr
+#: 3547b87, "release" 0ff9d9a, whose checkpoints users download, and the default for VOC/COCO.
+VERSIONS = ("release", "paper")
+REFERENCE_DATASETS = ("voc", "coco")
+
+
+def _reference_recipes(phase: str, make: Callable[..., Any]) -> dict[str, Any]:
+    """`voc`, `coco` (= their release recipes), `voc-paper`, `voc-release`, `coco-paper`,
+    `coco-release` for `phase`, each built by `make(**the reference's settings)`."""
+    from weaktr_cli.reference_recipes import reference_overrides
+
+    out: dict[str, Any] = {}
+    for dataset in REFERENCE_DATASETS:
+        out[dataset] = make(**reference_overrides(phase, dataset, "release"))
+    for dataset in REFERENCE_DATASETS:
+        for version in VERSIONS:
+            out[f"{dataset}-{version}"] = make(**reference_overrides(phase, dataset, version))
+    return out
+
+
+DUMP_RECIPES.update(_reference_recipes("dump", CamSettings))
+SEED_RECIPES.update(_reference_recipes("seeds", SeedRecipe))
+PREDICT_RECIPES.update(_reference_recipes("predict", PredictSettings))
+
+
+def qualify_recipe(recipe: str | None, dataset: str) -> str:
+    """The recipe name `--recipe` means for `dataset`: none -> the dataset's
+    (`recipe_for_dataset`); "paper" / "release" -> "<dataset>-paper" / "-release" (VOC's for
+    a dataset of one's own); any other name as given."""
+    if recipe is None:
+        return recipe_for_dataset(dataset)
+    if recipe in VERSIONS:
+        base = dataset if dataset in REFERENCE_DATASETS else "voc"
+        return f"{base}-{recipe}"
+    return recipe
+
+
+def recipe_help() -> str:
+    """--recipe's help: every recipe there is."""
+    return ("Settings of every phase: release (default for voc/coco: hustvl/WeakTr 0ff9d9a), "
+            "paper (3547b87), shapes, or a full name: " + ", ".join(_STATIC_NAMES) +
+            " (default: the dataset's).")
+
+
+#: Recipe names known without building the torch-dependent tables (for --help).
+_STATIC_NAMES = ("shapes", "voc", "coco", *(f"{d}-{v}" for d in REFERENCE_DATASETS
+                                            for v in VERSIONS))
 
 # ----------------------------------------------------------------------------- the resolver
 

@@ -20,7 +20,9 @@ import torch
 
 from weaktr_cli.errors import WeakTrError
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: "amp-fp16": fp16 autocast (with loss scaling when training) on CUDA, fp32 elsewhere: the
+#: reference's CAM training and dump (torch.cuda.amp; softmax stays fp32 under autocast).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "amp-fp16")
 
 
 def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -58,6 +60,8 @@ def resolve_precision(precision: str, device: torch.device, *, training: bool) -
     """
     if precision not in PRECISIONS:
         raise WeakTrError(f"unknown precision {precision!r}", hint=f"use {', '.join(PRECISIONS)}")
+    if precision == "amp-fp16":
+        return "fp16" if device.type == "cuda" else "fp32"
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise WeakTrError("fp16 autocast is for CUDA", hint="use bf16 or fp32 on the CPU")

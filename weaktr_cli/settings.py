@@ -85,8 +85,9 @@ class CamTrainConfig:
     arch: str = "deit-small"
     fusion: str = "aaf"
     aaf_pool: str | None = None  # None: the fusion's recipe (aaf avg, aaf-feat max)
+    aaf_reduction: float | None = None  # None: the fusion's recipe (aaf 4, aaf-feat 8)
     epochs: int = 60
-    batch_size: int = 64
+    batch_size: int = 64  # per process; the global batch with `global_batch`
     base_lr: float = 6e-4  # per 512 images: lr = base_lr * batch_size * accum * world / 512
     weight_decay: float = 0.03
     warmup_epochs: float = 5.0
@@ -104,15 +105,30 @@ class CamTrainConfig:
     workers: int = 0
     cache_images: bool = False
     max_steps: int | None = None  # stop early (tests); the schedule still spans all epochs
+    # Where the reference trains differently (weaktr_cli.cam_training_options,
+    # docs/REPRODUCING.md); the defaults are weaktr's own choices, the paper/release recipes
+    # set the reference's.
+    augment: str = "torchvision"  # or "timm": timm's create_transform, as the reference
+    decay_policy: str = "exempt-1d"  # "exempt-1d-tokens" (3547b87) or "all" (0ff9d9a)
+    schedule_unit: str = "step"  # or "epoch": cosine stepped after each epoch
+    global_batch: bool = False  # batch_size is the global batch, split over the processes
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def check(self) -> None:
         """Raise `WeakTrError` for settings that cannot work."""
+        from weaktr_cli.cam_training_options import AUGMENTATIONS, DECAY_POLICIES, SCHEDULE_UNITS
+
         if self.select not in SELECTIONS:
             raise WeakTrError(f"unknown selection {self.select!r}",
                               hint=f"choose one of {', '.join(SELECTIONS)}")
+        for value, choices, what in ((self.augment, AUGMENTATIONS, "augmentation"),
+                                     (self.decay_policy, DECAY_POLICIES, "decay policy"),
+                                     (self.schedule_unit, SCHEDULE_UNITS, "schedule unit")):
+            if value not in choices:
+                raise WeakTrError(f"unknown {what} {value!r}",
+                                  hint=f"choose one of {', '.join(choices)}")
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -135,8 +151,12 @@ class CamSettings:
     #: written at the image's own size. Bounds the memory of large photos; VOC and COCO images
     #: (at most 640 px) are never resized by it.
     max_size: int | None = 1024
+    #: min-max epsilon: (m - min) / (max - min + eps); the reference's is 1e-8
+    minmax_eps: float = 1e-5
 
     def check(self) -> None:
+        if not self.minmax_eps > 0:
+            raise WeakTrError(f"invalid min-max epsilon {self.minmax_eps}")
         if not self.scales or any(s <= 0 for s in self.scales):
             raise WeakTrError(f"invalid scales {self.scales}", hint="e.g. --scales 1.0,1.2")
         if not self.power > 0:
@@ -202,6 +222,11 @@ class RetrainConfig:
     decoder: str = "mask"  # Segmenter's mask transformer (the paper's) or "linear"
     decoder_layers: int = 2
     decoder_dropout: float = 0.1
+    #: encoder LayerNorm epsilon and position-embedding resampling ("bicubic" timm's,
+    #: "bilinear" the reference's Segmenter; its eps is 1e-5)
+    norm_eps: float = 1e-6
+    pos_embed_interp: str = "bicubic"
+    global_batch: bool = False  # batch_size is the global batch, split over the processes
     precision: str = "auto"
     seed: int = 0
     workers: int = 0
@@ -253,6 +278,14 @@ class RetrainConfig:
                               hint="a number > 0 (the paper's 1.2) or 'auto'")
         if self.clip_patch < 1:
             raise WeakTrError("the clipping patch size must be >= 1 pixel")
+        from weaktr_cli.models.segmenter import POS_EMBED_INTERPOLATIONS
+
+        if self.pos_embed_interp not in POS_EMBED_INTERPOLATIONS:
+            raise WeakTrError(f"unknown position-embedding interpolation "
+                              f"{self.pos_embed_interp!r}",
+                              hint=f"use {' or '.join(POS_EMBED_INTERPOLATIONS)}")
+        if not self.norm_eps > 0:
+            raise WeakTrError(f"invalid LayerNorm epsilon {self.norm_eps}")
         if self.log_every < 1 or (self.save_every is not None and self.save_every < 1):
             raise WeakTrError("log_every and save_every must be >= 1")
         resolve_normalization(self.normalization, self.arch)

@@ -63,7 +63,7 @@ class CamTrainResult:
 
 def build_cam_model(config: CamTrainConfig, num_classes: int) -> WeakTrCAM:
     return WeakTrCAM(config.arch, num_classes, fusion=config.fusion, aaf_pool=config.aaf_pool,
-                     drop_path_rate=config.drop_path)
+                     aaf_reduction=config.aaf_reduction, drop_path_rate=config.drop_path)
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -199,17 +199,28 @@ class _CamTrainer:
 
     def __init__(self, run: TrainingRun, model: WeakTrCAM, config: CamTrainConfig,
                  train_set: SegmentationDataset) -> None:
-        from timm.optim import create_optimizer_v2
-        from timm.scheduler import CosineLRScheduler
+        from weaktr_cli.cam_training_options import (
+            build_cam_optimizer,
+            build_cam_scheduler,
+            timm_cam_transform,
+        )
 
         self.run, self.model, self.config = run, model, config
-        transform = cam_train_transform(config.input_size, crop_scale=config.crop_scale,
-                                        randaugment=config.randaugment,
-                                        random_erasing=config.random_erasing)
+        transform = (timm_cam_transform(config.input_size, crop_scale=config.crop_scale,
+                                        re_prob=config.random_erasing)
+                     if config.augment == "timm" else
+                     cam_train_transform(config.input_size, crop_scale=config.crop_scale,
+                                         randaugment=config.randaugment,
+                                         random_erasing=config.random_erasing))
         self.images = LabelledImages(train_set, transform, cache=config.cache_images)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = self._sampler()
-        self.loader = DataLoader(self.images, batch_size=config.batch_size, sampler=self.sampler,
+        # With `global_batch` the batch is the reference's: global, split over the processes.
+        batch = config.batch_size // run.world if config.global_batch else config.batch_size
+        if batch < 1:
+            raise WeakTrError(f"a global batch of {config.batch_size} does not split over "
+                              f"{run.world} processes", hint="raise --batch-size")
+        self.loader = DataLoader(self.images, batch_size=batch, sampler=self.sampler,
                                  num_workers=config.workers, drop_last=True,
                                  persistent_workers=config.workers > 0, generator=self.generator)
         self.steps_per_epoch = len(self.loader) // config.accum_steps
@@ -218,16 +229,15 @@ class _CamTrainer:
                 f"{len(self.images)} training images give no full batch of {config.batch_size}",
                 hint="lower --batch-size",
             )
-        effective_batch = config.batch_size * config.accum_steps * run.world
+        effective_batch = batch * config.accum_steps * run.world
         self.lr = config.base_lr * effective_batch / 512
-        self.optimizer = create_optimizer_v2(model, opt="adamw", lr=self.lr,
-                                             weight_decay=config.weight_decay)
+        self.optimizer = build_cam_optimizer(model, lr=self.lr, weight_decay=config.weight_decay,
+                                             policy=config.decay_policy)
         self.total_steps = config.epochs * self.steps_per_epoch
-        self.scheduler = CosineLRScheduler(
-            self.optimizer, t_initial=self.total_steps, lr_min=config.min_lr,
-            warmup_t=int(config.warmup_epochs * self.steps_per_epoch),
-            warmup_lr_init=config.warmup_lr, t_in_epochs=False,
-        )
+        self.scheduler = build_cam_scheduler(
+            self.optimizer, epochs=config.epochs, steps_per_epoch=self.steps_per_epoch,
+            warmup_epochs=config.warmup_epochs, warmup_lr=config.warmup_lr,
+            min_lr=config.min_lr, unit=config.schedule_unit)
         self.scaler = torch.amp.GradScaler(enabled=run.precision == "fp16")
         self.train_model = run.wrap(model)
         self.start_epoch, self.step = 0, 0
@@ -300,16 +310,20 @@ class _CamTrainer:
             self.scaler.update()
             optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.scheduler.step_update(self.step)
+            if config.schedule_unit == "step":
+                self.scheduler.step_update(self.step)
             if progress and run.is_main:
                 progress(self.step, self.total_steps)
             if config.max_steps is not None and self.step >= config.max_steps:
                 stop = True
                 break
+        lr = optimizer.param_groups[0]["lr"]
+        if config.schedule_unit == "epoch":
+            self.scheduler.step(epoch)  # after the epoch, as the reference (main.py:380)
         record: dict[str, Any] = {
             "epoch": epoch + 1, "step": self.step,
             **{k: v / max(seen, 1) for k, v in sums.items()},
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "images_per_s": seen * run.world / (time.perf_counter() - started),
         }
         return record, stop

@@ -36,6 +36,7 @@ def crf(
     preset: Annotated[str | None, typer.Option(
         help="CRF parameter preset (default: the dataset's).")] = None,
     no_crf: Annotated[bool, typer.Option("--no-crf", help="Plain threshold seeds.")] = False,
+    recipe: options.Recipe = None,
     unary: Annotated[str, typer.Option(
         help="hard (unary from the label map, gt_prob) or soft (from CAM probabilities).")
     ] = "hard",
@@ -75,6 +76,6 @@ def crf(
         cams=cams, data=None if data is None else str(data), data_root=data_root, out=out,
         bg=bg, preset=preset, no_crf=no_crf, unary=unary,
         ignore_disagreement=ignore_disagreement, crf_overrides=crf_overrides, workers=workers,
-        shard=parse_shard(shard), resume=resume, bar=output.progress)
+        shard=parse_shard(shard), resume=resume, bar=output.progress, recipe=recipe)
     output.log(f"wrote seeds to {path}")
     output.artifact(path, {"bg": threshold, "crf": params.to_dict() if params else None})

@@ -34,6 +34,7 @@ def dump_cams(
     data_root: options.DataRoot = None,
     split: options.Split = "train",
     out: Annotated[Path, typer.Option("--out", "-o", help="The cams artifact.")] = Path("cams.h5"),
+    recipe: options.Recipe = None,
     scales: Annotated[str | None, typer.Option(
         help="Comma-separated scales (default: the dataset's recipe).")] = None,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip",
@@ -69,6 +70,6 @@ def dump_cams(
         checkpoint=checkpoint, reference_checkpoint=reference_checkpoint,
         data=None if data is None else str(data), split=split, data_root=data_root, out=out,
         overrides=overrides, max_size=max_size, shard=parse_shard(shard), resume=resume,
-        device=device, bar=output.progress)
+        device=device, bar=output.progress, recipe=recipe)
     output.log(f"wrote CAMs of {dataset.name}/{dataset.split} to {path}")
     output.artifact(path, {"settings": dataclasses.asdict(settings)})

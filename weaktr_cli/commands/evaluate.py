@@ -54,6 +54,9 @@ def evaluate(
         str,
         typer.Option(help="Background thresholds for CAMs: start:stop:step or a comma list."),
     ] = "0.30:0.60:0.01",
+    search_start: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Where the reference's early-stopping threshold search starts, "
+        "reported beside the sweep's best: 0.40 (0ff9d9a), 0.30 (3547b87).")] = 0.40,
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write the metrics JSON here.")
     ] = None,
@@ -69,7 +72,8 @@ def evaluate(
         artifact=artifact, checkpoint=checkpoint, reference=reference,
         data=None if data is None else str(data), data_root=data_root, split=split,
         thresholds=thresholds, multiscale=multiscale, fuse_layers=fuse_layers, crf=crf,
-        predictions=predictions, device=device, out=out, bar=output.progress)
+        predictions=predictions, device=device, out=out, bar=output.progress,
+        search_start=search_start)
     output.result(payload, lambda console: render(console, payload))
 
 
@@ -92,6 +96,7 @@ def render(console: Console, payload: dict) -> None:
     console.print(table)
     reference = payload.get("reference_search")
     if reference is not None:
-        console.print(f"the reference's search (upward from 0.40, first non-improving stop): "
+        console.print(f"the reference's search (upward from {payload['search_start']:.2f}, "
+                      "first non-improving stop): "
                       f"{reference['miou']:.1f} mIoU at {reference['threshold']:.2f}")
     console.print(f"images: {payload['num_images']}")

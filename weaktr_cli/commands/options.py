@@ -83,3 +83,11 @@ Shard = Annotated[
         rich_help_panel="Compute",
     ),
 ]
+
+def _recipe_help() -> str:
+    from weaktr_cli.recipes import recipe_help
+
+    return recipe_help()
+
+
+Recipe = Annotated[str | None, typer.Option(help=_recipe_help())]

@@ -42,8 +42,7 @@ def pipeline(
     test_split: Annotated[str | None, typer.Option(
         help="Held-out split to score the model on (default: test for shapes, else val).")
     ] = None,
-    recipe: Annotated[str | None, typer.Option(
-        help="Settings of every phase (default: the dataset's).")] = None,
+    recipe: options.Recipe = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Local ImageNet ViT weights for both models.")] = None,
     force: Annotated[list[str] | None, typer.Option(

@@ -44,6 +44,7 @@ def predict(
     out: Annotated[Path, typer.Option("--out", "-o", help="labels artifact to write.")] = Path(
         "preds.h5"),
     png_dir: Annotated[Path | None, typer.Option(help="Also write palette PNGs here.")] = None,
+    recipe: options.Recipe = None,
     multiscale: Annotated[bool, typer.Option(
         help="Scales 0.5-1.75 with flips (docs/method.md) instead of one scale.")] = False,
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip")] = None,
@@ -74,5 +75,6 @@ def predict(
         data=None if data is None else str(data), data_root=data_root, split=split,
         images=images, out=out, multiscale=multiscale, flip=flip, fuse_layers=fuse_layers,
         crf=crf, window=window, stride=stride, precision=precision, shard=parse_shard(shard),
-        resume=resume, device=device, png_dir=png_dir, log=output.log, bar=output.progress)
+        resume=resume, device=device, png_dir=png_dir, log=output.log, bar=output.progress,
+        recipe=recipe)
     output.artifact(path)

@@ -34,8 +34,7 @@ def retrain(
     data_root: options.DataRoot = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
         "seg.ckpt"),
-    recipe: Annotated[str | None, typer.Option(
-        help="Starting settings: shapes, voc or coco (default: the dataset's).")] = None,
+    recipe: options.Recipe = None,
     tau: Annotated[str | None, typer.Option(
         help="Clipping threshold: a number or 'auto' (default: the recipe's).")] = None,
     patch: Annotated[int | None, typer.Option(min=1, help="Clipping patch size S.")] = None,

@@ -32,8 +32,7 @@ def train_cam(
         help="Split for image-level validation mAP ('none' to skip).")] = "val",
     out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
         "cam.ckpt"),
-    recipe: Annotated[str | None, typer.Option(
-        help="Starting settings: shapes, voc or coco (default: the dataset's).")] = None,
+    recipe: options.Recipe = None,
     arch: Annotated[str | None, typer.Option(help="Backbone (e.g. deit-small, tiny-p8).")] = None,
     fusion: Annotated[str | None, typer.Option(help="aaf, aaf-feat or mean-sum.")] = None,
     aaf_pool: Annotated[str | None, typer.Option(help="AAF pooling: avg or max.")] = None,

@@ -61,10 +61,24 @@ def build_model(config: RetrainConfig, n_cls: int) -> Segmenter:
         config.arch,
         img_size=config.crop_size,
         drop_path_rate=config.drop_path,
+        norm_eps=config.norm_eps,
+        pos_embed_interp=config.pos_embed_interp,
         decoder=config.decoder,
         decoder_layers=config.decoder_layers,
         decoder_dropout=config.decoder_dropout,
     )
+
+
+def process_batch(config: RetrainConfig, world: int) -> int:
+    """Images per process and step: `batch_size`, or with `global_batch` (the reference's
+    OnlineRetraining/segm/train.py:160) `batch_size // world`."""
+    if not config.global_batch:
+        return config.batch_size
+    batch = config.batch_size // world
+    if batch < 1:
+        raise WeakTrError(f"a global batch of {config.batch_size} does not split over {world} "
+                          "processes", hint="raise --batch-size")
+    return batch
 
 
 def poly_lr(step: int, total: int, lr: float, min_lr: float, power: float,
@@ -160,10 +174,11 @@ class _Plan:
 
     @classmethod
     def make(cls, config: RetrainConfig, images: int, world: int) -> _Plan:
-        steps_per_epoch = images // (config.batch_size * world)
+        batch = process_batch(config, world)
+        steps_per_epoch = images // (batch * world)
         if steps_per_epoch == 0:
             raise WeakTrError(
-                f"{images} seeded images give no full batch of {config.batch_size} "
+                f"{images} seeded images give no full batch of {batch} "
                 f"per process ({world} process(es))",
                 hint="lower --batch-size",
             )
@@ -245,7 +260,8 @@ def _retrain(
             "pretrained": str(pretrained) if pretrained else None,
         }
         say(f"retraining {config.arch} on {len(ids)} seeded images ({seeds.kind}), "
-            f"{plan.total} steps of {config.batch_size} x {run.world}, lr {config.lr:.1e} "
+            f"{plan.total} steps of {process_batch(config, run.world)} x {run.world}, "
+            f"lr {config.lr:.1e} "
             f"{config.optimizer}, clip {_describe_tau(config, plan.tau_window)}, "
             f"{run.precision}, {run.device}")
         trainer.train(images, say=say, log_jsonl=log_jsonl, progress=progress)
@@ -295,10 +311,11 @@ class _Trainer:
         config, plan, run = self.config, self.plan, self.run
         epoch, start_batch = divmod(self.progress.step, plan.steps_per_epoch)
         sampler = EpochSampler(len(images), config.seed, epoch, run.dist.rank, run.world,
-                               config.batch_size, plan.steps_per_epoch, start_batch)
+                               process_batch(config, run.world), plan.steps_per_epoch,
+                               start_batch)
         # A private generator: creating a loader must not draw from the global RNG
         # (dropout's), or a resumed run would see another random stream.
-        loader = DataLoader(images, batch_size=config.batch_size, sampler=sampler,
+        loader = DataLoader(images, batch_size=process_batch(config, run.world), sampler=sampler,
                             num_workers=config.workers, collate_fn=collate_samples,
                             drop_last=True,
                             generator=torch.Generator().manual_seed(config.seed))
