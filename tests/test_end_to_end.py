@@ -192,14 +192,17 @@ def test_retrain_clip_follows_the_recipe_unless_asked(capsys, chain, tiny_shapes
 
     small = ["--recipe", "shapes", "--arch", "micro", "--crop-size", "32", "--batch-size", "2",
              "--iterations", "1", "--precision", "fp32", "--quiet"]
-    for extra, expected in (([], False), (["--tau", "0.5"], True), (["--clip"], True),
-                            (["--tau", "0.5", "--no-clip"], False)):
+    for extra, expected in (([], False), (["--tau", "0.5"], True), (["--clip"], True)):
         out = tmp_path / f"seg{len(extra)}{expected}.ckpt"
         result = run_cli(capsys, "retrain", "--seeds", chain["seeds.h5"], "--data-root",
                          tiny_shapes, *small, *extra, "--out", out)
         assert result.code == 0, result.stderr
         _, meta = load_checkpoint(out, kind="segmenter")
         assert meta["train"]["clip"] is expected, extra
+    # A threshold without clipping does nothing: refused (issue 14.16), not silently dropped.
+    result = run_cli(capsys, "retrain", "--seeds", chain["seeds.h5"], "--data-root",
+                     tiny_shapes, *small, "--tau", "0.5", "--no-clip", "--out", tmp_path / "x")
+    assert result.code == 1 and "contradict each other" in result.stderr
 
 
 def test_corrupt_image_gives_one_line(capsys, chain, tiny_shapes, tmp_path) -> None:
