@@ -34,6 +34,7 @@ _weaktr() {
         "weaktr train-cam --pretrained") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr train-cam -o") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr train-cam --aaf-pool") COMPREPLY=(); return ;;
+        "weaktr train-cam --aaf-reduction") COMPREPLY=(); return ;;
         "weaktr train-cam --accum-steps") COMPREPLY=(); return ;;
         "weaktr train-cam --batch-size") COMPREPLY=(); return ;;
         "weaktr train-cam --epochs") COMPREPLY=(); return ;;
@@ -179,7 +180,7 @@ _weaktr() {
     if [[ -z $words ]]; then
         case "$path" in
             "weaktr") words="train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data --version" ;;
-            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --aaf-reduction --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --recipe --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --recipe --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
             "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --arch --decoder --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;

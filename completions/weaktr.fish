@@ -22,6 +22,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l recipe -xa 'sha
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8'
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l fusion -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-pool -x
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-reduction -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l pretrained -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l epochs -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l batch-size -x

@@ -12,8 +12,9 @@ from weaktr_cli.commands.output import Output
 
 HELP = """Train the WeakTr CAM model (phase 1) from image-level labels.
 
-Starts from the recipe of the dataset (--recipe; the paper's for voc/coco, a CPU-sized one for
-the built-in shapes) and overrides what you pass. The checkpoint describes itself (architecture,
+Starts from the recipe of the dataset (--recipe; for voc/coco the reference's release code,
+--recipe paper for the paper's, docs/REPRODUCING.md; a CPU-sized one for the built-in shapes)
+and overrides what you pass. The checkpoint describes itself (architecture,
 fusion, classes, training arguments) and loads without pickle. Runs unchanged under torchrun.
 
 [dim]Examples:[/]
@@ -34,8 +35,12 @@ def train_cam(
         "cam.ckpt"),
     recipe: options.Recipe = None,
     arch: Annotated[str | None, typer.Option(help="Backbone (e.g. deit-small, tiny-p8).")] = None,
-    fusion: Annotated[str | None, typer.Option(help="aaf, aaf-feat or mean-sum.")] = None,
+    fusion: Annotated[str | None, typer.Option(
+        help="aaf, aaf-feat, aaf-rand (random-query ablation) or mean-sum.")] = None,
     aaf_pool: Annotated[str | None, typer.Option(help="AAF pooling: avg or max.")] = None,
+    aaf_reduction: Annotated[float | None, typer.Option(
+        help="AAF head-FFN reduction r: hidden int(layers x heads / r), "
+        "fractional allowed (default: the recipe's).")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Local ImageNet ViT weights (.pth or .safetensors); never downloaded.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
@@ -62,7 +67,8 @@ def train_cam(
 
     output = Output(json_mode=json_mode, quiet=quiet or not dist_info_from_env().is_main)
     overrides: dict[str, Any] = {
-        "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "epochs": epochs,
+        "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "aaf_reduction": aaf_reduction,
+        "epochs": epochs,
         "batch_size": batch_size, "base_lr": lr, "accum_steps": accum_steps,
         "input_size": input_size, "precision": precision, "seed": seed, "workers": workers,
         "select": select,
