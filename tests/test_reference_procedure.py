@@ -272,3 +272,16 @@ def test_timm_cam_transform_is_timms_factory() -> None:
     image = torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8)
     out = transform(image)
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+
+
+def test_minmax_epsilon_and_amp_precision() -> None:
+    from weaktr_cli.cams import normalise_maps
+    from weaktr_cli.runtime import resolve_precision
+
+    # A weak map (range 1e-3): the reference's 1e-8 still reaches ~1, weaktr's 1e-5 0.99.
+    weak = torch.tensor([[[0.0, 1e-3]]])
+    assert float(normalise_maps(weak.clone(), 1e-8).max()) == pytest.approx(1.0, abs=1e-4)
+    assert float(normalise_maps(weak.clone()).max()) == pytest.approx(1e-3 / (1e-3 + 1e-5))
+    # amp-fp16: fp16 autocast where CUDA is, fp32 on the CPU (the reference's torch.cuda.amp).
+    assert resolve_precision("amp-fp16", torch.device("cpu"), training=True) == "fp32"
+    assert resolve_precision("amp-fp16", torch.device("cuda"), training=True) == "fp16"
