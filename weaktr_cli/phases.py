@@ -152,6 +152,7 @@ def crf_run(*, cams: Path, data: str | None, data_root: Path | None, out: Path,
     from weaktr_cli.recipes import qualify_recipe, resolve
     from weaktr_cli.seeds import make_seeds
 
+    _check_no_crf(no_crf, preset, crf_overrides)
     meta = read_meta(cams)
     if meta.kind != "cams":
         raise WeakTrError(f"{cams} is a {meta.kind!r} artifact, but --cams needs a 'cams' one")
@@ -168,6 +169,15 @@ def crf_run(*, cams: Path, data: str | None, data_root: Path | None, out: Path,
                           mark_disagreement=ignore_disagreement, workers=workers,
                           shard=shard, resume=resume, progress=update)
     return path, threshold, params
+
+
+def _check_no_crf(no_crf: bool, preset: str | None, crf_overrides: dict[str, Any]) -> None:
+    """CRF settings with --no-crf do nothing: a contradiction, not something to drop silently."""
+    given = ([f"--preset {preset}"] if preset else []) + [
+        f"--{k.replace('_', '-')}" for k, v in crf_overrides.items() if v is not None]
+    if no_crf and given:
+        raise WeakTrError(f"--no-crf and {', '.join(given)} contradict each other: without the "
+                          "CRF its parameters do nothing", hint="drop one of them")
 
 
 # ----------------------------------------------------------------------------- phase 4
@@ -189,11 +199,15 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
     from weaktr_cli.retrain.loop import retrain
     from weaktr_cli.retrain.seed_source import SeedSource
 
+    tau = overrides.get("tau")
+    if clip is False and tau is not None:
+        raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
+                          "there is no threshold", hint="drop one of them")
     meta = read_meta(seeds)
     dataset = open_dataset(data or meta.dataset, meta.split, data_root)
     recipe_name = qualify_recipe(recipe, dataset.name)
-    if clip is None and overrides.get("tau") is not None:
-        clip = True
+    if clip is None and tau is not None:
+        clip = True  # asking for a threshold asks for clipping
     config: RetrainConfig = resolve("retrain", recipe_name, **overrides, clip=clip)
     if meta.kind == "cams":
         threshold = bg if bg is not None else resolve("seeds",
