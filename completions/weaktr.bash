@@ -24,7 +24,7 @@ _weaktr() {
     case "$path $prev" in
         "weaktr train-cam --data") words="shapes voc coco" ;;
         "weaktr train-cam --recipe") words="shapes voc coco" ;;
-        "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8" ;;
+        "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s" ;;
         "weaktr train-cam --select") words="last val-map cam-miou" ;;
         "weaktr train-cam --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr train-cam --device") words="auto cpu cuda" ;;
@@ -80,15 +80,17 @@ _weaktr() {
         "weaktr crf --workers") COMPREPLY=(); return ;;
         "weaktr retrain --data") words="shapes voc coco" ;;
         "weaktr retrain --recipe") words="shapes voc coco" ;;
-        "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8" ;;
+        "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s" ;;
         "weaktr retrain --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr retrain --device") words="auto cpu cuda" ;;
+        "weaktr retrain --cams") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain --log-jsonl") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain --out") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain --pretrained") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain --seeds") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr retrain -o") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "weaktr retrain --ambiguity") COMPREPLY=(); return ;;
         "weaktr retrain --batch-size") COMPREPLY=(); return ;;
         "weaktr retrain --bg") COMPREPLY=(); return ;;
         "weaktr retrain --crop-size") COMPREPLY=(); return ;;
@@ -183,7 +185,7 @@ _weaktr() {
             "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --aaf-reduction --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --recipe --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --recipe --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
-            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --arch --decoder --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --cams --ambiguity --arch --decoder --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr predict") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --onnx --data --data-root --split --images --out --png-dir --recipe --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr evaluate") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --search-start --out --json --quiet" ;;
             "weaktr export-onnx") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --out --cam --height --width --dynamic --no-dynamic --batch-size --opset --variant --all-layers --no-all-layers --atol --json --quiet" ;;

@@ -19,7 +19,8 @@ def register_test_entries() -> None:
     if "micro" not in ARCHS:
         register_arch(MICRO)
     # A few optimizer steps of a micro model: the end-to-end tests' plumbing check. Its
-    # retraining starts from the CAM backbone, which keeps that path exercised.
+    # retraining starts from the CAM backbone and ignores ambiguous seed pixels (read from
+    # the seeds' CAMs), which keeps those paths exercised.
     register(
         "smoke",
         cam=CamTrainConfig(arch="micro", epochs=1, batch_size=8, base_lr=4e-3,
@@ -30,7 +31,8 @@ def register_test_entries() -> None:
         seeds=SeedRecipe(bg=0.43, preset="voc"),
         retrain=RetrainConfig(arch="micro", crop_size=32, batch_size=4, iterations=4,
                               optimizer="adamw", lr=1e-3, encoder_lr_mult=1.0, tau="auto",
-                              tau_auto_steps=2, clip_patch=8, drop_path=0.0, log_every=2),
+                              tau_auto_steps=2, clip_patch=8, drop_path=0.0, log_every=2,
+                              ambiguity=0.7),
         predict=PredictSettings(flip=False),
         retrain_from_cam=True,
     )

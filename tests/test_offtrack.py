@@ -306,7 +306,7 @@ def test_bash_completes_option_values(files_here: Path) -> None:
     lines = _run([_shell("bash"), "-c", probe], files_here)
     assert sorted(lines[0].split()) == ["cam.ckpt", "cams.h5"]  # files, not option names
     assert sorted(lines[1].split()) == ["cam.ckpt", "cams.h5"]
-    assert lines[2].split() == ["tiny-p8", "tiny-c8"]
+    assert lines[2].split() == ["tiny-p8", "tiny-c8", "tiny-c8s"]
     assert lines[3].split() == ["shapes", "voc", "coco"]  # not the tests' "smoke"
     assert {"voc", "coco", "voc-test"} <= set(lines[4].split()) and lines[4].endswith("none")
     assert lines[5].split() == ["auto", "fp32", "bf16", "fp16"]

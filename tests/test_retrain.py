@@ -22,7 +22,7 @@ from weaktr_cli.retrain import (
     poly_lr,
     retrain,
 )
-from weaktr_cli.seeds import cams_to_label
+from weaktr_cli.seeds import ambiguous_seed_pixels, cams_to_label, make_seeds
 
 H, W = 36, 44
 
@@ -233,6 +233,41 @@ def test_cams_seed_source_equals_cams_to_label(tmp_path):
             assert label.dtype == np.uint8 and np.array_equal(label, expected)
     with pytest.raises(WeakTrError, match="background threshold is needed"):
         SeedSource(cams)
+
+
+def test_ambiguity_ignores_seed_pixels_the_cams_cannot_split(tmp_path):
+    dataset = MaskedTiny(3)
+    seeds = write_seeds(tmp_path / "s.h5", dataset)
+    # class 1's CAM fires on both boxes (as a colour-only CAM would), class 2's on its own
+    meta = new_meta("cams", dataset.name, dataset.split, dataset.class_names)
+    with ArtifactWriter(tmp_path / "cams.h5", meta, resume=False) as writer:
+        for image_id in dataset.ids:
+            mask = dataset.load_mask(image_id)
+            maps = np.stack([(mask == 1) | (mask == 2), mask == 2]).astype(np.float32)
+            writer.write_cams(image_id, np.array([1, 2]), maps)
+        cams = writer.finalize()
+    with SeedSource(seeds) as plain, SeedSource(seeds, cams=cams, ambiguity=0.3) as masked, \
+            open_artifact(cams) as reader:
+        for image_id in dataset.ids:
+            record = reader.read_cams(image_id)
+            before, after = plain.label(image_id), masked.label(image_id)
+            expected = before.copy()
+            expected[ambiguous_seed_pixels(before, record, 0.3)] = IGNORE_INDEX
+            assert np.array_equal(after, expected)
+        assert (after == IGNORE_INDEX).sum() > (before == IGNORE_INDEX).sum()
+        assert masked.describe()["ambiguity"] == 0.3 and "cams" in masked.describe()
+    config = tiny_config(iterations=2, ambiguity=0.3)
+    with pytest.raises(WeakTrError, match="needs the CAMs"):  # these seeds have no parent
+        retrain(dataset, seeds, tmp_path / "x.ckpt", config, device="cpu")
+    result = retrain(dataset, seeds, tmp_path / "x.ckpt", config, cams=cams, device="cpu")
+    meta = load_segmenter(result.checkpoint)[1]
+    assert meta["seeds"]["ambiguity"] == 0.3 and meta["train"]["ambiguity"] == 0.3
+    with pytest.raises(WeakTrError, match="ambiguity ratio"):
+        tiny_config(ambiguity=1.5).check()
+    # seeds made by `crf` name their CAMs, so the CAMs need not be passed
+    made = make_seeds(cams, dataset, tmp_path / "made.h5", bg=0.4, params=None)
+    with SeedSource(made, ambiguity=0.3) as source:
+        assert source.cams_path == cams.resolve()
 
 
 def test_labels_seed_source_rejects_bg(data):

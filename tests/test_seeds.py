@@ -22,6 +22,7 @@ from weaktr_cli.crf import (
 )
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.seeds import (
+    ambiguous_seed_pixels,
     cams_to_label,
     cams_to_probs,
     label_ids,
@@ -83,6 +84,25 @@ def test_cams_to_probs_normalises_and_keeps_the_argmax() -> None:
     assert (label_ids(rec)[probs.argmax(axis=0)] == cams_to_label(rec, bg=0.43)).all()
     zero = CamRecord(class_ids=np.array([1], np.int64), maps=np.zeros((1, 2, 2), np.float32))
     np.testing.assert_allclose(cams_to_probs(zero, bg=0.0), 0.5)
+
+
+def test_ambiguous_seed_pixels_are_foreground_pixels_another_class_nearly_matches() -> None:
+    # classes 3 and 5; seed labels in dataset ids, 255 ignored, 0 background
+    rec = record([5, 3], [[[0.9, 0.9, 0.1, 0.5]], [[1.0, 0.5, 0.8, 0.5]]])
+    label = np.array([[3, 5, 3, 0]], np.uint8)
+    # pixel 0: seed 3 (1.0) vs 5 (0.9) -> ambiguous at 0.7, not at 0.95
+    # pixel 1: seed 5 (0.9) vs 3 (0.5) -> 0.56, kept at 0.7; pixel 2: 0.1 / 0.8, kept
+    assert ambiguous_seed_pixels(label, rec, 0.7).tolist() == [[True, False, False, False]]
+    assert ambiguous_seed_pixels(label, rec, 0.5).tolist() == [[True, True, False, False]]
+    assert not ambiguous_seed_pixels(label, rec, 0.95).any()
+    ignored = np.array([[255, 5, 3, 0]], np.uint8)
+    assert not ambiguous_seed_pixels(ignored, rec, 0.5)[0, 0]  # ignored stays as it is
+    single = record([3], [[[1.0, 1.0]]])
+    assert not ambiguous_seed_pixels(np.array([[3, 3]], np.uint8), single, 0.1).any()
+    with pytest.raises(WeakTrError, match="ambiguity ratio"):
+        ambiguous_seed_pixels(label, rec, 0.0)
+    with pytest.raises(WeakTrError, match="differ in size"):
+        ambiguous_seed_pixels(np.zeros((2, 2), np.uint8), rec, 0.7)
 
 
 def test_bad_background_threshold() -> None:

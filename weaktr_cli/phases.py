@@ -186,12 +186,15 @@ def _check_no_crf(no_crf: bool, preset: str | None, crf_overrides: dict[str, Any
 def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: Path,
                 recipe: str | None, overrides: dict[str, Any], clip: bool | None = None,
                 bg: float | None = None, pretrained: Path | None = None, resume: bool = False,
+                cams: Path | None = None, ambiguity: str | None = None,
                 device: str = "auto", log_jsonl: Path | None = None, log: Log = _quiet,
                 bar: Bar = _no_bar) -> tuple[RetrainResult, RetrainConfig]:
     """Retrain on a seeds (or cams) artifact with recipe `recipe` (default: the dataset's).
 
     Asking for a threshold (a `tau` override) asks for clipping unless `clip` says otherwise;
     seeds from a cams artifact use `bg`, else the recipe's background level (no CRF).
+    `ambiguity` ("none" or a ratio) replaces the recipe's; `cams` are the CAMs it reads
+    (default: the seeds' parent).
     """
     from weaktr_cli.artifacts import read_meta
     from weaktr_cli.data import open_dataset
@@ -209,19 +212,35 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
     if clip is None and tau is not None:
         clip = True  # asking for a threshold asks for clipping
     config: RetrainConfig = resolve("retrain", recipe_name, **overrides, clip=clip)
+    if ambiguity is not None:
+        config = dataclasses.replace(config, ambiguity=_ratio_or_none(ambiguity, "--ambiguity"))
+        config.check()
+    threshold = None
     if meta.kind == "cams":
         threshold = bg if bg is not None else resolve("seeds",
                                                       recipe_for_dataset(recipe_name)).bg
-        source = SeedSource(seeds, bg=threshold)
         log(f"seeds from CAMs with background threshold {threshold} (no CRF)")
-    else:
-        source = SeedSource(seeds)
+    source = SeedSource(seeds, bg=threshold, cams=cams, ambiguity=config.ambiguity)
+    if source.cams_path is not None:
+        log(f"ignoring seed pixels where two classes' CAMs are within {config.ambiguity}x "
+            f"({source.cams_path.name})")
     with bar("retrain", None) as update:
         result = retrain(dataset, source, out, config, pretrained=pretrained, resume=resume,
                          device=device, log=log,
                          log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
                          progress=update)
     return result, config
+
+
+def _ratio_or_none(text: str, option: str) -> float | None:
+    """"none" -> None, else a float (validated by the config's check)."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise WeakTrError(f"invalid {option} {text!r}", hint="a ratio in (0, 1] or none") \
+            from None
 
 
 # ----------------------------------------------------------------------------- inference

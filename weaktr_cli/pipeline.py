@@ -206,13 +206,16 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
 
         (work / "seg.ckpt.jsonl").unlink(missing_ok=True)
         result = retrain(train_set, seeds, seg_ckpt, retrain_config, pretrained=encoder_init,
-                         device=config.device, log=say, log_jsonl=work / "seg.ckpt.jsonl",
-                         progress=bar("retrain"))
+                         cams=seed_cams, device=config.device, log=say,
+                         log_jsonl=work / "seg.ckpt.jsonl", progress=bar("retrain"))
         return {"steps": result.steps, "tau": result.tau}
 
+    # The CAMs mark the seeds' ambiguous pixels when the recipe ignores them.
+    seed_cams = cams if retrain_config.ambiguity is not None else None
     runner.run("retrain", [seg_ckpt], {"retrain": retrain_config.to_dict(),
                                       "encoder_init": str(encoder_init)},
-               [seeds] + ([cam_ckpt] if encoder_init == cam_ckpt else []), retrain_phase)
+               [seeds] + ([cam_ckpt] if encoder_init == cam_ckpt else [])
+               + ([cams] if seed_cams else []), retrain_phase)
 
     def predict_phase() -> dict[str, Any]:
         from weaktr_cli.models.io import load_segmenter

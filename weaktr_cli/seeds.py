@@ -102,6 +102,37 @@ def cams_to_label(record: CamRecord, bg: float) -> np.ndarray:
     return label
 
 
+def ambiguous_seed_pixels(label: np.ndarray, record: CamRecord, ratio: float) -> np.ndarray:
+    """(H, W) bool: foreground seed pixels whose CAM another present class nearly matches.
+
+    A pixel labelled class c is ambiguous when some other class of the image has a CAM at
+    least `ratio` x c's CAM there: the CAMs could not tell the two apart, so the seed's
+    choice between them is a coin flip (on shapes, both shapes of one colour: half of these
+    pixels are right, against 99.8 % of the other foreground pixels of multi-class images).
+    Background and ignored pixels, and images with one class, are never ambiguous.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise WeakTrError(f"ambiguity ratio must be in (0, 1], got {ratio}")
+    lut, maps = _sorted_record(record)
+    label = np.asarray(label)
+    if maps.shape[1:] != label.shape:
+        raise WeakTrError(f"seeds {label.shape} and CAMs {maps.shape[1:]} differ in size",
+                          hint="use the CAMs the seeds were made from")
+    ambiguous = np.zeros(label.shape, dtype=bool)
+    if maps.shape[0] < 2:
+        return ambiguous
+    index = np.full(256, -1, dtype=np.int64)
+    index[lut[1:]] = np.arange(maps.shape[0])
+    compact = index[label]  # -1: background, ignore, or a class without a CAM
+    rows, cols = np.nonzero(compact >= 0)
+    own = compact[rows, cols]
+    scores = maps[:, rows, cols]  # (K, n)
+    winner = scores[own, np.arange(own.size)]
+    scores[own, np.arange(own.size)] = -np.inf
+    ambiguous[rows, cols] = scores.max(axis=0) >= ratio * winner
+    return ambiguous
+
+
 def cams_to_probs(record: CamRecord, bg: float) -> np.ndarray:
     """Soft unary: float32 (K+1, H, W) in compact order (`label_ids`), summing to 1 per pixel.
 

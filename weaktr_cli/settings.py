@@ -193,6 +193,9 @@ class RetrainConfig:
 
     tau: a number, or "auto" (see `retrain`): clipping switches on once the global mean loss
     is <= tau. `clip=False` trains with plain cross-entropy (the `--no-clip` baseline).
+
+    ambiguity: None, or a ratio r in (0, 1]: foreground seed pixels where another class of the
+    image has a CAM >= r x the seed class's are ignored (`SeedSource`; needs the CAMs).
     """
 
     arch: str = "vit-small"
@@ -220,6 +223,7 @@ class RetrainConfig:
     clip_patch: int = 120
     drop_path: float = 0.1
     decoder: str = "mask"  # Segmenter's mask transformer (the paper's) or "linear"
+    ambiguity: float | None = None  # ignore seed pixels two classes' CAMs share (None: off)
     decoder_layers: int = 2
     decoder_dropout: float = 0.1
     #: encoder LayerNorm epsilon and position-embedding resampling ("bicubic" timm's,
@@ -278,6 +282,9 @@ class RetrainConfig:
                               hint="a number > 0 (the paper's 1.2) or 'auto'")
         if self.clip_patch < 1:
             raise WeakTrError("the clipping patch size must be >= 1 pixel")
+        if self.ambiguity is not None and not 0.0 < self.ambiguity <= 1.0:
+            raise WeakTrError(f"invalid ambiguity ratio {self.ambiguity}",
+                              hint="a ratio in (0, 1], e.g. 0.7, or none")
         from weaktr_cli.models.segmenter import POS_EMBED_INTERPOLATIONS
 
         if self.pos_embed_interp not in POS_EMBED_INTERPOLATIONS:

@@ -44,6 +44,12 @@ def retrain(
     )] = None,
     bg: Annotated[float | None, typer.Option(
         help="Background threshold when --seeds is a cams artifact.")] = None,
+    cams: Annotated[Path | None, typer.Option(
+        help="CAMs that mark ambiguous seed pixels (default: those the seeds were made "
+        "from).")] = None,
+    ambiguity: Annotated[str | None, typer.Option(
+        help="Ignore seed pixels where another class's CAM is >= this ratio of the seed "
+        "class's, or none (default: the recipe's).")] = None,
     arch: Annotated[str | None, typer.Option(help="Encoder (vit-small, deit-small, ...).")] = None,
     decoder: Annotated[str | None, typer.Option(
         help="mask (mask transformer) or linear (default: the recipe's).")] = None,
@@ -88,6 +94,7 @@ def retrain(
     result, config = retrain_run(
         seeds=seeds, data=None if data is None else str(data), data_root=data_root, out=out,
         recipe=recipe, overrides=overrides, clip=clip, bg=bg, pretrained=pretrained,
-        resume=resume, device=device, log_jsonl=log_jsonl, log=output.log, bar=output.progress)
+        resume=resume, cams=cams, ambiguity=ambiguity, device=device, log_jsonl=log_jsonl,
+        log=output.log, bar=output.progress)
     output.artifact(result.checkpoint, {"tau": result.tau, "steps": result.steps,
                                         "config": config.to_dict()})

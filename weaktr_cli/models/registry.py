@@ -131,6 +131,18 @@ ARCHS: dict[str, ArchSpec] = {
             description="CPU-sized hybrid: conv stem (stride 8) + ViT dim 128, depth 2 at 96 px "
             "(built-in dataset's segmenter)",
         ),
+        ArchSpec(
+            name="tiny-c8s",
+            patch_size=8,
+            embed_dim=128,
+            depth=1,
+            num_heads=4,
+            img_size=96,
+            # tiny-c8 at half the stem width and one block: 2x the crops per CPU-second
+            stem=((16, 2, 1), (32, 2, 1), (64, 2, 1), (64, 1, 2), (64, 1, 4), (64, 1, 8)),
+            description="CPU-sized hybrid, lighter: conv stem of 16-64 channels (stride 8) + "
+            "ViT dim 128, depth 1 at 96 px (built-in dataset's segmenter on fp32 CPUs)",
+        ),
     )
 }
 

@@ -105,6 +105,7 @@ def retrain(
     config: RetrainConfig,
     *,
     pretrained: str | Path | None = None,
+    cams: str | Path | None = None,
     resume: bool = False,
     device: str = "auto",
     log: Log | None = None,
@@ -122,6 +123,8 @@ def retrain(
         out: checkpoint path (safetensors, kind "segmenter"). `<out>.last` and `<out>.state`
             are written every `save_every` steps (default: each epoch) for `resume=True`.
         pretrained: local ImageNet ViT weights for the encoder (never downloaded).
+        cams: the CAM artifact the seeds came from, for `config.ambiguity` (default: the
+            seeds' recorded parent).
         log / log_jsonl / progress: a line printer, a JSONL file (one record per `log_every`
             steps) and a `progress(step, total)` callback; rank 0 only.
 
@@ -154,7 +157,11 @@ def retrain(
     if len(train_set) == 0:
         raise WeakTrError(f"training split {train_set.split!r} is empty")
     own_seeds = not isinstance(seeds, SeedSource)
-    source = SeedSource(seeds) if not isinstance(seeds, SeedSource) else seeds
+    source = seeds if isinstance(seeds, SeedSource) else SeedSource(
+        seeds, cams=cams, ambiguity=config.ambiguity)
+    if source.ambiguity != config.ambiguity:
+        raise WeakTrError(f"the seed source ignores ambiguous pixels at {source.ambiguity}, "
+                          f"the config at {config.ambiguity}")
     try:
         return _retrain(train_set, source, out, config, pretrained=pretrained, resume=resume,
                         device=device, say=say, log_jsonl=log_jsonl, progress=progress)
