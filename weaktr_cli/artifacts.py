@@ -12,8 +12,8 @@ Root attributes record how the file was made (kind, schema_version, dataset, spl
 names, command line, weaktr version, seed, creation time, parent artifacts with sha256) and,
 optionally, the folder the images were read from (data_root).
 
-Writers stream one image at a time into ``<out>.partial``, can resume an interrupted run
-(ids already in the partial file are skipped) and finish atomically: flush, fsync, rename.
+This module reads artifacts and encodes their entries; `weaktr_cli.artifact_writer` streams
+them into ``<out>.partial`` (resumable, one writer at a time) and publishes the finished file.
 """
 
 from __future__ import annotations
@@ -110,17 +110,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 # HDF5 names cannot contain "/", so ids are escaped; "%" is escaped first to stay reversible.
-def _encode_id(image_id: str) -> str:
+def encode_id(image_id: str) -> str:
     if not image_id or image_id in (".", ".."):
         raise WeakTrError(f"invalid image id {image_id!r}")
     return image_id.replace("%", "%25").replace("/", "%2F")
 
 
-def _decode_id(name: str) -> str:
+def decode_id(name: str) -> str:
     return name.replace("%2F", "/").replace("%25", "%")
 
 
-def _now() -> str:
+def now_iso() -> str:
     """ISO time of writing; $SOURCE_DATE_EPOCH (the reproducible-builds convention) pins it."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH")
     moment = (_dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc) if epoch
@@ -128,7 +128,7 @@ def _now() -> str:
     return moment.isoformat(timespec="seconds")
 
 
-def _write_meta(h5: Any, meta: ArtifactMeta) -> None:
+def write_meta(h5: Any, meta: ArtifactMeta) -> None:
     attrs = h5.attrs
     attrs["weaktr_kind"] = meta.kind
     attrs["schema_version"] = SCHEMA_VERSION
@@ -138,14 +138,14 @@ def _write_meta(h5: Any, meta: ArtifactMeta) -> None:
     attrs["command"] = meta.command
     attrs["weaktr_version"] = meta.weaktr_version
     attrs["seed"] = _NO_SEED if meta.seed is None else int(meta.seed)
-    attrs["created"] = meta.created or _now()
+    attrs["created"] = meta.created or now_iso()
     attrs["config"] = json.dumps(meta.config, sort_keys=True, default=str)
     attrs["parents"] = json.dumps(meta.parents)
     if meta.data_root:
         attrs["data_root"] = meta.data_root
 
 
-def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
+def read_root_meta(h5: Any, path: Path) -> ArtifactMeta:
     attrs = h5.attrs
 
     def required(name: str) -> Any:
@@ -197,6 +197,12 @@ def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
         value = attrs.get(name, "")
         return value.decode() if isinstance(value, bytes) else str(value)
 
+    config = optional_json("config", {})
+    parents = optional_json("parents", [])
+    if not isinstance(config, dict) or not isinstance(parents, list) or not all(
+            isinstance(p, dict) for p in parents):
+        raise WeakTrError(f"{path}: root attributes 'config' / 'parents' must be a JSON object "
+                          "/ list", hint="see docs/artifacts.md")
     return ArtifactMeta(
         kind=kind,
         dataset=str(required("dataset")),
@@ -204,8 +210,8 @@ def _read_meta(h5: Any, path: Path) -> ArtifactMeta:
         class_names=tuple(class_names),
         command=text("command"),
         seed=None if seed == _NO_SEED else seed,
-        config=optional_json("config", {}),
-        parents=optional_json("parents", []),
+        config=config,
+        parents=parents,
         weaktr_version=text("weaktr_version"),
         created=text("created"),
         schema_version=version,
@@ -225,14 +231,94 @@ class CamRecord:
         return int(self.maps.shape[1]), int(self.maps.shape[2])
 
 
-def _open_h5(path: Path, mode: str) -> Any:
+#: One image's entry: CAMs (kind ``cams``) or an (H, W) label map (kind ``labels``).
+Entry = CamRecord | np.ndarray
+#: An entry as stored: the dataset's data and its attributes.
+Encoded = tuple[np.ndarray, dict[str, np.ndarray]]
+
+
+def encode_cams(image_id: str, class_ids: np.ndarray, maps: np.ndarray) -> Encoded:
+    """Stored form of one image's CAMs: maps (K, H, W) float in [0, 1], class_ids (K,) ints."""
+    maps = np.asarray(maps)
+    class_ids = np.asarray(class_ids).reshape(-1)
+    if maps.ndim != 3 or maps.shape[0] != class_ids.shape[0]:
+        raise ValueError(f"maps {maps.shape} do not match {class_ids.shape[0]} class ids")
+    if not np.isfinite(maps).all():
+        raise WeakTrError(f"CAMs of image {image_id!r} contain NaN or inf")
+    data, attrs = encode_maps(maps)  # 1/1024 steps as row differences (cam_codec.py)
+    return data, {**attrs, "class_ids": class_ids.astype(np.int16)}
+
+
+def encode_labels(label: np.ndarray) -> Encoded:
+    """Stored form of one (H, W) label map of class ids (255 = ignore)."""
+    label = np.asarray(label)
+    if label.ndim != 2:
+        raise ValueError(f"label map must be 2-D, got {label.shape}")
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 255):
+            raise ValueError("label values must fit in uint8")
+        label = label.astype(np.uint8)
+    return label, {}
+
+
+def encode_entry(kind: str, image_id: str, entry: Entry) -> Encoded:
+    if kind == "cams":
+        if not isinstance(entry, CamRecord):
+            raise TypeError(f"a cams artifact stores CamRecord entries, got {type(entry)}")
+        return encode_cams(image_id, entry.class_ids, entry.maps)
+    if isinstance(entry, CamRecord):
+        raise TypeError("a labels artifact stores label maps, got a CamRecord")
+    return encode_labels(entry)
+
+
+def store_entry(group: Any, image_id: str, encoded: Encoded) -> None:
+    """Create `/<kind>/<id>` in an open group (one gzip chunk per image)."""
+    data, attrs = encoded
+    compress = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+    # No object timestamps: seeded runs then write identical bytes.
+    ds = group.create_dataset(encode_id(image_id), data=data, track_times=False,
+                              **(compress if data.size else {}))
+    for key in sorted(attrs):  # one order, so an entry copied on resume has the same bytes
+        ds.attrs[key] = attrs[key]
+
+
+def load_entry(group: Any, image_id: str) -> Encoded:
+    """The stored data and attributes of one entry, as `store_entry` was given them."""
+    ds = group[encode_id(image_id)]
+    return np.asarray(ds[()]), {key: np.asarray(ds.attrs[key]) for key in sorted(ds.attrs)}
+
+
+def entry_digest(image_id: str, encoded: Encoded) -> str:
+    """sha256 of an entry's id, data and attributes (what a resume checks kept entries by)."""
+    digest = hashlib.sha256(image_id.encode())
+    data, attrs = encoded
+    for name, array in [("", data), *sorted(attrs.items())]:
+        array = np.ascontiguousarray(array)
+        digest.update(f"|{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+#: What h5py raises on a damaged file besides OSError (bad B-tree, bad version number, ...).
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
+
+
+def damaged(path: Path, exc: BaseException, what: str = "") -> WeakTrError:
+    where = f" ({what})" if what else ""
+    return WeakTrError(
+        f"{path} is damaged{where}: {type(exc).__name__}: {exc}".splitlines()[0],
+        hint="re-create the artifact; an interrupted run leaves its data in a .partial file",
+    )
+
+
+def open_h5(path: Path, mode: str) -> Any:
     import h5py
 
     try:
         return h5py.File(path, mode)
-    except OSError as exc:
+    except H5_ERRORS as exc:
         raise WeakTrError(
-            f"cannot open {path} as HDF5 (truncated or corrupt file?): {exc}",
+            f"cannot open {path} as HDF5 (truncated or corrupt file?): {exc}".splitlines()[0],
             hint="re-create the artifact; an interrupted run leaves its data in a .partial file",
         ) from exc
 
@@ -247,11 +333,16 @@ class ArtifactReader:
         self.path = path
         self.meta = meta
         self._h5 = h5
-        group = h5.get(meta.kind)
-        if group is None:
-            raise WeakTrError(f"{path} has no /{meta.kind} group", hint="see docs/artifacts.md")
+        try:
+            group = h5.get(meta.kind)
+            if group is None:
+                raise WeakTrError(f"{path} has no /{meta.kind} group",
+                                  hint="see docs/artifacts.md")
+            self.ids: list[str] = [decode_id(name) for name in group]
+            self._known = set(self.ids)
+        except H5_ERRORS as exc:
+            raise damaged(path, exc, "its list of images") from exc
         self._group = group
-        self.ids: list[str] = [_decode_id(name) for name in group]
 
     @property
     def kind(self) -> str:
@@ -261,13 +352,15 @@ class ArtifactReader:
         return len(self.ids)
 
     def __contains__(self, image_id: object) -> bool:
-        return isinstance(image_id, str) and _encode_id(image_id) in self._group
+        return isinstance(image_id, str) and image_id in self._known
 
     def _dataset(self, image_id: str) -> Any:
+        if image_id not in self:
+            raise WeakTrError(f"{self.path} has no entry for image {image_id!r}")
         try:
-            return self._group[_encode_id(image_id)]
-        except KeyError:
-            raise WeakTrError(f"{self.path} has no entry for image {image_id!r}") from None
+            return self._group[encode_id(image_id)]
+        except H5_ERRORS as exc:
+            raise damaged(self.path, exc, f"entry {image_id!r}") from exc
 
     def read_cams(self, image_id: str) -> CamRecord:
         """The CAMs of one image (kind ``cams``)."""
@@ -276,8 +369,8 @@ class ArtifactReader:
         try:
             maps = decode_maps(ds[()], ds.attrs)
             class_ids = np.asarray(ds.attrs["class_ids"], dtype=np.int64).reshape(-1)
-        except (OSError, KeyError) as exc:
-            raise WeakTrError(f"{self.path}: entry {image_id!r} is unreadable: {exc}") from exc
+        except H5_ERRORS as exc:
+            raise damaged(self.path, exc, f"entry {image_id!r}") from exc
         if maps.ndim != 3 or maps.shape[0] != class_ids.shape[0]:
             raise WeakTrError(
                 f"{self.path}: entry {image_id!r} has maps {maps.shape} for "
@@ -288,6 +381,11 @@ class ArtifactReader:
                 f"{self.path}: entry {image_id!r} has class ids outside "
                 f"1..{self.meta.num_classes - 1}"
             )
+        if not np.isfinite(maps).all():
+            raise WeakTrError(
+                f"{self.path}: the CAMs of image {image_id!r} contain NaN or Inf values",
+                hint="CAMs must be finite values in [0, 1]; dump the CAMs again",
+            )
         return CamRecord(class_ids=class_ids, maps=maps)
 
     def read_labels(self, image_id: str) -> np.ndarray:
@@ -296,8 +394,8 @@ class ArtifactReader:
         ds = self._dataset(image_id)
         try:
             label = np.asarray(ds[()])
-        except OSError as exc:
-            raise WeakTrError(f"{self.path}: entry {image_id!r} is unreadable: {exc}") from exc
+        except H5_ERRORS as exc:
+            raise damaged(self.path, exc, f"entry {image_id!r}") from exc
         if label.ndim != 2 or label.dtype != np.uint8:
             raise WeakTrError(
                 f"{self.path}: entry {image_id!r} is {label.dtype} {label.shape}; "
@@ -314,7 +412,10 @@ class ArtifactReader:
 
     def stored_bytes(self) -> int:
         """Bytes the per-image data occupies on disk (after compression)."""
-        return sum(int(self._group[name].id.get_storage_size()) for name in self._group)
+        try:
+            return sum(int(self._group[name].id.get_storage_size()) for name in self._group)
+        except H5_ERRORS as exc:
+            raise damaged(self.path, exc) from exc
 
     def _expect(self, kind: str) -> None:
         if self.kind != kind:
@@ -341,9 +442,12 @@ def open_artifact(path: str | Path, kind: str | None = None) -> ArtifactReader:
             else None
         )
         raise WeakTrError(f"artifact {path} does not exist", hint=hint)
-    h5 = _open_h5(path, "r")
+    h5 = open_h5(path, "r")
     try:
-        meta = _read_meta(h5, path)
+        try:
+            meta = read_root_meta(h5, path)
+        except H5_ERRORS as exc:
+            raise damaged(path, exc, "its root attributes") from exc
         if kind is not None and meta.kind != kind:
             raise WeakTrError(
                 f"{path} is a {meta.kind!r} artifact, but a {kind!r} artifact is needed here"
@@ -359,167 +463,11 @@ def read_meta(path: str | Path) -> ArtifactMeta:
         return reader.meta
 
 
-def _same_recipe(previous: ArtifactMeta, wanted: ArtifactMeta) -> bool:
-    """A partial file may be continued only with the same settings and the same inputs."""
-    config = json.loads(json.dumps(wanted.config, sort_keys=True, default=str))
-    sha = [p.get("sha256") for p in previous.parents]
-    return previous.config == config and sha == [p.get("sha256") for p in wanted.parents]
+def __getattr__(name: str) -> Any:
+    # The writer moved to `weaktr_cli.artifact_writer`; keep `from weaktr_cli.artifacts import
+    # ArtifactWriter` working for code written before the move.
+    if name in ("ArtifactWriter", "merge_artifacts", "write_artifact"):
+        from weaktr_cli import artifact_writer
 
-
-class ArtifactWriter:
-    """Streams per-image entries into `<path>.partial`, then `finalize()` renames it to `path`.
-
-    With `resume=True` an existing partial file of the same kind, dataset, split and classes is
-    continued: `done_ids` lists what it already holds, and callers skip those images.
-    """
-
-    def __init__(self, path: str | Path, meta: ArtifactMeta, *, resume: bool = True) -> None:
-        self.path = Path(path)
-        self.meta = meta
-        self.partial_path = self.path.with_name(self.path.name + PARTIAL_SUFFIX)
-        if not self.path.parent.is_dir():
-            raise WeakTrError(f"output folder {self.path.parent} does not exist")
-        self._h5 = self._open_partial(resume)
-        group = self._h5.get(meta.kind)
-        # track_order: readers iterate entries in the order they were written (dataset order).
-        self._group = group if group is not None else self._h5.create_group(
-            meta.kind, track_order=True
-        )
-        self.done_ids: set[str] = {_decode_id(name) for name in self._group}
-
-    def _open_partial(self, resume: bool) -> Any:
-        if resume and self.partial_path.exists():
-            try:
-                h5 = _open_h5(self.partial_path, "a")
-                previous = _read_meta(h5, self.partial_path)
-            except WeakTrError:
-                # A run killed mid-write can leave an unreadable file: start over.
-                self.partial_path.unlink()
-            else:
-                if previous.same_content_as(self.meta) and _same_recipe(previous, self.meta):
-                    return h5
-                h5.close()
-                raise WeakTrError(
-                    f"{self.partial_path} is an unfinished artifact of other content or other "
-                    f"settings ({previous.kind}, {previous.dataset}/{previous.split}, "
-                    f"{json.dumps(previous.config, sort_keys=True)})",
-                    hint="rerun with the same settings to resume, or delete the .partial file",
-                )
-        h5 = _open_h5(self.partial_path, "w")
-        _write_meta(h5, self.meta)
-        return h5
-
-    def __contains__(self, image_id: str) -> bool:
-        return image_id in self.done_ids
-
-    def write_cams(self, image_id: str, class_ids: np.ndarray, maps: np.ndarray) -> None:
-        """Add one image's CAMs: maps (K, H, W) float in [0, 1], class_ids (K,) ints."""
-        maps = np.asarray(maps)
-        class_ids = np.asarray(class_ids).reshape(-1)
-        if maps.ndim != 3 or maps.shape[0] != class_ids.shape[0]:
-            raise ValueError(f"maps {maps.shape} do not match {class_ids.shape[0]} class ids")
-        if not np.isfinite(maps).all():
-            raise WeakTrError(f"CAMs of image {image_id!r} contain NaN or inf")
-        data, attrs = encode_maps(maps)  # 1/1024 steps as row differences (cam_codec.py)
-        self._create(image_id, data, {**attrs, "class_ids": class_ids.astype(np.int16)})
-
-    def write_labels(self, image_id: str, label: np.ndarray) -> None:
-        """Add one image's (H, W) uint8 label map (255 = ignore)."""
-        label = np.asarray(label)
-        if label.ndim != 2:
-            raise ValueError(f"label map must be 2-D, got {label.shape}")
-        if label.dtype != np.uint8:
-            if label.size and (label.min() < 0 or label.max() > 255):
-                raise ValueError("label values must fit in uint8")
-            label = label.astype(np.uint8)
-        self._create(image_id, label, {})
-
-    def _create(self, image_id: str, data: np.ndarray, attrs: dict[str, np.ndarray]) -> None:
-        name = _encode_id(image_id)
-        if name in self._group:
-            del self._group[name]
-        compress = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
-        # No object timestamps: seeded runs then write identical bytes.
-        ds = self._group.create_dataset(name, data=data, track_times=False,
-                                        **(compress if data.size else {}))
-        for key, value in attrs.items():
-            ds.attrs[key] = value
-        self.done_ids.add(image_id)
-        # Flush per image so a killed run loses at most the image in flight.
-        self._h5.flush()
-
-    def finalize(self) -> Path:
-        """Close, fsync and atomically move the partial file to the final path."""
-        self._h5.attrs["created"] = _now()
-        self._h5.close()
-        with open(self.partial_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(self.partial_path, self.path)
-        return self.path
-
-    def close(self) -> None:
-        """Close without finishing; the partial file stays for a later resume."""
-        if self._h5.id.valid:
-            self._h5.close()
-
-    def __enter__(self) -> ArtifactWriter:
-        return self
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self.close()
-
-
-def copy_entries(reader: ArtifactReader, writer: ArtifactWriter, ids: Iterable[str]) -> None:
-    """Copy entries verbatim (no re-encoding) from one artifact to another of the same kind."""
-    for image_id in ids:
-        if image_id in writer.done_ids:
-            continue
-        name = _encode_id(image_id)
-        reader._h5.copy(reader._group[name], writer._group, name=name)
-        writer.done_ids.add(image_id)
-    writer._h5.flush()
-
-
-def merge_artifacts(
-    inputs: list[Path], out_path: Path, *, order: list[str] | None = None
-) -> Path:
-    """Merge shard artifacts of the same kind, dataset, split and classes into one file.
-
-    Entries keep the order of `order` when given (e.g. the dataset's ids), else shard order.
-    Duplicate ids across shards are an error.
-    """
-    if not inputs:
-        raise WeakTrError("nothing to merge: no input artifacts given")
-    readers = [open_artifact(p) for p in inputs]
-    try:
-        first = readers[0].meta
-        owner: dict[str, ArtifactReader] = {}
-        for reader in readers:
-            if not reader.meta.same_content_as(first):
-                raise WeakTrError(
-                    f"{reader.path} does not match {readers[0].path}: kind, dataset, split "
-                    "and class names must be equal to merge"
-                )
-            for image_id in reader.ids:
-                if image_id in owner:
-                    raise WeakTrError(
-                        f"image {image_id!r} is in both {owner[image_id].path} and {reader.path}"
-                    )
-                owner[image_id] = reader
-        ids = [i for i in order if i in owner] if order is not None else list(owner)
-        meta = new_meta(
-            first.kind,
-            first.dataset,
-            first.split,
-            first.class_names,
-            seed=first.seed,
-            config={**first.config, "merged_from": len(inputs)},
-            parents=inputs,
-        )
-        with ArtifactWriter(out_path, meta, resume=False) as writer:
-            for image_id in ids:
-                copy_entries(owner[image_id], writer, [image_id])
-            return writer.finalize()
-    finally:
-        for reader in readers:
-            reader.close()
+        return getattr(artifact_writer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

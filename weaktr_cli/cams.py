@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifacts import ArtifactWriter, file_sha256, new_meta
+from weaktr_cli.artifact_writer import write_artifact
+from weaktr_cli.artifacts import CamRecord, Entry, file_sha256, new_meta
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import normalize, to_tensor
@@ -178,11 +179,9 @@ def dump_cams(
     meta = new_meta("cams", dataset.name, dataset.split, dataset.class_names, seed=seed,
                     config=config, parents=[checkpoint] if checkpoint else [],
                     data_root=dataset.root)
-    ids = select_shard(dataset.ids, shard)
-    with ArtifactWriter(out_path, meta, resume=resume) as writer:
-        todo = [i for i in ids if i not in writer.done_ids]
+
+    def produce(todo: list[str]) -> Iterator[tuple[str, Entry]]:
         release_freed_memory = FreedMemoryReleaser()
-        done = len(ids) - len(todo)
         for batch in _batches(dataset, todo, settings.batch_size):
             images = torch.stack([to_tensor(image) for _, image in batch])
             labels = [dataset.image_labels(image_id) for image_id, _ in batch]
@@ -191,9 +190,8 @@ def dump_cams(
                                                  batch[0][0]),
                 strict=True,
             ):
-                writer.write_cams(image_id, ids_present, maps)
+                yield image_id, CamRecord(class_ids=ids_present, maps=maps)
             release_freed_memory()
-            done += len(batch)
-            if progress:
-                progress(done, len(ids))
-        return writer.finalize()
+
+    return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
+                          resume=resume, progress=progress)

@@ -10,7 +10,6 @@ with `torch.load(weights_only=True)`.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from weaktr_cli import __version__
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.io import give_default_permissions, temp_path_beside
+from weaktr_cli.files import atomic_file
 
 META_KEY = "weaktr"
 FORMAT_VERSION = 1
@@ -33,16 +32,8 @@ def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor],
     header = {"format_version": FORMAT_VERSION, "weaktr_version": __version__,
               "torch_version": torch.__version__, **meta}
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    tmp = temp_path_beside(path)
-    try:
+    with atomic_file(path) as tmp:
         save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(header, default=str)})
-        give_default_permissions(tmp)  # safetensors recreates the file owner-only
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -108,13 +99,8 @@ def load_checkpoint(path: str | Path, kind: str | None = None
 def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
     """Optimizer/scheduler/step/RNG state for --resume (tensors and plain values only)."""
     path = Path(path)
-    tmp = temp_path_beside(path)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -32,7 +32,6 @@ import contextlib
 import copy
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,7 @@ from torch.nn import functional as F
 from weaktr_cli import __version__
 from weaktr_cli.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.io import temp_path_beside
+from weaktr_cli.files import atomic_file
 from weaktr_cli.models.cam_vit import CAM_VARIANTS, WeakTrCAM, cam_maps, record_attention
 from weaktr_cli.models.fusion import weighted_mean_attention
 from weaktr_cli.models.segmenter import Segmenter
@@ -581,8 +580,7 @@ def export_onnx(
     out = Path(out)
     if not out.parent.is_dir():
         raise WeakTrError(f"output folder {out.parent} does not exist")
-    tmp = temp_path_beside(out)
-    try:
+    with atomic_file(out) as tmp:
         started = time.perf_counter()
         program = _run_exporter(wrapper, shape, kind=kind, dynamic=dynamic, opset=opset)
         program.model.metadata_props.update(meta)
@@ -607,12 +605,6 @@ def export_onnx(
             tmp, reference, _verify_shapes(kind, batch, height, width, patch, dynamic), atol=atol
         )
         verified = time.perf_counter() - started
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return ExportReport(
         path=out, kind=kind, opset=opset, dynamic=dynamic, input_shape=shape,
         output_shape=output_shape, atol=atol, checks=checks, metadata=meta,

@@ -26,7 +26,7 @@ batch is padded by repeating a crop); a dynamic one takes `batch_size` crops of 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -452,7 +452,8 @@ def predict_split_onnx(
     The model's class names must equal the dataset's. Ids already in a resumable
     `<out>.partial` made with the same settings and model are skipped. Returns the path.
     """
-    from weaktr_cli.artifacts import ArtifactWriter, file_sha256, new_meta
+    from weaktr_cli.artifact_writer import write_artifact
+    from weaktr_cli.artifacts import Entry, file_sha256, new_meta
     from weaktr_cli.shards import select_shard
 
     segmenter = OnnxSegmenter(path, threads=threads, providers=providers)
@@ -470,17 +471,12 @@ def predict_split_onnx(
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config, parents=[path],
                     data_root=dataset.root)
-    ids = select_shard(dataset.ids, shard)
-    with ArtifactWriter(out_path, meta, resume=resume) as writer:
-        todo = [i for i in ids if i not in writer.done_ids]
-        done = len(ids) - len(todo)
-        if progress:
-            progress(done, len(ids))
+
+    def produce(todo: list[str]) -> Iterator[tuple[str, Entry]]:
         for image_id in todo:
             image = dataset.load_image(image_id)
-            probs = segmenter.predict_probs(image, settings)
-            writer.write_labels(image_id, label_from_probs(probs, image, settings.crf))
-            done += 1
-            if progress:
-                progress(done, len(ids))
-        return writer.finalize()
+            yield image_id, label_from_probs(segmenter.predict_probs(image, settings), image,
+                                             settings.crf)
+
+    return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
+                          resume=resume, progress=progress)

@@ -288,6 +288,10 @@ def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | N
     label maps there as palette PNGs."""
     if sum(x is not None for x in (checkpoint, reference, onnx)) != 1:
         raise WeakTrError("pass exactly one of --checkpoint, --reference-checkpoint and --onnx")
+    if png_dir is not None:
+        from weaktr_cli.label_pngs import check_png_dir
+
+        check_png_dir(png_dir)  # before the run, not after it
     if onnx is not None:
         path = _predict_onnx(onnx, data=data, data_root=data_root, split=split, images=images,
                              out=out, flip=flip, crf=crf, shard=shard, resume=resume, bar=bar)
@@ -447,7 +451,7 @@ def evaluate_run(*, artifact: Path | None, checkpoint: Path | None = None,
     payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,
                **result.to_dict()}
     if out is not None:
-        from weaktr_cli.io import atomic_write_text
+        from weaktr_cli.files import atomic_write_text
 
         atomic_write_text(out, json.dumps(payload, indent=2))
     return payload

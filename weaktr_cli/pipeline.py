@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.io import atomic_write_text
+from weaktr_cli.files import atomic_write_text
 
 if TYPE_CHECKING:
     from weaktr_cli.data.base import SegmentationDataset

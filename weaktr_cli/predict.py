@@ -18,7 +18,7 @@ dense CRF on the probabilities of the classes present in the argmax (as the refe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifacts import ArtifactWriter, new_meta
+from weaktr_cli.artifact_writer import write_artifact
+from weaktr_cli.artifacts import Entry, new_meta
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
@@ -235,20 +236,15 @@ def predict_split(
     }
     meta = new_meta("labels", dataset.name, dataset.split, names, config=config,
                     parents=[checkpoint] if checkpoint else [], data_root=dataset.root)
-    ids = select_shard(dataset.ids, shard)
-    with ArtifactWriter(out_path, meta, resume=resume) as writer:
-        todo = [i for i in ids if i not in writer.done_ids]
+
+    def produce(todo: list[str]) -> Iterator[tuple[str, Entry]]:
         release_freed_memory = FreedMemoryReleaser()
-        done = len(ids) - len(todo)
-        if progress:
-            progress(done, len(ids))
         for image_id in todo:
             image = dataset.load_image(image_id)
             probs = predict_probs(model, image, settings, dev)
-            writer.write_labels(image_id, label_from_probs(
-                probs, image, settings.crf, renormalize=settings.procedure != "reference"))
+            yield image_id, label_from_probs(
+                probs, image, settings.crf, renormalize=settings.procedure != "reference")
             release_freed_memory()
-            done += 1
-            if progress:
-                progress(done, len(ids))
-        return writer.finalize()
+
+    return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
+                          resume=resume, progress=progress)

@@ -13,7 +13,6 @@ writes, in dataset order, so the output is the same for any number of workers.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import multiprocessing
 import signal
@@ -24,13 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from weaktr_cli.artifacts import (
-    ArtifactReader,
-    ArtifactWriter,
-    CamRecord,
-    new_meta,
-    open_artifact,
-)
+from weaktr_cli.artifact_writer import write_artifact
+from weaktr_cli.artifacts import ArtifactReader, CamRecord, new_meta, open_artifact
 from weaktr_cli.crf import CrfParams, crf_from_labels, crf_from_probs, import_densecrf
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
 from weaktr_cli.errors import WeakTrError
@@ -307,20 +301,11 @@ def make_seeds(
         "unary": unary,
         "mark_disagreement": mark_disagreement,
     }
-    with ArtifactWriter(out_path, out_meta, resume=resume) as writer:
-        todo = [i for i in ids if i not in writer.done_ids]
-        n_total = len(ids)
-        n_done = n_total - len(todo)
-        if progress is not None:
-            progress(n_done, n_total)
-        # closing(): an error here must stop the pool now, not when the generator is collected.
-        with contextlib.closing(_compute(cams_path, dataset, todo, options, workers)) as results:
-            for image_id, label in results:
-                writer.write_labels(image_id, label)
-                n_done += 1
-                if progress is not None:
-                    progress(n_done, n_total)
-        return writer.finalize()
+    return write_artifact(
+        out_path, out_meta, ids,
+        lambda todo: _compute(cams_path, dataset, todo, options, workers),
+        resume=resume, progress=progress,
+    )
 
 
 def _ordered_ids(reader: ArtifactReader, dataset: SegmentationDataset) -> list[str]:

@@ -229,7 +229,7 @@ def iou_chart(series: Mapping[str, Sequence[float | None]], class_names: Sequenc
 def _save(image: Image.Image, out_path: str | Path) -> Path:
     import io
 
-    from weaktr_cli.io import atomic_write_bytes
+    from weaktr_cli.files import atomic_write_bytes
 
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
