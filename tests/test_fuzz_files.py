@@ -27,7 +27,10 @@ from weaktr_cli.artifacts import CamRecord, new_meta, open_artifact
 from weaktr_cli.errors import WeakTrError
 
 EXAMPLES = int(os.environ.get("WEAKTR_FUZZ_EXAMPLES", "60"))
-SECONDS_PER_EXAMPLE = 20  # a reader that takes longer than this on a few-KB file hangs
+# A reader that takes longer than this on a few-KB file hangs. (HDF5 can spend ~20 s and
+# ~4 GB on one damaged variable-length string attribute before its error: not a hang, and
+# not something weaktr can prevent short of parsing HDF5 itself; see docs/RELIABILITY.md.)
+SECONDS_PER_EXAMPLE = 120
 NAMES = ("background", "a", "b", "c")
 IDS = [f"img{i}" for i in range(5)]
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
@@ -83,20 +86,19 @@ def _write(out: Path, kind: str, stop_after: int | None = None) -> Path:
 
 
 @pytest.fixture(scope="module")
-def valid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    """The bytes of valid files of every kind the fuzzers damage."""
+def valid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Valid files of every kind the fuzzers damage."""
     import torch
 
     from weaktr_cli.checkpoints import save_checkpoint, save_training_state
 
     folder = tmp_path_factory.mktemp("valid")
-    files = {kind: _write(folder / f"{kind}.h5", kind).read_bytes() for kind in ("cams",
-                                                                                 "labels")}
+    files = {kind: _write(folder / f"{kind}.h5", kind) for kind in ("cams", "labels")}
     state = {"w": torch.arange(12.0).reshape(3, 4), "b": torch.zeros(3)}
     save_checkpoint(folder / "c.ckpt", state, {"kind": "cam", "class_names": list(NAMES)})
     save_training_state(folder / "c.state", {"step": 3, "optimizer": {"lr": torch.tensor(0.1)}})
-    files["checkpoint"] = (folder / "c.ckpt").read_bytes()
-    files["state"] = (folder / "c.state").read_bytes()
+    files["checkpoint"] = folder / "c.ckpt"
+    files["state"] = folder / "c.state"
     return files
 
 
@@ -113,7 +115,7 @@ def _read_everything(path: Path) -> None:
 def test_damaged_artifacts_give_a_weaktr_error_only(valid, tmp_path: Path, kind: str,
                                                     change) -> None:
     path = tmp_path / "x.h5"
-    path.write_bytes(_damaged(valid[kind], change))
+    path.write_bytes(_damaged(valid[kind].read_bytes(), change))
     with _no_hang(), contextlib.suppress(WeakTrError):
         _read_everything(path)
 
@@ -123,7 +125,7 @@ def test_damaged_artifacts_give_a_weaktr_error_only(valid, tmp_path: Path, kind:
 def test_damaged_artifacts_are_one_line_at_the_cli(valid, tmp_path: Path, capsys,
                                                    change) -> None:
     path = tmp_path / "x.h5"
-    path.write_bytes(_damaged(valid["cams"], change))
+    path.write_bytes(_damaged(valid["cams"].read_bytes(), change))
     with _no_hang():
         result = run_cli(capsys, "inspect", path, "--json")
     assert result.code in (0, 1)
@@ -138,7 +140,7 @@ def test_damaged_checkpoints_give_a_weaktr_error_only(valid, tmp_path: Path, cha
     from weaktr_cli.checkpoints import load_checkpoint, read_checkpoint_meta
 
     path = tmp_path / "x.ckpt"
-    path.write_bytes(_damaged(valid["checkpoint"], change))
+    path.write_bytes(_damaged(valid["checkpoint"].read_bytes(), change))
     with _no_hang(), contextlib.suppress(WeakTrError):
         read_checkpoint_meta(path)
         load_checkpoint(path, kind="cam")
@@ -151,7 +153,7 @@ def test_damaged_training_state_gives_a_weaktr_error_only(valid, tmp_path: Path,
     from weaktr_cli.checkpoints import load_training_state
 
     path = tmp_path / "x.state"
-    path.write_bytes(_damaged(valid["state"], change))
+    path.write_bytes(_damaged(valid["state"].read_bytes(), change))
     with _no_hang(), contextlib.suppress(WeakTrError):
         load_training_state(path)
 

@@ -93,7 +93,11 @@ def load_checkpoint(path: str | Path, kind: str | None = None
             f"{path} is a {meta.get('kind')!r} checkpoint, but a {kind!r} checkpoint is needed",
             hint="train-cam writes 'cam' checkpoints, retrain writes 'segmenter' ones",
         )
-    return load_file(str(path)), meta
+    try:
+        return load_file(str(path)), meta
+    except Exception as exc:  # safetensors raises its own error types
+        raise WeakTrError(f"{path}: its weights are damaged ({str(exc).splitlines()[0]})",
+                          hint="use another copy of the checkpoint") from exc
 
 
 def save_training_state(path: str | Path, state: dict[str, Any]) -> Path:
