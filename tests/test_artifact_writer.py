@@ -141,6 +141,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 FILL = """
+import os
 import sys
 import numpy as np
 from weaktr_cli.artifact_writer import write_artifact
@@ -151,11 +152,14 @@ def produce(todo):
         rng = np.random.default_rng(int(image_id[2:]))
         yield image_id, rng.integers(0, 4, (40, 50)).astype(np.uint8)
 meta = new_meta("labels", "toy", "train", ["background", "a", "b", "c"], config={"x": 1})
-write_artifact(sys.argv[1], meta, ids, produce)
+def progress(done, total):  # a hard stop after EXIT_AFTER images: no close, no cleanup
+    if done == int(os.environ.get("EXIT_AFTER", "-1")):
+        os._exit(3)
+write_artifact(sys.argv[1], meta, ids, produce, progress=progress)
 """
 
 
-def _fill(out: Path, limit: int | None) -> subprocess.CompletedProcess[str]:
+def _fill(out: Path, limit: int | None, **env: str) -> subprocess.CompletedProcess[str]:
     """Run the writer in a child under a file-size limit (`ulimit -f`), through the CLI's error
     boundary."""
     code = ("from weaktr_cli.commands.app import _fail\nfrom weaktr_cli.errors import WeakTrError"
@@ -168,7 +172,8 @@ def _fill(out: Path, limit: int | None) -> subprocess.CompletedProcess[str]:
 
     # The same relative argv in both folders: the recorded command line is equal too.
     return subprocess.run([sys.executable, "-c", code, out.name], capture_output=True,
-                          text=True, cwd=out.parent, env=_env(SOURCE_DATE_EPOCH="1700000000"),
+                          text=True, cwd=out.parent,
+                          env=_env(SOURCE_DATE_EPOCH="1700000000", **env),
                           preexec_fn=limit_size, timeout=120)
 
 
@@ -372,6 +377,20 @@ def test_unwritable_output_folder_is_refused_before_the_run(
 
 
 # ---------------------------------------------------------------------- 14.18 byte-identical
+
+
+def test_hard_stopped_then_resumed_equals_a_clean_run_byte_for_byte(tmp_path: Path) -> None:
+    """A process that dies without closing the file (as after SIGKILL) and is rerun."""
+    (tmp_path / "clean").mkdir()
+    clean = tmp_path / "clean" / "out.h5"
+    assert _fill(clean, None).returncode == 0
+    out = tmp_path / "out.h5"
+    for stop in (7, 23, 41):
+        assert _fill(out, None, EXIT_AFTER=str(stop)).returncode == 3
+        assert not out.exists()
+    assert _fill(out, None).returncode == 0
+    assert out.read_bytes() == clean.read_bytes()
+
 
 
 def test_interrupted_then_resumed_equals_a_clean_run_byte_for_byte(

@@ -2,9 +2,10 @@
 
 The writer is `make_seeds` (what `weaktr crf` runs) on the tiny dataset of `tests/_tiny_data`,
 with the dense CRF, in a child process. Each round kills it twice (the second time while it
-resumes), each time once the journal holds a random number of images and after a random extra
-delay (so kills land inside flushes too), then reruns it to the end and compares the file byte
-for byte with an uninterrupted run's.
+resumes), at a random moment of its writing phase (from the `.partial` file's appearance to the
+end of the run, measured on an uninterrupted run), so kills land between images and inside
+flushes alike; then it reruns the writer to the end and compares the file byte for byte with the
+uninterrupted run's.
 
 `WEAKTR_KILL_ROUNDS` sets the rounds (default 12: 24 kills, about a minute on a quiet machine).
 """
@@ -41,30 +42,31 @@ def _start(folder: Path) -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def _finish(folder: Path) -> None:
-    child = _start(folder)
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 0, err.decode()
-
-
-def _journal_lines(folder: Path) -> int:
-    try:
-        return (folder / "seeds.h5.journal").read_bytes().count(b"\n")
-    except FileNotFoundError:
-        return 0
-
-
-def _kill_at_random(folder: Path, rng: random.Random) -> bool:
-    """Start the writer and SIGKILL it after a random number of images; True when it died
-    mid-run (False: it finished first)."""
-    target = rng.randrange(IMAGES)
-    child = _start(folder)
+def _wait_for_partial(folder: Path, child: subprocess.Popen[bytes]) -> float:
+    """Poll until the writer's `.partial` file appears; the time it appeared."""
     deadline = time.monotonic() + 120
     while child.poll() is None and time.monotonic() < deadline:
-        if (folder / "seeds.h5.lock").exists() and _journal_lines(folder) >= target:
-            time.sleep(rng.uniform(0, 0.01))
+        if (folder / "seeds.h5.partial").exists():
             break
-        time.sleep(0.001)
+        time.sleep(0.0005)
+    return time.monotonic()
+
+
+def _finish(folder: Path) -> float:
+    """Run the writer to the end; seconds from its `.partial` file's appearance to its exit."""
+    child = _start(folder)
+    started = _wait_for_partial(folder, child)
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err.decode()
+    return time.monotonic() - started
+
+
+def _kill_at_random(folder: Path, rng: random.Random, writing: float) -> bool:
+    """Start the writer and SIGKILL it a random time into its writing phase; True when it
+    died mid-run (False: it finished first)."""
+    child = _start(folder)
+    _wait_for_partial(folder, child)
+    time.sleep(rng.uniform(0, writing))
     alive = child.poll() is None
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -73,14 +75,14 @@ def _kill_at_random(folder: Path, rng: random.Random) -> bool:
 
 def test_sigkill_at_random_points_then_rerun_equals_a_clean_run(tmp_path: Path) -> None:
     work = tmp_path  # one folder: the recorded paths of the inputs are equal too
-    _finish(work)
+    writing = _finish(work)
     clean = (work / "seeds.h5").read_bytes()
     rng = random.Random(int(os.environ.get("WEAKTR_KILL_SEED", "14")))
     killed_mid_run = 0
     for round_ in range(ROUNDS):
         (work / "seeds.h5").unlink(missing_ok=True)
-        killed_mid_run += _kill_at_random(work, rng)
-        killed_mid_run += _kill_at_random(work, rng)  # this one resumes the first
+        killed_mid_run += _kill_at_random(work, rng, writing)
+        killed_mid_run += _kill_at_random(work, rng, writing)  # this one resumes the first
         _finish(work)
         assert (work / "seeds.h5").read_bytes() == clean, f"round {round_}"
         assert sorted(p.name for p in work.iterdir()) == ["cams.h5", "seeds.h5"]
