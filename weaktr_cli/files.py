@@ -154,13 +154,17 @@ def output_lock(path: str | Path) -> Iterator[Path]:
             raise write_error(lock_path, exc) from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise WeakTrError(
                 f"{path} is being written by another weaktr process (PID {holder})",
                 hint="wait for it to finish, or write to another --out",
             ) from None
+        except OSError as exc:  # a file system without locks (some network mounts)
+            os.close(fd)
+            raise WeakTrError(f"cannot lock {lock_path}: {exc.strerror}",
+                              hint="write the output to a local disk") from exc
         if _is_current(fd, lock_path):
             break
         os.close(fd)
