@@ -24,7 +24,8 @@ def merge(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.artifacts import merge_artifacts, open_artifact
+    from weaktr_cli.artifact_writer import merge_artifacts
+    from weaktr_cli.artifacts import open_artifact
 
     output = Output(json_mode=json_mode, quiet=quiet)
     merged = merge_artifacts(list(inputs), out)
