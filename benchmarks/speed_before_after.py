@@ -14,7 +14,7 @@ old dump-cams output feeds both crf runs, a briefly retrained model feeds predic
 export predict --onnx. evaluate is timed in process on every train image (its start-up is
 the CLI's), like the numpy loop. Writes the record benchmarks/speed_before_after.json and a
 table, benchmarks/speed_before_after.md; the machine's CPU kind and load averages are recorded
-with it. `--table-only` rewrites the table from the record.
+with it (`--name` names another record). `--table-only` rewrites the table from the record.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -89,23 +90,35 @@ print(json.dumps({"images_per_s": n / (time.perf_counter() - start), "miou": mio
 '''
 
 
+#: CPU seconds (user + system) of the last child process run: unlike wall time it hardly
+#: depends on what else the machine runs.
+_LAST_CPU: list[float] = [0.0]
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _env(code: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(code), "PYTHONHASHSEED": "0"}
 
 
 def _weaktr(code: Path, *args: object) -> float:
     """Wall seconds of one `weaktr` process run from checkout `code`."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     subprocess.run([PYTHON, "-m", "weaktr_cli", *map(str, args), "-q"], env=_env(code),
                    check=True, stdout=subprocess.DEVNULL, cwd=code)
+    _LAST_CPU[0] = _children_cpu() - cpu
     return time.perf_counter() - start
 
 
 def _python(code: Path | None, script: str, *args: object) -> tuple[float, str]:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     env = _env(code) if code else {**os.environ}
     result = subprocess.run([PYTHON, "-c", script, *map(str, args)], env=env, check=True,
                             capture_output=True, text=True)
+    _LAST_CPU[0] = _children_cpu() - cpu
     return time.perf_counter() - start, result.stdout
 
 
@@ -206,11 +219,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/weaktr-speed"))
     parser.add_argument("--only", nargs="*", help="names of the cases to run")
+    parser.add_argument("--name", default="speed_before_after",
+                        help="record name: writes benchmarks/NAME.json and NAME.md")
     parser.add_argument("--table-only", action="store_true", help="rewrite the .md only")
     parser.add_argument("--from-log", type=Path,
                         help="build the record from the printed rounds of an unfinished run")
     args = parser.parse_args()
-    record_path = HERE / "speed_before_after.json"
+    record_path = HERE / f"{args.name}.json"
     if args.table_only:
         _write_table(json.loads(record_path.read_text()))
         return
@@ -226,6 +241,7 @@ def main() -> None:
         cases = {k: v for k, v in cases.items() if k in args.only}
     load_before = os.getloadavg()
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in cases}
+    cpu_samples: dict[tuple[str, str], list[float]] = {}
     if args.from_log:
         args.repeats = _read_log(args.from_log, samples)
     for round_index in range(0 if args.from_log else args.repeats):
@@ -233,20 +249,27 @@ def main() -> None:
             for variant, run in case["runs"].items():
                 value = run()
                 samples[name].setdefault(variant, []).append(value)
-                print(f"round {round_index + 1} {name} {variant}: {value:.2f}", flush=True)
+                cpu_samples.setdefault((name, variant), []).append(_LAST_CPU[0])
+                print(f"round {round_index + 1} {name} {variant}: {value:.2f} "
+                      f"(cpu {_LAST_CPU[0]:.2f} s)", flush=True)
     rows = []
     for name, case in cases.items():
         for variant, values in samples.get(name, {}).items():
             median = statistics.median(values)
             per_s = median if case["images"] is None else case["images"] / median
+            cpu = cpu_samples.get((name, variant))
             rows.append({"phase": name, "code": variant,
                          "wall_s": None if case["images"] is None else round(median, 2),
+                         "cpu_s": round(statistics.median(cpu), 2) if cpu else None,
                          "images_per_s": round(per_s, 1), "runs": [round(v, 2) for v in values]})
     record = {
-        "benchmark": "speed_before_after", "images": args.images, "repeats": args.repeats,
+        "benchmark": args.name, "images": args.images, "repeats": args.repeats,
         "old": str(args.old), "old_commit": _commit(args.old), "new_commit": _commit(NEW),
         "rows": rows, "machine": machine(), "versions": versions(),
         "load_average_before": load_before, "load_average_after": os.getloadavg()}
+    if args.from_log:
+        record["from_log"] = f"{args.from_log}: the complete rounds of an unfinished run; the "
+        record["from_log"] += "load averages are those when the record was written"
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(_write_table(record))
     print(f"-> {record_path}")
@@ -258,12 +281,13 @@ def _read_log(path: Path, samples: dict[str, dict[str, list[float]]]) -> int:
     for line in path.read_text().splitlines():
         if not line.startswith("round ") or ": " not in line:
             continue
-        head, value = line.rsplit(": ", 1)
+        head, value = line.split(" (cpu")[0].rsplit(": ", 1)
         number, rest = head[len("round "):].split(" ", 1)
-        for name in samples:
+        for name in sorted(samples, key=len, reverse=True):  # "predict --onnx" first
             if rest.startswith(name + " "):
                 rounds.setdefault(int(number), []).append(
                     (name, rest[len(name) + 1:], float(value)))
+                break
     expected = max(len(r) for r in rounds.values())
     complete = [r for r in rounds.values() if len(r) == expected]
     for entries in complete:
@@ -287,13 +311,14 @@ def _write_table(record: dict[str, Any]) -> str:
              f"{record['load_average_before']} before, {record['load_average_after']} after "
              f"(other jobs shared the machine). {record['images']} shapes train images, whole "
              f"processes, medians of {record['repeats']} interleaved rounds.", "",
-             "| phase | code | wall s | images/s | runs |", "|---|---|---|---|---|"]
+             "| phase | code | wall s | CPU s | images/s | runs |", "|---|---|---|---|---|---|"]
     for row in record["rows"]:
         wall = "" if row["wall_s"] is None else f"{row['wall_s']:.2f}"
-        lines.append(f"| {row['phase']} | {row['code']} | {wall} | {row['images_per_s']:.1f} "
-                     f"| {', '.join(map(str, row['runs']))} |")
+        cpu = "" if row.get("cpu_s") is None else f"{row['cpu_s']:.2f}"
+        lines.append(f"| {row['phase']} | {row['code']} | {wall} | {cpu} | "
+                     f"{row['images_per_s']:.1f} | {', '.join(map(str, row['runs']))} |")
     text = "\n".join(lines) + "\n"
-    (HERE / "speed_before_after.md").write_text(text)
+    (HERE / f"{record['benchmark']}.md").write_text(text)
     return text
 
 

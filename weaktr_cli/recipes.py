@@ -266,7 +266,9 @@ def recipe_names() -> list[str]:
 
 def recipe_for_dataset(dataset_name: str) -> str:
     """The recipe a dataset gets when none is named: its own, else VOC's (the paper's)."""
-    return dataset_name if dataset_name in _table("cam") else "voc"
+    # Every recipe has all phases; the seeds table is torch-free (the CAM table asks torch
+    # about bf16), so crf and predict --onnx never import torch for this lookup.
+    return dataset_name if dataset_name in _table("seeds") else "voc"
 
 
 def register(name: str, *, cam: CamTrainConfig, dump: CamSettings, seeds: SeedRecipe,
