@@ -52,7 +52,7 @@ def predict(
         help="Fuse the decoder layers as 0.8 P1 + P2 (the reference's inference).")] = False,
     crf: Annotated[str | None, typer.Option(
         help="Test-time CRF preset (voc-test, ...) or none (default: the dataset's recipe: "
-             "voc-test for shapes, none for voc and coco).")] = None,
+             "voc-test for voc and shapes, coco-test for coco).")] = None,
     window: Annotated[int | None, typer.Option(help="Sliding window (default: training crop).")
                       ] = None,
     stride: Annotated[int | None, typer.Option(help="Window stride (default: 2/3 window).")
