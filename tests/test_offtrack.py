@@ -309,7 +309,7 @@ def test_bash_completes_option_values(files_here: Path) -> None:
     assert lines[2].split() == ["tiny-p8", "tiny-c8", "tiny-c8s"]
     assert lines[3].split() == ["shapes", "voc", "coco"]  # not the tests' "smoke"
     assert {"voc", "coco", "voc-test"} <= set(lines[4].split()) and lines[4].endswith("none")
-    assert lines[5].split() == ["auto", "fp32", "bf16", "fp16"]
+    assert lines[5].split() == ["auto", "fp32", "bf16", "fp16", "amp-fp16"]
     assert lines[6].split()[:2] == ["train-cam", "dump-cams"]
     assert lines[7].split() == ["fine", "cross", "coarse"]
     assert lines[8] == ""  # a number: no option names
