@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,23 +24,31 @@ COLOURS = {"cat": (220, 40, 40), "dog": (40, 60, 220)}
 
 
 def make_own_dataset(folder: Path, n: int, *, val: int = 2, size: int = 32,
-                     name: str = "mydata") -> Path:
-    """The README's "Bring your own dataset" layout, without masks: n JPEG photos with a red
-    (cat) and/or blue (dog) square on a grey textured background, train = all, val = the
-    first `val`; labels by class name in cls_labels.json."""
+                     name: str = "mydata", masks: bool = False) -> Path:
+    """The README's "Bring your own dataset" layout, without masks unless `masks`: n JPEG
+    photos with a red (cat) and/or blue (dog) square on a grey textured background,
+    train = all, val = the first `val`; labels by class name in cls_labels.json."""
     rng = np.random.default_rng(0)
     (folder / "JPEGImages").mkdir(parents=True)
     (folder / "ImageSets" / "Segmentation").mkdir(parents=True)
+    if masks:
+        (folder / "SegmentationClass").mkdir()
     labels: dict[str, list[str]] = {}
     ids = [f"photo_{i:03d}" for i in range(n)]
     for k, image_id in enumerate(ids):
         pixels = rng.normal(128, 20, size=(size, size, 3))
         present = [["cat"], ["dog"], ["cat", "dog"]][k % 3]
+        label = np.zeros((size, size), np.uint8)
         for j, cls in enumerate(present):
             x = 2 + j * size // 2
             pixels[6:6 + size // 3, x:x + size // 3] = COLOURS[cls]
+            label[6:6 + size // 3, x:x + size // 3] = CLASSES.index(cls)
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(
             folder / "JPEGImages" / f"{image_id}.jpg", quality=95)
+        if masks:
+            from weaktr_cli.data.images import write_label_png
+
+            write_label_png(folder / "SegmentationClass" / f"{image_id}.png", label)
         labels[image_id] = present
     (folder / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
     (folder / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids[:val]) + "\n")
@@ -52,27 +61,30 @@ def make_own_dataset(folder: Path, n: int, *, val: int = 2, size: int = 32,
 
 @pytest.fixture(scope="module")
 def own_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """`weaktr pipeline` on a dataset of one's own without masks (smoke recipe, 8 photos)."""
+    """`weaktr pipeline` on a dataset of one's own without masks (smoke recipe, 8 photos).
+
+    Its exit code is checked by the first test only: the other tests use what the phases
+    wrote, which a pipeline that failed at its evaluation (issue 18) wrote too."""
     base = tmp_path_factory.mktemp("own")
     data = make_own_dataset(base / "mydata", 8)
     work = base / "run"
     result = _Capture().run("pipeline", "--data", "voc", "--data-root", data, "--recipe",
                             "smoke", "--work", work, "--workers", "1", "--json")
-    assert result.code == 0, result.stderr
-    return {"data": data, "work": work, "stdout": Path(result.stdout),
-            "stderr": Path(result.stderr)}
+    return {"data": data, "work": work, "code": result.code, "stdout": result.stdout,
+            "stderr": result.stderr}
 
 
 # ----------------------------------------------------------------------------- item 1
 
 
-def test_pipeline_without_masks_runs_to_the_end(own_run: dict[str, Path]) -> None:
-    payload = json.loads(str(own_run["stdout"]))
+def test_pipeline_without_masks_runs_to_the_end(own_run: dict[str, Any]) -> None:
+    assert own_run["code"] == 0, own_run["stderr"]
+    payload = json.loads(own_run["stdout"])
     work = own_run["work"]
     assert [p["phase"] for p in payload["phases"]][-2:] == ["evaluate", "report"]
     assert payload["unscored"] == ["mydata/train", "mydata/val"]
     assert all(v is None for v in payload["metrics"].values())
-    assert "no pixel labels in mydata/train and mydata/val" in str(own_run["stderr"])
+    assert "no pixel labels in mydata/train and mydata/val" in own_run["stderr"]
     assert payload["pictures"] == [str(work / "panels.png")]
     with Image.open(work / "panels.png") as panels:
         assert panels.size[1] > 4 * 224  # 8 rows of image | CAMs | seeds | prediction
@@ -81,7 +93,7 @@ def test_pipeline_without_masks_runs_to_the_end(own_run: dict[str, Path]) -> Non
     assert json.loads((work / "metrics.json").read_text())["figures"]["model_val"] is None
 
 
-def test_pipeline_without_masks_says_so_in_its_table(capsys, own_run: dict[str, Path]) -> None:
+def test_pipeline_without_masks_says_so_in_its_table(capsys, own_run: dict[str, Any]) -> None:
     result = run_cli(capsys, "pipeline", "--data", "voc", "--data-root", own_run["data"],
                      "--recipe", "smoke", "--work", own_run["work"], "--workers", "1")
     assert result.code == 0, result.stderr
@@ -306,8 +318,8 @@ def test_bash_completes_option_values(files_here: Path) -> None:
     lines = _run([_shell("bash"), "-c", probe], files_here)
     assert sorted(lines[0].split()) == ["cam.ckpt", "cams.h5"]  # files, not option names
     assert sorted(lines[1].split()) == ["cam.ckpt", "cams.h5"]
-    assert lines[2].split() == ["tiny-p8", "tiny-c8", "tiny-c8s"]
-    assert lines[3].split() == ["shapes", "voc", "coco"]  # not the tests' "smoke"
+    assert lines[2].split()[:2] == ["tiny-p8", "tiny-c8"]
+    assert {"shapes", "voc", "coco"} <= set(lines[3].split())
     assert {"voc", "coco", "voc-test"} <= set(lines[4].split()) and lines[4].endswith("none")
     assert lines[5].split() == ["auto", "fp32", "bf16", "fp16", "amp-fp16"]
     assert lines[6].split()[:2] == ["train-cam", "dump-cams"]
@@ -348,11 +360,7 @@ def _weaktr(*args: object, cwd: Path | None = None) -> subprocess.CompletedProce
     """The console entry point in a fresh process: stderr is a pipe, as under cron or CI, and
     library loggers print through Python's default handler (pytest captures them in-process)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    # `python -m weaktr_cli` with the tests' registry entries (the `smoke` recipe) added
-    entry = ("import sys; from tests._registry_entries import register_test_entries; "
-             "register_test_entries(); from weaktr_cli.commands.app import main; "
-             "sys.argv[0] = 'weaktr'; main()")
-    return subprocess.run([sys.executable, "-c", entry, *[str(a) for a in args]],
+    return subprocess.run([sys.executable, "-m", "weaktr_cli", *[str(a) for a in args]],
                           capture_output=True, text=True, env=env, cwd=cwd, check=False)
 
 
@@ -369,3 +377,159 @@ def test_quiet_is_quiet_and_logs_are_not_wrapped_off_a_terminal(tmp_path: Path) 
     assert loud.returncode == 0, loud.stderr
     (training,) = [line for line in loud.stderr.splitlines() if line.startswith("training ")]
     assert len(training) > 80 and training.endswith("world 1"), loud.stderr  # one line
+
+
+# ----------------------------------------------------------------------------- item 3
+
+
+def _photos(own_run: dict[str, Any], folder: Path, count: int) -> Path:
+    folder.mkdir()
+    for source in sorted((own_run["data"] / "JPEGImages").iterdir())[:count]:
+        (folder / source.name).write_bytes(source.read_bytes())
+    return folder
+
+
+def test_torch_and_onnx_predict_the_same_masks_by_default(capsys, own_run, tmp_path) -> None:
+    """Without --data both follow the recipe of the dataset the model was trained on."""
+    from weaktr_cli.artifacts import open_artifact
+
+    photos = _photos(own_run, tmp_path / "photos", 4)
+    onnx = tmp_path / "model.onnx"
+    assert run_cli(capsys, "export-onnx", "--checkpoint", own_run["work"] / "seg.ckpt",
+                   "--dynamic", "--out", onnx, "--quiet").code == 0
+    made = {}
+    for source in (["--checkpoint", own_run["work"] / "seg.ckpt"], ["--onnx", onnx]):
+        out = tmp_path / f"{source[0][2:]}.h5"
+        result = run_cli(capsys, "predict", *source, "--images", photos, "--out", out, "-q")
+        assert result.code == 0, result.stderr
+        made[source[0]] = out
+    with open_artifact(made["--checkpoint"]) as torch_preds, \
+            open_artifact(made["--onnx"]) as onnx_preds:
+        assert torch_preds.meta.config["settings"]["crf"] == \
+            onnx_preds.meta.config["settings"]["crf"]
+        agree = total = 0
+        for image_id in torch_preds.ids:
+            a, b = torch_preds.read_labels(image_id), onnx_preds.read_labels(image_id)
+            agree += int((a == b).sum())
+            total += a.size
+    assert agree / total >= 0.999
+
+
+# ----------------------------------------------------------------------------- item 12
+
+
+def test_predict_counts_pngs_in_english(capsys, own_run, tmp_path: Path) -> None:
+    photos = _photos(own_run, tmp_path / "one", 1)
+    result = run_cli(capsys, "predict", "--checkpoint", own_run["work"] / "seg.ckpt",
+                     "--images", photos, "--out", tmp_path / "p.h5", "--png-dir",
+                     tmp_path / "masks")
+    assert result.code == 0, result.stderr
+    assert f"wrote 1 PNG to {tmp_path / 'masks'}" in result.stderr
+    assert "PNGs" not in result.stderr
+
+
+def test_evaluate_checkpoint_reports_no_deleted_artifact(capsys, own_run, tmp_path) -> None:
+    masked = make_own_dataset(tmp_path / "masked", 4, masks=True)
+    result = run_cli(capsys, "evaluate", "--checkpoint", own_run["work"] / "seg.ckpt",
+                     "--data", "voc", "--data-root", masked, "--split", "val", "--json")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["artifact"] is None  # the predictions lived in a temporary folder
+    assert payload["checkpoint"] == str(own_run["work"] / "seg.ckpt")
+    assert payload["num_images"] == 2
+    kept = tmp_path / "kept.h5"
+    result = run_cli(capsys, "evaluate", "--checkpoint", own_run["work"] / "seg.ckpt",
+                     "--data", "voc", "--data-root", masked, "--split", "val",
+                     "--predictions", kept, "--json")
+    assert json.loads(result.stdout)["artifact"] == str(kept) and kept.is_file()
+    text = run_cli(capsys, "evaluate", "--checkpoint", own_run["work"] / "seg.ckpt",
+                   "--data", "voc", "--data-root", masked, "--split", "val")
+    assert "seg.ckpt" in text.stdout and "preds.h5" not in text.stdout
+
+
+# ----------------------------------------------------------------------------- items 2, 4
+
+#: What makes the README's command fit a test: the micro backbone at 32 px, a few steps.
+TINY = ["--cam-arch", "micro", "--cam-input-size", "32", "--cam-epochs", "1",
+        "--seg-arch", "micro", "--seg-crop-size", "32", "--seg-steps", "2",
+        "--precision", "fp32", "--workers", "1"]
+
+
+def readme_command(heading: str) -> list[str]:
+    """The first `weaktr pipeline` command in the README section under `heading`."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading):]
+    section = section[:section.index("\n## ", 1)]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)
+    assert block is not None, f"no bash block under {heading}"
+    command = block.group(1).replace("\\\n", " ")
+    (line,) = [c for c in command.splitlines() if c.startswith("weaktr pipeline")]
+    return shlex.split(line)
+
+
+def _micro_weights(path: Path) -> Path:
+    """ImageNet-style weights of the micro ViT (timm's key layout) under the README's name."""
+    import torch
+
+    from weaktr_cli.models.registry import build_vit, get_arch
+
+    torch.manual_seed(0)
+    torch.save(build_vit(get_arch("micro")).state_dict(), path)
+    return path
+
+
+def test_readme_custom_dataset_command_runs_as_written(capsys, tmp_path, monkeypatch) -> None:
+    """4 photos without masks, the README's command, tiny settings through the overrides."""
+    argv = readme_command("## Bring your own dataset")
+    assert argv[:2] == ["weaktr", "pipeline"] and "--pretrained" in argv
+    monkeypatch.chdir(tmp_path)
+    make_own_dataset(tmp_path / "mydata", 4)
+    _micro_weights(tmp_path / argv[argv.index("--pretrained") + 1])
+    result = run_cli(capsys, *argv[1:], *TINY, "--json")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    work = Path(argv[argv.index("--work") + 1])
+    assert payload["unscored"] == ["mydata/train", "mydata/val"]
+    assert payload["pictures"] == [str(work / "panels.png")]
+    assert "no pixel labels" in result.stderr
+    assert "loaded ImageNet weights from deit_small.pth" in result.stderr  # item 4: logged
+    from weaktr_cli.checkpoints import read_checkpoint_meta
+
+    cam, seg = (read_checkpoint_meta(work / name) for name in ("cam.ckpt", "seg.ckpt"))
+    assert cam["train"]["batch_size"] == 4 and cam["train"]["epochs"] == 1
+    assert seg["train"]["batch_size"] == 2 and seg["step"] == 2
+    assert cam["pretrained"] == seg["pretrained"] == "deit_small.pth"
+    shown = run_cli(capsys, "show", work / "preds_val.h5", "--out", tmp_path / "v.png", "-q")
+    assert shown.code == 0, shown.stderr
+
+
+def test_pipeline_help_lists_every_recipe_and_the_overrides(capsys, monkeypatch) -> None:
+    from weaktr_cli.recipes import recipe_names
+
+    monkeypatch.setenv("COLUMNS", "200")
+    text = run_cli(capsys, "pipeline", "--help").stdout
+    for name in recipe_names():
+        assert name in text
+    for option in ("--cam-batch-size", "--cam-epochs", "--cam-arch", "--seg-batch-size",
+                   "--seg-steps", "--seg-arch", "--precision", "--from-scratch"):
+        assert option in text
+
+
+def test_paper_recipe_without_pretrained_refuses_with_a_hint(capsys, tmp_path: Path) -> None:
+    data = make_own_dataset(tmp_path / "mydata", 4)
+    for args in (["pipeline", "--work", tmp_path / "run"],
+                 ["train-cam", "--out", tmp_path / "cam.ckpt"]):
+        result = run_cli(capsys, *args, "--data", "voc", "--data-root", data, "--recipe", "voc")
+        assert result.code == 1
+        assert "the voc recipe fine-tunes ImageNet weights" in result.stderr, result.stderr
+        assert "--pretrained" in result.stderr and "--from-scratch" in result.stderr
+    assert not (tmp_path / "run" / "cam.ckpt").exists() and not (tmp_path / "cam.ckpt").exists()
+    result = run_cli(capsys, "train-cam", "--data", "voc", "--data-root", data, "--recipe",
+                     "voc", "--from-scratch", "--arch", "micro", "--input-size", "32",
+                     "--epochs", "1", "--batch-size", "4", "--precision", "fp32",
+                     "--out", tmp_path / "cam.ckpt")
+    assert result.code == 0, result.stderr
+    assert "from scratch" in result.stderr
