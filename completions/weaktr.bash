@@ -156,13 +156,22 @@ _weaktr() {
         "weaktr show --n") COMPREPLY=(); return ;;
         "weaktr pipeline --data") words="shapes voc coco" ;;
         "weaktr pipeline --recipe") words="shapes voc coco" ;;
+        "weaktr pipeline --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr pipeline --force") words="train-cam dump-cams crf retrain predict evaluate report" ;;
         "weaktr pipeline --device") words="auto cpu cuda" ;;
         "weaktr pipeline --data-root") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr pipeline --pretrained") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr pipeline --work") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
         "weaktr pipeline -w") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        "weaktr pipeline --cam-arch") COMPREPLY=(); return ;;
+        "weaktr pipeline --cam-batch-size") COMPREPLY=(); return ;;
+        "weaktr pipeline --cam-epochs") COMPREPLY=(); return ;;
+        "weaktr pipeline --cam-input-size") COMPREPLY=(); return ;;
         "weaktr pipeline --seed") COMPREPLY=(); return ;;
+        "weaktr pipeline --seg-arch") COMPREPLY=(); return ;;
+        "weaktr pipeline --seg-batch-size") COMPREPLY=(); return ;;
+        "weaktr pipeline --seg-crop-size") COMPREPLY=(); return ;;
+        "weaktr pipeline --seg-steps") COMPREPLY=(); return ;;
         "weaktr pipeline --test-split") COMPREPLY=(); return ;;
         "weaktr pipeline --train-split") COMPREPLY=(); return ;;
         "weaktr pipeline --val-split") COMPREPLY=(); return ;;
@@ -182,17 +191,17 @@ _weaktr() {
     if [[ -z $words ]]; then
         case "$path" in
             "weaktr") words="train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data --version" ;;
-            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --aaf-reduction --pretrained --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --aaf-reduction --pretrained --from-scratch --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --recipe --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --recipe --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
-            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --cams --ambiguity --arch --decoder --pretrained --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --cams --ambiguity --arch --decoder --pretrained --from-scratch --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
             "weaktr predict") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --onnx --data --data-root --split --images --out --png-dir --recipe --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr evaluate") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --search-start --out --json --quiet" ;;
             "weaktr export-onnx") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --out --cam --height --width --dynamic --no-dynamic --batch-size --opset --variant --all-layers --no-all-layers --atol --json --quiet" ;;
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;
             "weaktr show") words="--id --n --out --data --data-root --json --quiet" ;;
-            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --test-split --recipe --pretrained --force --seed --workers --device --json --quiet" ;;
+            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --test-split --recipe --pretrained --from-scratch --cam-arch --cam-batch-size --cam-epochs --cam-input-size --seg-arch --seg-batch-size --seg-steps --seg-crop-size --precision --force --seed --workers --device --json --quiet" ;;
             "weaktr data") words="check shapes" ;;
             "weaktr data check") words="--data --data-root --json --quiet" ;;
             "weaktr data shapes") words="--out --num-train --num-val --num-test --image-size --num-classes --max-objects --seed --json --quiet" ;;

@@ -24,6 +24,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l fusion -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-pool -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-reduction -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l pretrained -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l from-scratch
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l epochs -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l batch-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l lr -x
@@ -98,6 +99,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l ambiguity -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l decoder -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l pretrained -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l from-scratch
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l crop-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l batch-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l epochs -x
@@ -197,6 +199,16 @@ complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l val-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l test-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l recipe -xa 'shapes voc coco'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l pretrained -r -F
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l from-scratch
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l cam-arch -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l cam-batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l cam-epochs -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l cam-input-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-arch -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-batch-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-steps -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-crop-size -x
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l precision -xa 'auto fp32 bf16 fp16 amp-fp16'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l force -xa 'train-cam dump-cams crf retrain predict evaluate report'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seed -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l workers -x

@@ -60,18 +60,23 @@ def _quiet(_message: str) -> None:
 
 def train_cam_run(*, data: str, split: str, val_split: str | None, data_root: Path | None,
                   out: Path, recipe: str | None, overrides: dict[str, Any],
-                  pretrained: Path | None = None, resume: bool = False, device: str = "auto",
+                  pretrained: Path | None = None, from_scratch: bool = False,
+                  resume: bool = False, device: str = "auto",
                   log_jsonl: Path | None = None, log: Log = _quiet, bar: Bar = _no_bar,
                   ) -> tuple[CamTrainResult, CamTrainConfig]:
     """Train the CAM model of recipe `recipe` (default: the dataset's) with `overrides`;
-    `val_split` None skips validation. Returns the result and the settings used."""
+    `val_split` None skips validation. A paper recipe needs `pretrained` weights unless
+    `from_scratch`. Returns the result and the settings used."""
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import qualify_recipe, resolve
+    from weaktr_cli.recipes import check_encoder_init, qualify_recipe, resolve
     from weaktr_cli.train_cam import cam_miou_scorer, train_cam
 
     recipe_name = qualify_recipe(recipe, data)
     config: CamTrainConfig = resolve("cam", recipe_name, **overrides)
     config.check()
+    note = check_encoder_init(recipe_name, pretrained, from_scratch)
+    if note:
+        log(note)
     train_set = open_dataset(data, split, data_root)
     val_set = None if val_split is None else open_dataset(data, val_split, data_root)
     cam_miou = None
@@ -185,7 +190,8 @@ def _check_no_crf(no_crf: bool, preset: str | None, crf_overrides: dict[str, Any
 
 def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: Path,
                 recipe: str | None, overrides: dict[str, Any], clip: bool | None = None,
-                bg: float | None = None, pretrained: Path | None = None, resume: bool = False,
+                bg: float | None = None, pretrained: Path | None = None,
+                from_scratch: bool = False, resume: bool = False,
                 cams: Path | None = None, ambiguity: str | None = None,
                 device: str = "auto", log_jsonl: Path | None = None, log: Log = _quiet,
                 bar: Bar = _no_bar) -> tuple[RetrainResult, RetrainConfig]:
@@ -194,11 +200,12 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
     Asking for a threshold (a `tau` override) asks for clipping unless `clip` says otherwise;
     seeds from a cams artifact use `bg`, else the recipe's background level (no CRF).
     `ambiguity` ("none" or a ratio) replaces the recipe's; `cams` are the CAMs it reads
-    (default: the seeds' parent).
+    (default: the seeds' parent). A paper recipe needs `pretrained` encoder weights unless
+    `from_scratch`.
     """
     from weaktr_cli.artifacts import read_meta
-    from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import qualify_recipe, recipe_for_dataset, resolve
+    from weaktr_cli.data import open_artifact_dataset
+    from weaktr_cli.recipes import check_encoder_init, qualify_recipe, recipe_for_dataset, resolve
     from weaktr_cli.retrain.loop import retrain
     from weaktr_cli.retrain.seed_source import SeedSource
 
@@ -207,11 +214,14 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
         raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
                           "there is no threshold", hint="drop one of them")
     meta = read_meta(seeds)
-    dataset = open_dataset(data or meta.dataset, meta.split, data_root)
+    dataset = open_artifact_dataset(meta, data=data, root=data_root)
     recipe_name = qualify_recipe(recipe, dataset.name)
     if clip is None and tau is not None:
         clip = True  # asking for a threshold asks for clipping
     config: RetrainConfig = resolve("retrain", recipe_name, **overrides, clip=clip)
+    note = check_encoder_init(recipe_name, pretrained, from_scratch)
+    if note:
+        log(note)
     if ambiguity is not None:
         config = dataclasses.replace(config, ambiguity=_ratio_or_none(ambiguity, "--ambiguity"))
         config.check()
@@ -255,6 +265,14 @@ def _open(data: str, data_root: Path | None, split: str, images: Path | None,
 
         return ImageFolderDataset(images, class_names)
     return open_dataset(data, split, data_root)
+
+
+def _model_recipe(recipe: str | None, data: str | None, model_dataset: str | None) -> str:
+    """The predict recipe: --recipe, else --data's, else that of the dataset the model was
+    trained on (a checkpoint and its ONNX export both record it), so torch and ONNX agree."""
+    from weaktr_cli.recipes import qualify_recipe
+
+    return qualify_recipe(recipe, str(data or model_dataset or "shapes"))
 
 
 def _crf_choice(crf: str | None, recipe_crf: str | None) -> str | None:
@@ -305,7 +323,7 @@ def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | N
         from weaktr_cli.label_pngs import write_png_dir
 
         count = write_png_dir(path, png_dir)
-        log(f"wrote {count} PNGs to {png_dir}")
+        log(f"wrote {count} PNG{'' if count == 1 else 's'} to {png_dir}")
     return path
 
 
@@ -346,12 +364,12 @@ def _open_segmenter(checkpoint: Path, *, data: str | None, data_root: Path | Non
     """(model, checkpoint meta, dataset, settings) for a weaktr segmenter checkpoint."""
     from weaktr_cli.models.io import load_segmenter
     from weaktr_cli.predict import settings_for_checkpoint
-    from weaktr_cli.recipes import qualify_recipe, resolve
+    from weaktr_cli.recipes import resolve
 
     model, meta = load_segmenter(checkpoint)
     dataset_name = data or meta.get("dataset", "shapes")
     dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
-    base = resolve("predict", qualify_recipe(recipe, str(dataset_name)))
+    base = resolve("predict", _model_recipe(recipe, data, meta.get("dataset")))
     overrides: dict[str, Any] = {**fixed, "crf": _crf_choice(crf, base.crf)}
     if flip is not None:
         overrides["flip"] = flip
@@ -402,11 +420,13 @@ def _predict_onnx(onnx: Path, *, data: str | None, data_root: Path | None, split
                   images: Path | None, out: Path, flip: bool | None, crf: str | None,
                   shard: tuple[int, int] | None, resume: bool, bar: Bar) -> Path:
     from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
-    from weaktr_cli.recipes import recipe_for_dataset, resolve
+    from weaktr_cli.recipes import resolve
 
     info = read_onnx_info(onnx)
-    dataset = _open(data or "shapes", data_root, split, images, info.class_names)
-    recipe_crf = resolve("predict", recipe_for_dataset(data or "shapes")).crf
+    model_dataset = info.extra.get("dataset")
+    dataset = _open(data or model_dataset or "shapes", data_root, split, images,
+                    info.class_names)
+    recipe_crf = resolve("predict", _model_recipe(None, data, model_dataset)).crf
     settings = OnnxPredictSettings(crf=_crf_choice(crf, recipe_crf))
     if flip is not None:
         settings = dataclasses.replace(settings, flip=flip)
@@ -448,8 +468,11 @@ def evaluate_run(*, artifact: Path | None, checkpoint: Path | None = None,
             with bar(f"evaluate {artifact.name}", len(reader)) as update:
                 result = evaluate_artifact(reader, dataset, thresholds=sweep, progress=update,
                                            reference_start=search_start)
-    payload = {"artifact": str(artifact), "dataset": dataset.name, "split": dataset.split,
-               **result.to_dict()}
+    # Predictions made in the temporary folder are gone: name the checkpoint instead.
+    kept = artifact if checkpoint is None and reference is None else predictions
+    payload = {"artifact": str(kept) if kept else None,
+               "checkpoint": str(checkpoint) if checkpoint is not None else None,
+               "dataset": dataset.name, "split": dataset.split, **result.to_dict()}
     if out is not None:
         from weaktr_cli.files import atomic_write_text
 

@@ -47,10 +47,14 @@ class PipelineConfig:
     recipe: str | None = None  # default: the dataset's name
     seed: int | None = None  # default: the recipe's
     pretrained: Path | None = None
+    from_scratch: bool = False  # a recipe made for ImageNet weights, on purpose without them
     device: str = "auto"
     workers: int = 2
     force: tuple[str, ...] = ()
     show_images: int = 8
+    #: per-phase recipe overrides (field -> value; None keeps the recipe's), e.g.
+    #: {"cam": {"batch_size": 4}, "retrain": {"iterations": 200}, "predict": {...}}
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -127,7 +131,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                  ) -> PipelineResult:
     """Run (or skip) every phase on `config.data` and return per-phase records and metrics."""
     from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import RETRAIN_FROM_CAM, qualify_recipe, resolve
+    from weaktr_cli.recipes import RETRAIN_FROM_CAM, check_encoder_init, qualify_recipe, resolve
 
     say = log or (lambda _m: None)
     bar = progress or (lambda _name: (lambda _done, _total: None))
@@ -136,7 +140,12 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
         raise WeakTrError(f"unknown phase {unknown[0]!r} in --force",
                           hint=f"phases: {', '.join(PHASES)}")
     recipe = qualify_recipe(config.recipe, config.data)
-    cam_config = resolve("cam", recipe, seed=config.seed)
+    overrides = config.overrides
+    cam_config = resolve("cam", recipe, **{"seed": config.seed, **overrides.get("cam", {})})
+    cam_config.check()
+    note = check_encoder_init(recipe, config.pretrained, config.from_scratch)
+    if note:
+        say(note)
     work = config.work
     work.mkdir(parents=True, exist_ok=True)
     runner = _Runner(work, config.force, say)
@@ -144,9 +153,10 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
     val_set = open_dataset(config.data, config.val_split, config.data_root)
     test_set = _held_out(config, val_set)
 
-    retrain_config = resolve("retrain", recipe, seed=config.seed)
+    retrain_config = resolve("retrain", recipe,
+                             **{"seed": config.seed, **overrides.get("retrain", {})})
     dump_settings, seed_recipe = resolve("dump", recipe), resolve("seeds", recipe)
-    predict_settings = resolve("predict", recipe)
+    predict_settings = resolve("predict", recipe, **overrides.get("predict", {}))
     dataset_key = {"data": config.data, "root": str(config.data_root),
                    "train": train_set.split, "val": val_set.split, "n": len(train_set)}
 

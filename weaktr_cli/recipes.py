@@ -35,11 +35,13 @@ __all__ = [
     "DUMP_RECIPES",
     "PHASES",
     "PREDICT_RECIPES",
+    "PRETRAINED_RECIPES",
     "RETRAIN_FROM_CAM",
     "RETRAIN_RECIPES",
     "SEED_RECIPES",
     "SeedRecipe",
     "cam_recipe",
+    "check_encoder_init",
     "dump_recipe",
     "qualify_recipe",
     "recipe_for_dataset",
@@ -164,6 +166,29 @@ def _retrain_recipes() -> dict[str, RetrainConfig]:
 #: encoder is a conv-stem hybrid. A recipe registered with `register(...,
 #: retrain_from_cam=True)` (the tests' "smoke") takes this path.
 RETRAIN_FROM_CAM: set[str] = set()
+
+#: Recipes that fine-tune ImageNet weights (the paper's): without them the model trains from
+#: random weights for a schedule sized for fine-tuning (60 GPU epochs of DeiT-S), which is
+#: almost always a forgotten --pretrained, so it takes --from-scratch to ask for it.
+PRETRAINED_RECIPES: frozenset[str] = frozenset({"voc", "coco"})
+
+
+def check_encoder_init(recipe: str, pretrained: object | None, from_scratch: bool) -> str | None:
+    """Refuse a recipe of `PRETRAINED_RECIPES` without weights unless `from_scratch`; returns
+    the note to log about the encoder's start (None when there is nothing to say)."""
+    # "voc-release", "coco-paper", ...: the paper recipes' versions fine-tune too.
+    if recipe.split("-")[0] not in PRETRAINED_RECIPES or pretrained is not None:
+        return None
+    if not from_scratch:
+        raise WeakTrError(
+            f"the {recipe} recipe fine-tunes ImageNet weights; without --pretrained it would "
+            "train from random weights for a schedule sized for fine-tuning",
+            hint="pass --pretrained FILE (local timm DeiT-S weights, e.g. "
+            "deit_small_patch16_224-cd65a155.pth), or --from-scratch to start from random "
+            "weights on purpose",
+        )
+    return (f"[yellow]training from scratch (--from-scratch): the {recipe} recipe was made for "
+            "ImageNet weights[/]")
 
 #: Test-time settings; `predict` fills window, stride and normalisation from the checkpoint.
 PREDICT_RECIPES: dict[str, PredictSettings] = {

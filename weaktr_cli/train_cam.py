@@ -166,7 +166,8 @@ def train_cam(
         if pretrained is not None:
             from weaktr_cli.models.weights import load_pretrained_backbone
 
-            load_pretrained_backbone(model, pretrained)
+            report = load_pretrained_backbone(model, pretrained)
+            say(f"loaded ImageNet weights from {pretrained}: {report.summary()}")
         model.to(run.device)
         trainer = _CamTrainer(run, model, config, train_set)
         if resume:

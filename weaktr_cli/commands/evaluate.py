@@ -78,7 +78,8 @@ def evaluate(
 
 
 def render(console: Console, payload: dict) -> None:
-    title = f"{payload['artifact']}: {payload['kind']} on {payload['dataset']}/{payload['split']}"
+    source = payload["artifact"] or f"predictions of {payload.get('checkpoint') or 'the model'}"
+    title = f"{source}: {payload['kind']} on {payload['dataset']}/{payload['split']}"
     if payload.get("best_threshold") is not None:
         title += f" (best background threshold {payload['best_threshold']:.2f})"
     table = Table(title=title)

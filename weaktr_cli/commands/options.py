@@ -91,3 +91,11 @@ def _recipe_help() -> str:
 
 
 Recipe = Annotated[str | None, typer.Option(help=_recipe_help())]
+FromScratch = Annotated[
+    bool,
+    typer.Option(
+        "--from-scratch",
+        help="Train from random weights with a recipe made for ImageNet weights (voc, coco), "
+        "which otherwise refuses to start without --pretrained.",
+    ),
+]

@@ -21,6 +21,10 @@ train and on the held-out test split (shapes' test split, which no recipe choice
 val for datasets without one), with the wall time and artifact size of each phase. The same
 figures, the phase times, the CPU kind and the versions go to WORK/metrics.json.
 
+The recipe sets every phase; the --cam-* and --seg-* options and --precision override one
+setting of it (a dataset of a few images needs batches no larger than itself). The voc and
+coco recipes fine-tune ImageNet weights: pass --pretrained, or --from-scratch.
+
 Like make, a phase whose artifact exists and whose inputs and settings are unchanged is
 skipped; --force PHASE redoes it and everything after it. Every phase is also an ordinary
 subcommand: stop after any phase, inspect or replace its HDF5 file, and rerun.
@@ -29,7 +33,18 @@ subcommand: stop after any phase, inspect or replace its HDF5 file, and rerun.
   weaktr pipeline                                  # built-in shapes dataset, CPU recipe
   weaktr pipeline --work runs/shapes --force retrain
   weaktr pipeline --data voc --data-root ~/VOCdevkit --pretrained deit_small.pth --work runs/voc
+  weaktr pipeline --data voc --data-root mydata --recipe voc --pretrained deit_small.pth \\
+      --cam-batch-size 4 --seg-batch-size 2 --seg-steps 200 --work runs/mydata
 """
+
+
+_OVERRIDES = "Recipe overrides (default: the recipe's)"
+
+
+def _overrides(**phases: dict[str, object]) -> dict[str, dict[str, object]]:
+    """The options given, per phase (None: keep the recipe's)."""
+    return {phase: {k: v for k, v in values.items() if v is not None}
+            for phase, values in phases.items()}
 
 
 def pipeline(
@@ -45,6 +60,28 @@ def pipeline(
     recipe: options.Recipe = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Local ImageNet ViT weights for both models.")] = None,
+    from_scratch: options.FromScratch = False,
+    cam_arch: Annotated[str | None, typer.Option(
+        help="CAM backbone (deit-small, tiny-p8, ...).", rich_help_panel=_OVERRIDES)] = None,
+    cam_batch_size: Annotated[int | None, typer.Option(
+        min=1, help="CAM training batch size.", rich_help_panel=_OVERRIDES)] = None,
+    cam_epochs: Annotated[int | None, typer.Option(
+        min=1, help="CAM training epochs.", rich_help_panel=_OVERRIDES)] = None,
+    cam_input_size: Annotated[int | None, typer.Option(
+        min=8, help="CAM training crop size in pixels.", rich_help_panel=_OVERRIDES)] = None,
+    seg_arch: Annotated[str | None, typer.Option(
+        help="Retraining encoder (vit-small, tiny-c8, ...).", rich_help_panel=_OVERRIDES)
+    ] = None,
+    seg_batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Retraining batch size.", rich_help_panel=_OVERRIDES)] = None,
+    seg_steps: Annotated[int | None, typer.Option(
+        min=1, help="Retraining optimizer steps.", rich_help_panel=_OVERRIDES)] = None,
+    seg_crop_size: Annotated[int | None, typer.Option(
+        min=8, help="Retraining crop (and prediction window) in pixels.",
+        rich_help_panel=_OVERRIDES)] = None,
+    precision: Annotated[str | None, typer.Option(
+        help="auto, fp32, bf16 or fp16 for training and prediction.",
+        rich_help_panel=_OVERRIDES)] = None,
     force: Annotated[list[str] | None, typer.Option(
         help="Redo this phase and all after it (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the recipe's).")] = None,
@@ -59,8 +96,16 @@ def pipeline(
     config = PipelineConfig(work=work, data=str(data), data_root=data_root,
                             train_split=train_split, val_split=val_split,
                             test_split=test_split, recipe=recipe,
-                            seed=seed, pretrained=pretrained, device=device, workers=workers,
-                            force=tuple(force or ()))
+                            seed=seed, pretrained=pretrained, from_scratch=from_scratch,
+                            device=device, workers=workers, force=tuple(force or ()),
+                            overrides=_overrides(
+                                cam={"arch": cam_arch, "batch_size": cam_batch_size,
+                                     "epochs": cam_epochs, "input_size": cam_input_size,
+                                     "precision": precision},
+                                retrain={"arch": seg_arch, "batch_size": seg_batch_size,
+                                         "iterations": seg_steps, "crop_size": seg_crop_size,
+                                         "precision": precision},
+                                predict={"precision": precision}))
     bars = []
 
     def progress(name: str):

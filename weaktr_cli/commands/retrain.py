@@ -19,6 +19,12 @@ pixels whose loss exceeds max(patch mean, global mean) over --patch x --patch pa
 gradient). --seeds takes a labels artifact (from crf) or a cams artifact, turned into seeds on
 the fly with --bg. --tau auto sets the threshold from the loss of the first epoch (for data
 whose loss scale differs from VOC's, where 1.2 is the paper's value).
+The voc and coco recipes start the encoder from ImageNet weights: pass --pretrained (or
+--from-scratch).
+
+Beside OUT, training keeps OUT.last (the newest weights) and OUT.state (optimizer, scheduler,
+RNG: about twice the weights) for --resume, and OUT.jsonl (the log). Delete .last and .state
+once the run is done; `weaktr inspect OUT` lists them.
 
 [dim]Examples:[/]
   weaktr retrain --seeds seeds.h5 --out seg.ckpt                     # built-in dataset
@@ -56,6 +62,7 @@ def retrain(
     pretrained: Annotated[Path | None, typer.Option(
         help="Encoder initialisation: local ImageNet ViT weights, or a train-cam checkpoint "
         "of the same backbone.")] = None,
+    from_scratch: options.FromScratch = False,
     crop_size: Annotated[int | None, typer.Option(min=8)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
@@ -63,7 +70,8 @@ def retrain(
                                                    "--epochs).")] = None,
     lr: Annotated[float | None, typer.Option()] = None,
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run of --out from OUT.last and OUT.state.")] = False,
     log_jsonl: Annotated[Path | None, typer.Option(
         help="Per-step JSONL log (default: OUT.jsonl).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")] = None,
@@ -94,7 +102,8 @@ def retrain(
     result, config = retrain_run(
         seeds=seeds, data=None if data is None else str(data), data_root=data_root, out=out,
         recipe=recipe, overrides=overrides, clip=clip, bg=bg, pretrained=pretrained,
-        resume=resume, cams=cams, ambiguity=ambiguity, device=device, log_jsonl=log_jsonl,
+        from_scratch=from_scratch, resume=resume, cams=cams, ambiguity=ambiguity, device=device,
+        log_jsonl=log_jsonl,
         log=output.log, bar=output.progress)
     output.artifact(result.checkpoint, {"tau": result.tau, "steps": result.steps,
                                         "config": config.to_dict()})

@@ -16,6 +16,11 @@ Starts from the recipe of the dataset (--recipe; for voc/coco the reference's re
 --recipe paper for the paper's, docs/REPRODUCING.md; a CPU-sized one for the built-in shapes)
 and overrides what you pass. The checkpoint describes itself (architecture,
 fusion, classes, training arguments) and loads without pickle. Runs unchanged under torchrun.
+The voc and coco recipes fine-tune ImageNet weights: pass --pretrained (or --from-scratch).
+
+Beside OUT, training keeps OUT.last (the newest epoch's weights) and OUT.state (optimizer,
+scheduler, RNG: about twice the weights) for --resume, and OUT.jsonl (the log). Delete .last
+and .state once the run is done; `weaktr inspect OUT` lists them.
 
 [dim]Examples:[/]
   weaktr train-cam                                    # built-in shapes, CPU recipe
@@ -43,6 +48,7 @@ def train_cam(
         "fractional allowed (default: the recipe's).")] = None,
     pretrained: Annotated[Path | None, typer.Option(
         help="Local ImageNet ViT weights (.pth or .safetensors); never downloaded.")] = None,
+    from_scratch: options.FromScratch = False,
     epochs: Annotated[int | None, typer.Option(min=1)] = None,
     batch_size: Annotated[int | None, typer.Option(min=1)] = None,
     lr: Annotated[float | None, typer.Option(
@@ -53,7 +59,8 @@ def train_cam(
         help="Checkpoint to keep: last, val-map (image labels only) or cam-miou "
         "(scores CAMs with PIXEL labels of --val-split: opt-in).")] = "last",
     precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue an interrupted run of --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue an interrupted run of --out from OUT.last and OUT.state.")] = False,
     log_jsonl: Annotated[Path | None, typer.Option(
         help="Per-epoch JSONL log (default: OUT.jsonl).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")] = None,
@@ -76,7 +83,8 @@ def train_cam(
     result, config = train_cam_run(
         data=str(data), split=split, val_split=None if val_split == "none" else val_split,
         data_root=data_root, out=out, recipe=recipe, overrides=overrides,
-        pretrained=pretrained, resume=resume, device=device, log_jsonl=log_jsonl,
+        pretrained=pretrained, from_scratch=from_scratch, resume=resume, device=device,
+        log_jsonl=log_jsonl,
         log=output.log, bar=output.progress)
     last = result.history[-1] if result.history else {}
     output.artifact(result.checkpoint, {"selected_epoch": result.selected_epoch,

@@ -201,6 +201,18 @@ class LoadReport:
     pos_embed_resampled: tuple[tuple[int, int], tuple[int, int]] | None = None
     class_token_repeats: int = 1
 
+    def summary(self) -> str:
+        """One line for the training log, e.g. "152 tensors, position grid 14x14 -> 28x28"."""
+        parts = [f"{self.loaded} tensors"]
+        if self.pos_embed_resampled:
+            (a, b), (c, d) = self.pos_embed_resampled
+            parts.append(f"position grid {a}x{b} -> {c}x{d}")
+        if self.class_token_repeats > 1:
+            parts.append(f"class token repeated for {self.class_token_repeats} classes")
+        if self.fresh:
+            parts.append(f"{len(self.fresh)} fresh ({', '.join(self.fresh[:3])})")
+        return ", ".join(parts)
+
 
 def _square_grid(num_patches: int, path: Path) -> tuple[int, int]:
     g = math.isqrt(num_patches)

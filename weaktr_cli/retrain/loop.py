@@ -246,7 +246,7 @@ def _retrain(
     settings = _resume_settings(config, train_set, ids, seeds)
     with training_run(out, device=device, seed=config.seed, precision=config.precision,
                       settings=settings) as run:
-        model = _initial_model(config, train_set.num_classes, pretrained, run)
+        model = _initial_model(config, train_set.num_classes, pretrained, run, say)
         images = RetrainSamples(train_set, ids, seeds, config, train_set.has_masks)
         plan = _Plan.make(config, len(images), run.world)
         trainer = _Trainer(run, model, config, plan, with_gt=train_set.has_masks)
@@ -277,14 +277,16 @@ def _retrain(
 
 
 def _initial_model(config: RetrainConfig, n_cls: int, pretrained: str | Path | None,
-                   run: TrainingRun) -> Segmenter:
+                   run: TrainingRun, say: Log) -> Segmenter:
     """A fresh Segmenter on the run's device, its encoder from `pretrained` when given."""
     from weaktr_cli.models.segmenter import use_explicit_attention
     from weaktr_cli.models.weights import load_encoder_weights
 
     model = build_model(config, n_cls)
     if pretrained is not None:
-        load_encoder_weights(model, pretrained)
+        what = load_encoder_weights(model, pretrained)
+        say(f"loaded {'ImageNet' if what == 'imagenet' else 'CAM backbone'} weights from "
+            f"{pretrained} into the {config.arch} encoder")
     if run.device.type == "cpu" and run.precision == "bf16":
         use_explicit_attention(model)
     return model.to(run.device)
