@@ -167,6 +167,7 @@ _weaktr() {
         "weaktr pipeline --cam-batch-size") COMPREPLY=(); return ;;
         "weaktr pipeline --cam-epochs") COMPREPLY=(); return ;;
         "weaktr pipeline --cam-input-size") COMPREPLY=(); return ;;
+        "weaktr pipeline --predict-size") COMPREPLY=(); return ;;
         "weaktr pipeline --seed") COMPREPLY=(); return ;;
         "weaktr pipeline --seg-arch") COMPREPLY=(); return ;;
         "weaktr pipeline --seg-batch-size") COMPREPLY=(); return ;;
@@ -201,7 +202,7 @@ _weaktr() {
             "weaktr inspect") words="--json --quiet" ;;
             "weaktr merge") words="--out --json --quiet" ;;
             "weaktr show") words="--id --n --out --data --data-root --json --quiet" ;;
-            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --test-split --recipe --pretrained --from-scratch --cam-arch --cam-batch-size --cam-epochs --cam-input-size --seg-arch --seg-batch-size --seg-steps --seg-crop-size --precision --force --seed --workers --device --json --quiet" ;;
+            "weaktr pipeline") words="--work --data --data-root --train-split --val-split --test-split --recipe --pretrained --from-scratch --cam-arch --cam-batch-size --cam-epochs --cam-input-size --seg-arch --seg-batch-size --seg-steps --seg-crop-size --precision --predict-size --force --seed --workers --device --json --quiet" ;;
             "weaktr data") words="check shapes" ;;
             "weaktr data check") words="--data --data-root --json --quiet" ;;
             "weaktr data shapes") words="--out --num-train --num-val --num-test --image-size --num-classes --max-objects --seed --json --quiet" ;;

@@ -209,6 +209,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-batch-size -
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-steps -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seg-crop-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l precision -xa 'auto fp32 bf16 fp16 amp-fp16'
+complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l predict-size -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l force -xa 'train-cam dump-cams crf retrain predict evaluate report'
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l seed -x
 complete -c weaktr -n '__fish_seen_subcommand_from pipeline' -l workers -x

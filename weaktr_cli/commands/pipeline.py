@@ -82,6 +82,9 @@ def pipeline(
     precision: Annotated[str | None, typer.Option(
         help="auto, fp32, bf16 or fp16 for training and prediction.",
         rich_help_panel=_OVERRIDES)] = None,
+    predict_size: Annotated[int | None, typer.Option(
+        min=8, help="Prediction: images resized to this short side (the paper's: 520).",
+        rich_help_panel=_OVERRIDES)] = None,
     force: Annotated[list[str] | None, typer.Option(
         help="Redo this phase and all after it (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default: the recipe's).")] = None,
@@ -105,7 +108,8 @@ def pipeline(
                                 retrain={"arch": seg_arch, "batch_size": seg_batch_size,
                                          "iterations": seg_steps, "crop_size": seg_crop_size,
                                          "precision": precision},
-                                predict={"precision": precision}))
+                                predict={"precision": precision,
+                                         "base_size": predict_size}))
     bars = []
 
     def progress(name: str):
