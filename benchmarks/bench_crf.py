@@ -32,8 +32,8 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 from weaktr_cli import seeds  # noqa: E402
 from weaktr_cli.artifacts import ArtifactWriter, new_meta, open_artifact  # noqa: E402
-from weaktr_cli.crf import get_preset  # noqa: E402
 from weaktr_cli.data.base import SegmentationDataset  # noqa: E402
+from weaktr_cli.dense_crf import get_preset  # noqa: E402
 
 H, W = 375, 500
 CLASS_NAMES = ("background", *(f"class{i}" for i in range(1, 21)))

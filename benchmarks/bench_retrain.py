@@ -24,88 +24,11 @@ val splits. The bar: train mIoU above the seeds', and clipping above no clipping
 scores merge each colour family's two shapes (red-circle + red-square -> red): the score
 without the circle/square distinction. `--seeds` uses a given labels artifact instead.
 
-Measured (shapes recipe, 1 thread on a shared 2-core machine, ~35 images per CPU-second;
-mIoU / colour mIoU on the 2000 train and 500 val images):
-
-    seeds                      run            tau     train        val
-    degraded GT  59.3 / 64.9   clip=False     -       29.6 / 68.4  28.3 / 68.1
-                               tau auto       0.507   26.7 / 55.8  25.9 / 55.2
-                               tau 1.2        1.2     11.9 / 20.9  12.0 / 20.9
-    CAM + CRF    82.0 / 96.4   clip=False     -       33.3 / 85.3  33.0 / 85.0
-                               tau auto       0.375   29.1 / 66.4  29.1 / 65.9
-
-Same CAM + CRF seeds (81.5 / 96.4, pipeline of 2026-11-29), the conv-stem hybrid `tiny-c8`,
-batch 16, 2000 steps (32k crops), AdamW 5e-4 with 100 warm-up steps, bf16:
-
-    clip=False     -       39.1 / 83.9  38.0 / 83.2
-    tau auto       0.489   30.5 / 71.9  30.1 / 71.4
-
-And a plain dilated CNN (throwaway, not part of weaktr) trained on the ground truth: 44 / 55
-mIoU on val / train after 1200 steps of 16, then 90 / 93 after 1800: the shape is learnable,
-but it takes ~25k crops to "click", and the Segmenter's ViT + mask-transformer decoder is 3-5x
-slower per crop than that CNN on this CPU, so it does not get there within the pipeline's budget.
-
-Later runs (same CRF seeds, batch 16, AdamW lr 1e-3, 1 thread each, two at a time; mIoU /
-colour mIoU, train and val):
-
-    model                                  steps  run         tau    train        val
-    tiny-p8 from the CAM backbone, enc x1  1500*  tau auto    0.369  29.4 / 66.6  29.4 / 65.6
-    tiny-p8 from the CAM backbone, enc x.1 1500*  tau auto    0.370  31.1 / 65.9  30.7 / 65.1
-    tiny-c8, mask transformer              2000   clip=False  -      33.5 / 85.3  33.0 / 84.8
-    tiny-c8, mask, ground-truth labels     2000   clip=False  -      37.2 / 92.9  36.1 / 92.8
-    tiny-c8, mask, class-norm gain 4, GT   2000   clip=False  -      38.3 / 92.5  36.3 / 92.5
-    tiny-c8, linear decoder                2400   clip=False  -      44.9 / 91.7  42.5 / 91.0
-    tiny-c8, linear decoder                2400   tau auto    0.215  36.3 / 87.0  37.2 / 86.6
-    tiny-c8, linear, no scale jitter       2400   clip=False  -      62.8 / 92.7  49.5 / 92.5
-    tiny-c8, linear, no scale jitter       2400   tau auto    0.180  37.5 / 87.3  37.1 / 86.8
-    tiny-c8, linear, no scale, tau x 0.75  2400   tau auto    0.135  48.3 / 91.4  44.1 / 91.2
-    tiny-c8, linear, no scale, tau x 0.6   2400   tau auto    0.108  61.2 / 92.2  49.6 / 91.8
-    (* the recipe's batch 8)
-
-The CAM backbone does not help: it separates colours only (val mAP 0.65 after the recipe's 3
-epochs, 0.67 after 8 with tiny-c8 or 12 with tiny-p8), so nothing in the pipeline has learnt the
-shapes before retraining. Trained on the ground truth with no scale augmentation (a throwaway
-in-memory loop), the tiny-c8 stem alone with a 1x1 conv head reached 94.1 val mIoU after 2400
-steps of 16 (78.4 at 1440), tiny-c8 with the linear decoder 80.7 (50.5 at 1440), tiny-c8 with
-the mask transformer 44.7 at 1920: the ViT blocks and, more so, the mask transformer slow the
-"click"; on seeds with the recipe's augmentation none of the Segmenter variants got there.
-
-Then with bf16 autocast, explicit attention and cached images (~105 images/s per thread, same
-seeds; the 2400-step recipe above reruns at 63.4 / 92.8 and 50.5 / 92.5 in bf16):
-
-    model                                  steps  run         tau    train        val
-    tiny-c8, linear, ground-truth labels   2400   clip=False  -      92.8 / 98.1  87.0 / 97.9
-    tiny-c8, linear, LayerScale 1e-4       2400   clip=False  -      61.2 / 92.4  47.9 / 92.3
-    tiny-c8, linear, lr 3e-3, 100 warm-up  2400   clip=False  -      48.7 / 92.2  43.7 / 91.9
-    tiny-c8, linear, random quarter turns  2400   clip=False  -      53.3 / 92.4  48.5 / 92.0
-    tiny-c8, linear                        4800   clip=False  -      79.8 / 93.7  61.9 / 92.9
-    tiny-c8, linear, tau x 0.6             4800   tau auto    0.109  70.0 / 91.4  51.4 / 91.1
-    tiny-c8, linear, tau x 0.5             4800   tau auto    0.091  75.7 / 92.4  59.3 / 91.9
-    tiny-c8, linear, tau x 0.4             4800   tau auto    0.073  77.7 / 92.8  59.1 / 91.9
-    tiny-c8, linear, tau x 0.3             4800   tau auto    0.054  79.0 / 93.4  60.4 / 92.7
-    tiny-c8, linear, tau x 0.4, S 96       4800   tau auto    0.073  77.5 / 93.0  59.8 / 92.3
-      + test-time CRF (voc-test)           4800   clip=False  -      82.5 / 96.8  64.0 / 96.4
-      + test-time CRF (voc-test)           4800   tau x 0.4   0.073  80.9 / 96.2  61.4 / 95.7
-      + test-time CRF (voc-test)           4800   tau x 0.3   0.054  81.8 / 96.6  63.3 / 96.4
-      + test-time CRF (voc-test)           4800   x 0.4, S 96 0.073  80.4 / 96.4  62.3 / 96.1
-
-The seeds are wrong in a structured way: in the 388 of 2000 train images that hold both shapes
-of one colour, 35 % of the object pixels carry the other shape's label (CAMs that see colour
-cannot split them); elsewhere they are 96-97 % right and never confuse shapes. That noise
-delays the circle/square "click" from ~1500 steps (ground truth) to ~3000, hence the recipe's
-4800 steps. Clipping does not help at any tau: once on, 79-87 % of the pixels it drops agree
-with the ground truth (97.6 % of all seed pixels do), outlines the stride-8 model cannot draw
-yet rather than wrong labels, so the recipe trains with plain cross-entropy and predicts with
-the test-time CRF (the shapes `PREDICT_RECIPES` entry). `benchmarks/clip_study.py` repeats
-the comparison over three run seeds and measures how much of the wrong seeds each model
-memorises. The older analysis follows.
-
-The bar is not met: the tiny-p8 Segmenter learns the colour families (above the degraded
-seeds there) but not circle vs square (35 mIoU even when trained on the ground truth for 24k
-crops), so the pixels it cannot fit are mostly correct object pixels, and clipping them
-(clipped-pixel precision 0.65 on degraded seeds, 0.89 on CRF seeds, against 0.95 / 0.99 for
-kept pixels) shrinks the objects. The CRF seeds came from a model of the shapes train-cam
-recipe (shapes dump recipe, bg 0.43, VOC CRF).
+Conclusions (the runs are in docs/experiments.md): the seeds' errors are systematic (CAMs
+that see colour cannot split a colour family's circle from its square), the model needs about
+3000 steps to learn that distinction from them, and clipping does not help at any tau tried:
+the pixels it drops are mostly correct outlines the stride-8 model cannot yet draw. Hence the
+recipe: tiny-c8 with a linear decoder, 4800 steps, no clipping, test-time CRF.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ CAM evaluation). This is a dataset probe, not the project's CAM model.
     python benchmarks/shapes_probe.py --steps 270 --threads 1      # load-independent budget
 
 Measured on the default dataset (patch 8, dim 128, depth 4, batch 64, 270 steps = 17k images,
-about 4 min at the 69 img/s METHOD.md reports for this model on 2 threads): CAM mIoU 67.9,
+about 4 min at the 69 img/s measured for this model on 2 threads): CAM mIoU 67.9,
 mAP 66.1. A perfect CAM at the 12x12 patch grid, bilinearly up-sampled, would score 96.3 (200
 images), so the CAMs are far from perfect.
 """

@@ -40,6 +40,7 @@ _weaktr() {
         "weaktr train-cam --epochs") COMPREPLY=(); return ;;
         "weaktr train-cam --fusion") COMPREPLY=(); return ;;
         "weaktr train-cam --input-size") COMPREPLY=(); return ;;
+        "weaktr train-cam --loader-workers") COMPREPLY=(); return ;;
         "weaktr train-cam --lr") COMPREPLY=(); return ;;
         "weaktr train-cam --seed") COMPREPLY=(); return ;;
         "weaktr train-cam --split") COMPREPLY=(); return ;;
@@ -97,6 +98,7 @@ _weaktr() {
         "weaktr retrain --decoder") COMPREPLY=(); return ;;
         "weaktr retrain --epochs") COMPREPLY=(); return ;;
         "weaktr retrain --iterations") COMPREPLY=(); return ;;
+        "weaktr retrain --loader-workers") COMPREPLY=(); return ;;
         "weaktr retrain --lr") COMPREPLY=(); return ;;
         "weaktr retrain --patch") COMPREPLY=(); return ;;
         "weaktr retrain --seed") COMPREPLY=(); return ;;
@@ -192,10 +194,10 @@ _weaktr() {
     if [[ -z $words ]]; then
         case "$path" in
             "weaktr") words="train-cam dump-cams crf retrain predict evaluate export-onnx inspect merge show pipeline data --version" ;;
-            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --aaf-reduction --pretrained --from-scratch --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr train-cam") words="--data --data-root --split --val-split --out --recipe --arch --fusion --aaf-pool --aaf-reduction --pretrained --from-scratch --epochs --batch-size --lr --accum-steps --input-size --select --precision --resume --no-resume --log-jsonl --seed --device --loader-workers --workers --json --quiet" ;;
             "weaktr dump-cams") words="--checkpoint --reference-checkpoint --data --data-root --split --out --recipe --scales --flip --no-flip --variant --batch-size --max-size --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr crf") words="--cams --data --data-root --out --bg --preset --no-crf --recipe --unary --ignore-disagreement --no-ignore-disagreement --gt-prob --iterations --gaussian-sxy --gaussian-compat --bilateral-sxy --bilateral-srgb --bilateral-compat --workers --shard --resume --no-resume --json --quiet" ;;
-            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --cams --ambiguity --arch --decoder --pretrained --from-scratch --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --workers --json --quiet" ;;
+            "weaktr retrain") words="--seeds --data --data-root --out --recipe --tau --patch --clip --no-clip --bg --cams --ambiguity --arch --decoder --pretrained --from-scratch --crop-size --batch-size --epochs --iterations --lr --precision --resume --no-resume --log-jsonl --seed --device --loader-workers --workers --json --quiet" ;;
             "weaktr predict") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --onnx --data --data-root --split --images --out --png-dir --recipe --multiscale --no-multiscale --flip --no-flip --fuse-layers --no-fuse-layers --crf --window --stride --precision --shard --resume --no-resume --device --json --quiet" ;;
             "weaktr evaluate") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --multiscale --no-multiscale --fuse-layers --no-fuse-layers --crf --predictions --device --data --data-root --split --thresholds --search-start --out --json --quiet" ;;
             "weaktr export-onnx") words="--checkpoint --reference-checkpoint --reference-normalization --reference-heads --out --cam --height --width --dynamic --no-dynamic --batch-size --opset --variant --all-layers --no-all-layers --atol --json --quiet" ;;

@@ -37,6 +37,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l log-jsonl -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l seed -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l device -xa 'auto cpu cuda'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l loader-workers -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l workers -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l quiet
@@ -111,6 +112,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-resume
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l log-jsonl -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l seed -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l device -xa 'auto cpu cuda'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l loader-workers -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l workers -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l json
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l quiet

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import h5py
@@ -27,7 +28,9 @@ def _cams(rng: np.random.Generator, k: int = 2) -> tuple[np.ndarray, np.ndarray]
     return np.arange(1, k + 1), rng.random((k, 7, 9)).astype(np.float32)
 
 
-def test_cams_roundtrip_and_provenance(tmp_path: Path) -> None:
+def test_cams_roundtrip_and_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the command line as the user typed it: program name without its folder, shell-quoted
+    monkeypatch.setattr(sys, "argv", ["/opt/venv/bin/weaktr", "dump-cams", "--out", "my cams.h5"])
     rng = np.random.default_rng(0)
     out = tmp_path / "cams.h5"
     written = {}
@@ -43,7 +46,7 @@ def test_cams_roundtrip_and_provenance(tmp_path: Path) -> None:
         assert reader.meta.class_names == NAMES
         assert reader.meta.seed == 3 and reader.meta.config == {"x": 1}
         assert reader.meta.schema_version == SCHEMA_VERSION
-        assert "test" in reader.meta.command or reader.meta.command
+        assert reader.meta.command == "weaktr dump-cams --out 'my cams.h5'"
         for image_id, (ids, maps) in written.items():
             record = reader.read_cams(image_id)
             np.testing.assert_array_equal(record.class_ids, ids)

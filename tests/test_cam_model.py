@@ -26,7 +26,7 @@ from weaktr_cli.models import (
 from weaktr_cli.models.cam_vit import WeakTrAttention, record_attention, resample_patch_pos_embed
 from weaktr_cli.models.registry import ARCHS
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # restored after each test
 C = 3
 
 

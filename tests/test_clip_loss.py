@@ -18,7 +18,7 @@ IGNORE = 255
 def reference_clip_loss(
     logits: list, target: list, tau: float, size: int
 ) -> tuple[float, float, list, list]:
-    """METHOD.md's rule, pixel by pixel, on nested lists (B, C, H, W) and (B, H, W).
+    """docs/method.md's rule, pixel by pixel, on nested lists (B, C, H, W) and (B, H, W).
 
     Returns (loss, global mean, kept flags (B, H, W), per-pixel gradient weight (B, H, W)):
     weight 1 where the pixel's CE gradient flows, 0 where it is clipped or ignored.

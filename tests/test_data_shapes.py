@@ -204,7 +204,7 @@ def test_objects_are_exact_hard_shapes() -> None:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_shape_area_matches_its_equivalent_diameter(shape: str) -> None:
     d = 60.0
-    m = shapes._rasterise(shape, (100.0, 100.0), d, (0.6, 0.8), 1.1, 200)
+    m = shapes._rasterize(shape, (100.0, 100.0), d, (0.6, 0.8), 1.1, 200)
     assert abs(int(m.sum()) / (math.pi / 4 * d * d) - 1) < 0.02
     ys, xs = np.nonzero(m)
     assert xs.min() > 0 and xs.max() < 199 and ys.min() > 0 and ys.max() < 199

@@ -281,7 +281,7 @@ def _old_infer_cams(model, images, class_ids, settings, precision):
     """The former `infer_cams`: every class upsampled to full size at once (C x H x W)."""
     from torch.nn import functional as F
 
-    from weaktr_cli.cams import normalise_maps
+    from weaktr_cli.cams import normalize_maps
     from weaktr_cli.data.loader import normalize
     from weaktr_cli.models.cam_vit import cam_maps
     from weaktr_cli.runtime import autocast
@@ -302,7 +302,7 @@ def _old_infer_cams(model, images, class_ids, settings, precision):
                              align_corners=False)
         total += maps[:b]
         total += maps[b:].flip(-1)
-    return [normalise_maps(total[i, torch.as_tensor(ids - 1)]).numpy()
+    return [normalize_maps(total[i, torch.as_tensor(ids - 1)]).numpy()
             for i, ids in enumerate(class_ids)]
 
 

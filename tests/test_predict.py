@@ -175,13 +175,23 @@ def test_predict_split_artifact_loads_and_evaluates(model, tmp_path):
     dataset = Boxes()
     out = predict_split(model, dataset, tmp_path / "pred.h5", SETTINGS, class_names=CLASSES,
                         device="cpu")
+    n = len(CLASSES)
+    matrix = np.zeros((n, n), np.int64)  # rows ground truth, columns prediction
     with open_artifact(out) as reader:
         assert reader.kind == "labels" and reader.ids == dataset.ids
         for image_id in dataset.ids:
             label = reader.read_labels(image_id)
             assert label.shape == dataset.sizes[image_id] and label.max() < len(CLASSES)
+            # the labels are the argmax of predict_probs, image by image
+            probs = predict_probs(model, dataset.load_image(image_id), SETTINGS, "cpu")
+            np.testing.assert_array_equal(label, probs.argmax(0))
+            gt = dataset.load_mask(image_id).astype(np.int64)
+            keep = gt != 255
+            matrix += np.bincount(n * gt[keep] + label[keep], minlength=n * n).reshape(n, n)
         result = evaluate_artifact(reader, dataset)
-    assert 0.0 <= result.scores.miou <= 1.0
+    tp = np.diag(matrix)
+    union = matrix.sum(0) + matrix.sum(1) - tp
+    assert result.scores.miou == pytest.approx((tp[union > 0] / union[union > 0]).mean())
     # the PNG folder holds the same label maps
     assert write_png_dir(out, tmp_path / "png") == 3
     with open_artifact(out) as reader:

@@ -23,7 +23,7 @@ from weaktr_cli.recipes import (
 )
 from weaktr_cli.train_cam import SELECTIONS, build_cam_model
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # restored after each test
 
 
 def _spec(arch: str | ArchSpec) -> ArchSpec:
@@ -95,7 +95,7 @@ def test_shapes_recipe_fits_the_builtin_dataset() -> None:
     # trained at the dataset's own size, on the positional embedding's own grid
     assert config.input_size == spec.img_size == size
     assert size % spec.patch_size == 0 and size // spec.patch_size >= 8
-    # the fine CAM fails from scratch (METHOD.md, measured): the shapes dump must not use it
+    # the fine CAM fails from scratch (docs/method.md, measured): the shapes dump must not use it
     assert settings.variant in CAM_VARIANTS and settings.variant != "fine"
     assert all(round(size * s) >= spec.patch_size for s in settings.scales)
     model = build_cam_model(config, ShapesConfig().num_classes).eval()

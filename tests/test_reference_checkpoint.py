@@ -1,6 +1,6 @@
 """Official WeakTr checkpoint layouts load into WeakTrCAM and give the reference's CAMs.
 
-The reference forward below is written from the layout description (METHOD.md and
+The reference forward below is written from the layout description (docs/method.md and
 `weaktr_cli/models/reference.py`) with plain torch ops on the raw reference state dict: C class
 tokens, DINO-style pos-embed interpolation, einsum attention, no final norm, conv CAM head,
 attention maps stacked head-major, AAF (v1/v2: pooled maps; v3: pooled attention outputs).
@@ -21,7 +21,7 @@ from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models import convert_reference_state_dict, load_reference_checkpoint
 from weaktr_cli.models.reference import head_major_to_layer_major
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # restored after each test
 
 # a tiny config: the layout, not the size, is what matters
 C, DIM, DEPTH, HEADS, PATCH, GRID = 3, 32, 3, 2, 8, 4

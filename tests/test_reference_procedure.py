@@ -20,6 +20,7 @@ from tests.reference_transcription import (
     ref_upsample_to_window,
     ref_window_anchors,
 )
+from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.reference_segmenter import (
     detect_reference_segmenter,
@@ -27,7 +28,7 @@ from weaktr_cli.models.reference_segmenter import (
     reference_variant,
 )
 from weaktr_cli.test_time import REFERENCE_RATIOS, fuse_layers, reference_layer_probs
-from weaktr_cli.windows import label_from_probs, reference_pass_sizes, window_starts
+from weaktr_cli.windows import reference_pass_sizes, window_starts
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -108,7 +109,7 @@ def test_reference_test_time_procedure_matches_the_transcription(tmp_path) -> No
         seen["probs"] = probs.copy()
         return np.zeros(probs.shape[1:], dtype=np.uint8)
 
-    import weaktr_cli.crf as crf
+    import weaktr_cli.dense_crf as crf
 
     original = crf.crf_from_probs
     crf.crf_from_probs = capture
@@ -275,13 +276,13 @@ def test_timm_cam_transform_is_timms_factory() -> None:
 
 
 def test_minmax_epsilon_and_amp_precision() -> None:
-    from weaktr_cli.cams import normalise_maps
+    from weaktr_cli.cams import normalize_maps
     from weaktr_cli.runtime import resolve_precision
 
     # A weak map (range 1e-3): the reference's 1e-8 still reaches ~1, weaktr's 1e-5 0.99.
     weak = torch.tensor([[[0.0, 1e-3]]])
-    assert float(normalise_maps(weak.clone(), 1e-8).max()) == pytest.approx(1.0, abs=1e-4)
-    assert float(normalise_maps(weak.clone()).max()) == pytest.approx(1e-3 / (1e-3 + 1e-5))
+    assert float(normalize_maps(weak.clone(), 1e-8).max()) == pytest.approx(1.0, abs=1e-4)
+    assert float(normalize_maps(weak.clone()).max()) == pytest.approx(1e-3 / (1e-3 + 1e-5))
     # amp-fp16: fp16 autocast where CUDA is, fp32 on the CPU (the reference's torch.cuda.amp).
     assert resolve_precision("amp-fp16", torch.device("cpu"), training=True) == "fp32"
     assert resolve_precision("amp-fp16", torch.device("cuda"), training=True) == "fp16"

@@ -13,7 +13,7 @@ import pytest
 # workers inherit) so that make_seeds(workers=2) can unpickle it.
 from tests._tiny_data import TinyDataset, blob, write_tiny_cams
 from weaktr_cli.artifacts import ArtifactWriter, CamRecord, new_meta, open_artifact
-from weaktr_cli.crf import (
+from weaktr_cli.dense_crf import (
     PRESETS,
     CrfParams,
     crf_from_labels,
@@ -270,7 +270,7 @@ def test_class_names_must_match(tmp_path: Path) -> None:
 def direct_crf_seeds(
     image: np.ndarray, class_ids: np.ndarray, maps: np.ndarray, bg: float
 ) -> np.ndarray:
-    """The reference recipe written out with pydensecrf, independently of weaktr_cli.crf."""
+    """The reference recipe written out with pydensecrf, independently of weaktr_cli.dense_crf."""
     import pydensecrf.densecrf as dcrf
     from pydensecrf.utils import unary_from_labels
 

@@ -1,6 +1,6 @@
 """Phase 2: multi-scale + flip CAM inference over a split, streamed into a `cams` artifact.
 
-Per image (METHOD.md Phase 2): for each scale, resize bicubic, run the image and its
+Per image (docs/method.md, phase 2): for each scale, resize bicubic, run the image and its
 horizontal flip, take the CAM variant, upsample bilinear to the original size, keep the
 classes of the image-level label, un-flip, sum every pass, then min-max normalise each class
 map to [0, 1]. Images of equal size are batched together.
@@ -34,7 +34,7 @@ from weaktr_cli.shards import select_shard
 NORM_EPS = 1e-5
 
 
-def normalise_maps(maps: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+def normalize_maps(maps: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
     """Min-max normalise each (H, W) map of a (K, H, W) tensor to [0, 1]: (m - min) /
     (max - min + eps). weaktr's eps is 1e-5; the reference's 1e-8 (engine.py:209-210), which
     matters for maps whose range is small (an untrained model's: maxima 0.01-0.14 with 1e-5)."""
@@ -86,7 +86,7 @@ def infer_cams(model: WeakTrCAM, images: torch.Tensor, class_ids: Sequence[np.nd
                 _add_full_size(totals[i], maps[b + i, index[i]], flipped=True)
     out = []
     for total in totals:
-        maps = normalise_maps(total, settings.minmax_eps) if len(total) else total
+        maps = normalize_maps(total, settings.minmax_eps) if len(total) else total
         if settings.power != 1.0:
             maps = maps.pow_(settings.power)
         out.append(maps.cpu().numpy())

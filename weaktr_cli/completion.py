@@ -20,7 +20,7 @@ def _named_values() -> dict[str, list[str]]:
     """Values of options that take a name from a registry weaktr holds (not a click.Choice:
     the registries live in heavy modules the CLI must not import at start-up). Imported here
     only when the scripts are generated."""
-    from weaktr_cli.crf import PRESETS
+    from weaktr_cli.dense_crf import PRESETS
     from weaktr_cli.models.cam_vit import CAM_VARIANTS
     from weaktr_cli.models.registry import SHIPPED_ARCHS
     from weaktr_cli.pipeline import PHASES

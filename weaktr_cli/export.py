@@ -22,8 +22,9 @@ Default opset 18: the exporter's own operator set (torch's ONNX functions are wr
 other versions go through the ONNX version converter); it has LayerNormalization and is run
 by onnxruntime >= 1.14 and current TensorRT / OpenVINO releases.
 
-Metadata (`metadata_props`, every value a string, JSON where structured): see `METADATA_KEYS`;
-`weaktr_cli.onnx_infer.OnnxModelInfo` reads it back without torch.
+Metadata (`metadata_props`, every value a string, JSON where structured): written by
+`weaktr_cli.onnx_meta.build_metadata` (`METADATA_KEYS`), read back without torch by
+`weaktr_cli.onnx_meta.OnnxModelInfo`.
 """
 
 from __future__ import annotations
@@ -31,25 +32,37 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import Tensor, nn
-from torch.nn import functional as F
+from torch import nn
 
 from weaktr_cli import __version__
 from weaktr_cli.data.loader import IMAGENET_MEAN, IMAGENET_STD
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.files import atomic_file
-from weaktr_cli.models.cam_vit import CAM_VARIANTS, WeakTrCAM, cam_maps, record_attention
-from weaktr_cli.models.fusion import weighted_mean_attention
+from weaktr_cli.models.cam_vit import WeakTrCAM
 from weaktr_cli.models.segmenter import Segmenter
+from weaktr_cli.onnx_graphs import CamExport, SegmenterExport
+from weaktr_cli.onnx_meta import (
+    FORMAT_VERSION,
+    INPUT_NAME,
+    METADATA_KEYS,
+    OUTPUT_NAMES,
+    build_metadata,
+    min_input_size,
+)
+from weaktr_cli.onnx_verify import (
+    DEFAULT_ATOL,
+    ExportCheck,
+    random_pixels,
+    require_onnx,
+    verify_onnx,
+)
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -67,214 +80,10 @@ __all__ = [
 ]
 
 DEFAULT_OPSET = 18
-DEFAULT_ATOL = 1e-4
 EXPORT_KINDS = ("segmenter", "cam")
-#: version of the metadata layout below; readers refuse newer ones
-FORMAT_VERSION = 1
-INPUT_NAME = "pixels"
-OUTPUT_NAMES = {"segmenter": "logits", "cam": "cams"}
-
-#: metadata_props written into every exported model (values are strings; JSON where noted)
-METADATA_KEYS = {
-    "weaktr.format_version": "int, version of this metadata layout",
-    "weaktr.kind": '"segmenter" or "cam"',
-    "weaktr.version": "weaktr version that exported the model",
-    "weaktr.class_names": "JSON list; class id i is class_names[i], 0 = background",
-    "weaktr.mean": "JSON [r, g, b], normalisation mean on 0-1 pixels (applied in the graph)",
-    "weaktr.std": "JSON [r, g, b], normalisation std (applied in the graph)",
-    "weaktr.patch_size": "int, ViT patch size in pixels",
-    "weaktr.crop_size": "int, training crop of the model (default inference window)",
-    "weaktr.input_size": "JSON [H, W], the exported (example) input size",
-    "weaktr.min_size": "JSON [H, W], the smallest input a dynamic model accepts",
-    "weaktr.dynamic": '"true": batch, H, W are free; "false": the input shape is fixed',
-    "weaktr.batch_size": "int, the fixed batch size (dynamic models: the example's)",
-    "weaktr.layers": "int, decoder layers in the output (1 = last layer only)",
-    "weaktr.cam_variant": "CAM models: fine, cross or coarse",
-    "weaktr.input": "JSON {name, dtype, layout, range}",
-    "weaktr.output": "JSON {name, dtype, layout, channels}",
-    "weaktr.extra": "JSON object: caller-supplied provenance (checkpoint, sha256, ...)",
-}
-
-
-# ----------------------------------------------------------------------------- wrappers
-
-
-class _PixelNormalize(nn.Module):
-    """float 0-255 RGB (B, 3, H, W) -> (x / 255 - mean) / std, as the torch pipelines do."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise WeakTrError(f"invalid normalisation mean {list(mean)} / std {list(std)}")
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        mean, std = self.mean, self.std
-        assert isinstance(mean, Tensor) and isinstance(std, Tensor)
-        return (pixels / 255.0 - mean) / std
-
-
-class SegmenterExport(nn.Module):
-    """A `Segmenter` taking raw pixels: (B, 3, H, W) float32 RGB 0-255 -> logits.
-
-    Returns (B, n_cls, H, W) float32 logits of the last decoder layer, or with `all_layers`
-    (B, L, n_cls, H, W), the logits after every decoder layer (what `PredictSettings
-    .layer_weights` mixes).
-    """
-
-    def __init__(
-        self,
-        model: Segmenter,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-        *,
-        all_layers: bool = False,
-    ) -> None:
-        super().__init__()
-        if not isinstance(model, Segmenter):
-            raise WeakTrError(f"expected a Segmenter, got {type(model).__name__}")
-        self.model = model
-        self.normalize = _PixelNormalize(mean, std)
-        self.all_layers = all_layers
-
-    def reference(self, pixels: Tensor) -> Tensor:
-        """What the exported graph must compute: here the forward pass itself."""
-        out: Tensor = self(pixels)
-        return out
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        images = self.normalize(pixels)
-        if self.all_layers:
-            return torch.stack(self.model.forward_layers(images), dim=1)
-        logits: Tensor = self.model(images)
-        return logits
-
-
-_CUBIC_A = -0.75  # torch's bicubic kernel constant
-
-
-def _cubic_matrix(out_len: Any, in_len: int, scale: Tensor) -> Tensor:
-    """(out_len, in_len) float32 matrix of torch's bicubic resampling along one axis.
-
-    `scale` is the 0-d input/output step; source coordinate = scale * (dst + 0.5) - 0.5,
-    taps clamped to the border, A = -0.75, exactly as `F.interpolate(mode="bicubic",
-    align_corners=False)`. Built from tensors so a symbolic `out_len` stays symbolic.
-    """
-    dst = torch.arange(out_len, dtype=torch.float32, device=scale.device)
-    src = scale * (dst + 0.5) - 0.5
-    first = torch.floor(src)
-    t = src - first
-    a = _CUBIC_A
-
-    def near(x: Tensor) -> Tensor:  # |x| <= 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x: Tensor) -> Tensor:  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    columns = torch.arange(in_len, device=scale.device)
-    matrix = torch.zeros((), device=scale.device)
-    for k, weight in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
-        tap = (first.long() + (k - 1)).clamp(0, in_len - 1)
-        matrix = matrix + (tap[:, None] == columns[None, :]).float() * weight[:, None]
-    return matrix
-
-
-class CamExport(nn.Module):
-    """A `WeakTrCAM` taking raw pixels: (B, 3, H, W) float32 RGB 0-255 -> CAMs (B, C, h, w).
-
-    Same computation as `cam_maps(model, normalised images, variant)` (`reference`, which
-    `export_onnx` compares onnxruntime with), written so that `torch.export` keeps batch, H
-    and W symbolic:
-
-    - the bottom/right remainder is cropped with `index_select` (slicing makes the exporter
-      guard on whether the crop is a no-op and specialise the size);
-    - the positional embedding is resampled by bicubic weight matrices built in the graph,
-      with the reference's `scale_factor=(g + 0.1) / g0` steps, and the stored grid is used
-      as is when the grid equals it (a tensor `where`, not a Python branch): the exporter
-      would otherwise bake in the example's scale factor and the branch taken.
-
-    Inputs need H, W >= 2 patches.
-    """
-
-    def __init__(
-        self,
-        model: WeakTrCAM,
-        variant: str = "fine",
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ) -> None:
-        super().__init__()
-        if not isinstance(model, WeakTrCAM):
-            raise WeakTrError(f"expected a WeakTrCAM, got {type(model).__name__}")
-        if variant not in CAM_VARIANTS:
-            raise WeakTrError(
-                f"unknown CAM variant {variant!r}", hint=f"choose one of: {', '.join(CAM_VARIANTS)}"
-            )
-        self.model = model
-        self.variant = variant
-        self.normalize = _PixelNormalize(mean, std)
-
-    def reference(self, pixels: Tensor) -> Tensor:
-        """What the exported graph must compute: `cam_maps` of the untouched model."""
-        return cam_maps(self.model, self.normalize(pixels), self.variant)
-
-    def _pos_embed(self, grid_h: Any, grid_w: Any) -> Tensor:
-        model = self.model
-        c = model.num_classes
-        h0, w0 = model.base_grid
-        dim = model.pos_embed.shape[-1]
-        stored = model.pos_embed[:, c:].reshape(h0, w0, dim)
-        gh = torch.full((), grid_h, dtype=torch.float64, device=stored.device)
-        gw = torch.full((), grid_w, dtype=torch.float64, device=stored.device)
-        same = (gh == h0) & (gw == w0)
-        # A unit step is the identity resampling: the stored grid as is.
-        step_h = torch.where(same, 1.0, h0 / (gh + 0.1)).float()
-        step_w = torch.where(same, 1.0, w0 / (gw + 0.1)).float()
-        rows = _cubic_matrix(grid_h, h0, step_h)
-        cols = _cubic_matrix(grid_w, w0, step_w)
-        patch = torch.einsum("ia,abd,jb->ijd", rows, stored, cols).reshape(1, -1, dim)
-        return torch.cat([model.pos_embed[:, :c], patch], dim=1)
-
-    def forward(self, pixels: Tensor) -> Tensor:
-        model = self.model
-        images = self.normalize(pixels)
-        b, _, height, width = images.shape
-        p, c = model.patch_size, model.num_classes
-        h, w = height // p, width // p
-        rows = torch.arange(h * p, device=images.device)
-        cols = torch.arange(w * p, device=images.device)
-        cropped = images.index_select(2, rows).index_select(3, cols)
-        patches = model.backbone.patch_embed(cropped)  # (B, h, w, D)
-        tokens = torch.cat([model.cls_token.expand(b, -1, -1), patches.flatten(1, 2)], dim=1)
-        tokens = model.backbone.pos_drop(tokens + self._pos_embed(h, w))
-        with record_attention(model.backbone.blocks, model.fusion.needs_features) as record:
-            tokens = model.backbone.blocks(tokens)
-        feat = tokens[:, c:].transpose(1, 2).reshape(b, -1, h, w)
-        coarse = model.head(feat)
-        if self.variant == "coarse":
-            return coarse.clamp(min=0)
-        weights = model.fusion(record.maps, record.outputs)
-        fused = weighted_mean_attention([m[..., c:] for m in record.maps], weights)
-        cross_cam = fused[:, :c].reshape(b, c, h, w) * F.relu(coarse)
-        if self.variant == "cross":
-            return cross_cam
-        fine = torch.einsum("bpq,bcq->bcp", fused[:, c:], cross_cam.flatten(2))
-        return fine.reshape(b, c, h, w)
 
 
 # ----------------------------------------------------------------------------- report
-
-
-@dataclass(frozen=True)
-class ExportCheck:
-    """One onnxruntime-vs-PyTorch comparison: input shape (B, 3, H, W) and the differences."""
-
-    shape: tuple[int, int, int, int]
-    max_abs_diff: float
-    #: largest |PyTorch output|, to judge the difference (CAMs are small numbers)
-    max_abs_ref: float
 
 
 @dataclass
@@ -309,13 +118,6 @@ class ExportReport:
 # ----------------------------------------------------------------------------- export
 
 
-def _min_size(kind: str, patch: int) -> tuple[int, int]:
-    # Segmenter: padded up to whole patches, a 1-patch grid breaks timm's reshapes.
-    # CAM: floor division drops the remainder, so two whole patches are needed.
-    side = patch + 1 if kind == "segmenter" else 2 * patch
-    return side, side
-
-
 def _verify_shapes(
     kind: str, batch: int, height: int, width: int, patch: int, dynamic: bool
 ) -> list[tuple[int, int, int, int]]:
@@ -323,66 +125,11 @@ def _verify_shapes(
     not multiples of the patch (so the padding / cropping path is exercised)."""
     shapes = [(batch, 3, height, width)]
     if dynamic:
-        low_h, low_w = _min_size(kind, patch)
+        low_h, low_w = min_input_size(kind, patch)
         other_h = height + patch + 3
         other_w = width - patch + 3 if width - patch + 3 >= low_w else width + 2 * patch + 5
         shapes.append((1 if batch != 1 else 2, 3, max(other_h, low_h), other_w))
     return shapes
-
-
-def _json(value: Any) -> str:
-    return json.dumps(value, default=str)
-
-
-def _build_metadata(
-    *,
-    kind: str,
-    class_names: Sequence[str],
-    mean: Sequence[float],
-    std: Sequence[float],
-    patch: int,
-    crop: int,
-    shape: tuple[int, int, int, int],
-    dynamic: bool,
-    layers: int,
-    variant: str | None,
-    extra: Mapping[str, Any] | None,
-) -> dict[str, str]:
-    b, _, h, w = shape
-    dims = "B, 3, H, W" if dynamic else f"{b}, 3, {h}, {w}"
-    if kind == "segmenter":
-        out_layout = "B, L, K, H, W" if layers > 1 else "B, K, H, W"
-        channels = "K = len(class_names); channel k is class id k"
-        output = {"name": OUTPUT_NAMES[kind], "dtype": "float32", "layout": out_layout,
-                  "channels": channels, "meaning": "logits (softmax over K = probabilities)"}
-    else:
-        output = {"name": OUTPUT_NAMES[kind], "dtype": "float32", "layout": "B, C, H // p, W // p",
-                  "channels": "C = len(class_names) - 1; channel c is class id c + 1",
-                  "meaning": f"{variant} class activation maps (non-negative, unnormalised)"}
-    meta = {
-        "weaktr.format_version": str(FORMAT_VERSION),
-        "weaktr.kind": kind,
-        "weaktr.version": __version__,
-        "weaktr.class_names": _json(list(class_names)),
-        "weaktr.mean": _json([float(v) for v in mean]),
-        "weaktr.std": _json([float(v) for v in std]),
-        "weaktr.patch_size": str(patch),
-        "weaktr.crop_size": str(crop),
-        "weaktr.input_size": _json([h, w]),
-        "weaktr.min_size": _json(list(_min_size(kind, patch))),
-        "weaktr.dynamic": "true" if dynamic else "false",
-        "weaktr.batch_size": str(b),
-        "weaktr.layers": str(layers),
-        "weaktr.input": _json({
-            "name": INPUT_NAME, "dtype": "float32", "layout": dims,
-            "range": "RGB 0-255, not normalised (mean/std are applied in the graph)",
-        }),
-        "weaktr.output": _json(output),
-        "weaktr.extra": _json(dict(extra or {})),
-    }
-    if variant is not None:
-        meta["weaktr.cam_variant"] = variant
-    return meta
 
 
 def _wrap(
@@ -413,90 +160,6 @@ def _wrap(
         cam = CamExport(model, variant, mean, std).eval()
         return cam, model.patch_size, model.arch.img_size, 1, model.num_classes + 1
     raise WeakTrError(f"unknown export kind {kind!r}", hint=f"use one of {', '.join(EXPORT_KINDS)}")
-
-
-def _require_onnx() -> None:
-    """The exporter needs onnx + onnxscript, the check onnxruntime: the `onnx` extra."""
-    import importlib.util
-
-    needed = ("onnx", "onnxscript", "onnxruntime")
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        raise WeakTrError(
-            f"ONNX export needs {', '.join(missing)}, which is not installed",
-            hint="pip install 'weaktr[onnx]'",
-        )
-
-
-def _random_pixels(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=shape).astype(np.float32)
-
-
-def verify_onnx(
-    path: str | Path,
-    reference: Callable[[Tensor], Tensor],
-    shapes: Sequence[tuple[int, int, int, int]],
-    *,
-    atol: float = DEFAULT_ATOL,
-    threads: int | None = None,
-) -> list[ExportCheck]:
-    """`onnx.checker`, then onnxruntime vs PyTorch (CPU) on random pixels.
-
-    Args:
-        path: the ONNX file.
-        reference: PyTorch function the graph must reproduce, (B, 3, H, W) float 0-255 ->
-            output (`SegmenterExport.reference` / `CamExport.reference`).
-        shapes: input shapes (B, 3, H, W) to compare at; inputs are seeded uniform 0-255.
-        atol: the largest max-abs difference accepted.
-        threads: onnxruntime intra-op threads (default: torch's thread count).
-
-    Returns one `ExportCheck` per shape; raises `WeakTrError` naming the difference when one
-    exceeds `atol`, the checker fails, or onnxruntime rejects an input shape.
-    """
-    _require_onnx()
-    import onnx
-    import onnxruntime as ort
-
-    path = Path(path)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeakTrError(f"the exported ONNX model is invalid: {first}") from exc
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.log_severity_level = 3  # errors reach us as exceptions; keep stderr quiet
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    checks = []
-    for i, shape in enumerate(shapes):
-        pixels = _random_pixels(shape, seed=i)
-        with torch.inference_mode():
-            expected = reference(torch.from_numpy(pixels)).float().numpy()
-        try:
-            got = session.run(None, {input_name: pixels})[0]
-        except Exception as exc:  # onnxruntime raises its own exception types
-            first = str(exc).strip().splitlines()[0]
-            raise WeakTrError(
-                f"onnxruntime cannot run the exported model on input {shape}: {first}",
-                hint="the exporter may have fixed a size it should have kept dynamic",
-            ) from exc
-        if got.shape != expected.shape:
-            raise WeakTrError(
-                f"onnxruntime output {got.shape} differs from PyTorch {expected.shape} "
-                f"for input {shape}"
-            )
-        diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
-        check = ExportCheck(shape, diff, float(np.max(np.abs(expected))))
-        checks.append(check)
-        if not diff <= atol:  # also catches NaN
-            raise WeakTrError(
-                f"onnxruntime and PyTorch differ by {diff:.3g} (max abs) at input {shape}, "
-                f"above the tolerance {atol:g}",
-                hint="report this with the model; a larger --atol accepts it at your own risk",
-            )
-    return checks
 
 
 def export_onnx(
@@ -539,20 +202,8 @@ def export_onnx(
 
     Returns an `ExportReport` with the per-shape differences.
     """
-    _require_onnx()
-    if kind not in EXPORT_KINDS:
-        raise WeakTrError(
-            f"unknown export kind {kind!r}", hint=f"use one of {', '.join(EXPORT_KINDS)}"
-        )
-    if batch_size < 1:
-        raise WeakTrError(f"batch size must be >= 1, got {batch_size}")
-    if not atol >= 0:
-        raise WeakTrError(f"the tolerance must be >= 0, got {atol}")
-    if opset < 18:
-        raise WeakTrError(
-            f"opset {opset} is older than the exporter's operator set 18",
-            hint="use --opset 18 or newer",
-        )
+    require_onnx()
+    _check_export_args(kind, batch_size, atol, opset)
     wrapper, patch, crop, layers, n_out = _wrap(
         model, kind, mean=mean, std=std, variant=variant, all_layers=all_layers
     )
@@ -562,20 +213,11 @@ def export_onnx(
             "(background included)",
             hint="pass the class names stored in the checkpoint",
         )
-    height = crop if height is None else int(height)
-    width = crop if width is None else int(width)
-    low_h, low_w = _min_size(kind, patch)
-    if height < low_h or width < low_w:
-        raise WeakTrError(
-            f"export size {height}x{width} is below the smallest input {low_h}x{low_w} "
-            f"of a patch-{patch} {kind} model"
-        )
-    batch = max(batch_size, 2) if dynamic else batch_size
-    shape = (batch, 3, height, width)
-    meta = _build_metadata(
+    shape = _export_shape(kind, patch, crop, height, width, batch_size, dynamic)
+    meta = build_metadata(
         kind=kind, class_names=class_names, mean=mean, std=std, patch=patch,
         crop=crop, shape=shape, dynamic=dynamic, layers=layers,
-        variant=variant if kind == "cam" else None, extra=metadata,
+        variant=variant if kind == "cam" else None, extra=metadata, weaktr_version=__version__,
     )
     out = Path(out)
     if not out.parent.is_dir():
@@ -589,18 +231,11 @@ def export_onnx(
         except ValueError as exc:  # protobuf's 2 GB limit
             raise WeakTrError(f"cannot write {out}: {exc}") from exc
         exported = time.perf_counter() - started
-        (in_b, _, in_h, in_w), output_shape = _io_shapes(tmp)
-        fixed = [n for n, d in (("batch", in_b), ("height", in_h), ("width", in_w)) if d >= 0]
-        if dynamic and fixed:
-            # The exporter can silently fix a size it cannot prove generic.
-            raise WeakTrError(
-                f"the exporter fixed the {', '.join(fixed)} of the input instead of keeping "
-                "it dynamic",
-                hint="export without --dynamic, or report this with your torch version",
-            )
+        output_shape = _check_dynamic(tmp, dynamic)
         started = time.perf_counter()
         reference = wrapper.reference
         assert callable(reference)
+        batch, _, height, width = shape
         checks = verify_onnx(
             tmp, reference, _verify_shapes(kind, batch, height, width, patch, dynamic), atol=atol
         )
@@ -612,12 +247,58 @@ def export_onnx(
     )
 
 
+def _check_export_args(kind: str, batch_size: int, atol: float, opset: int) -> None:
+    if kind not in EXPORT_KINDS:
+        raise WeakTrError(
+            f"unknown export kind {kind!r}", hint=f"use one of {', '.join(EXPORT_KINDS)}"
+        )
+    if batch_size < 1:
+        raise WeakTrError(f"batch size must be >= 1, got {batch_size}")
+    if not atol >= 0:
+        raise WeakTrError(f"the tolerance must be >= 0, got {atol}")
+    if opset < 18:
+        raise WeakTrError(
+            f"opset {opset} is older than the exporter's operator set 18",
+            hint="use --opset 18 or newer",
+        )
+
+
+def _export_shape(kind: str, patch: int, crop: int, height: int | None, width: int | None,
+                  batch_size: int, dynamic: bool) -> tuple[int, int, int, int]:
+    """The (B, 3, H, W) example the exporter traces; H, W default to the training crop."""
+    height = crop if height is None else int(height)
+    width = crop if width is None else int(width)
+    low_h, low_w = min_input_size(kind, patch)
+    if height < low_h or width < low_w:
+        raise WeakTrError(
+            f"export size {height}x{width} is below the smallest input {low_h}x{low_w} "
+            f"of a patch-{patch} {kind} model"
+        )
+    # A traced batch of 1 would be fixed at 1.
+    batch = max(batch_size, 2) if dynamic else batch_size
+    return (batch, 3, height, width)
+
+
+def _check_dynamic(path: Path, dynamic: bool) -> tuple[int, ...]:
+    """The exported output shape; refuses a dynamic export whose input sizes came out fixed."""
+    (in_b, _, in_h, in_w), output_shape = _io_shapes(path)
+    fixed = [n for n, d in (("batch", in_b), ("height", in_h), ("width", in_w)) if d >= 0]
+    if dynamic and fixed:
+        # The exporter can silently fix a size it cannot prove generic.
+        raise WeakTrError(
+            f"the exporter fixed the {', '.join(fixed)} of the input instead of keeping "
+            "it dynamic",
+            hint="export without --dynamic, or report this with your torch version",
+        )
+    return output_shape
+
+
 def _run_exporter(
     wrapper: nn.Module, shape: tuple[int, int, int, int], *, kind: str, dynamic: bool, opset: int
 ) -> Any:
     """torch.onnx.export (dynamo) of `wrapper` on a seeded example; the exporter's progress
     lines are kept off stdout (results go there)."""
-    example = torch.from_numpy(_random_pixels(shape, seed=0))
+    example = torch.from_numpy(random_pixels(shape, seed=0))
     dims = ({0: "batch", 2: "height", 3: "width"},) if dynamic else None
     chatter = io.StringIO()
     try:

@@ -83,7 +83,7 @@ def gradient_clipping_loss(
     patch_size: int = 120,
     ignore_index: int = IGNORE_INDEX,
 ) -> ClipLossResult:
-    """WeakTr's gradient clipping loss (METHOD.md Phase 4; reference `GradientClipping`).
+    """WeakTr's gradient clipping loss (docs/method.md, phase 4; reference `GradientClipping`).
 
     1. l = per-pixel cross-entropy (B, H, W); ignored pixels have l = 0.
     2. g = mean of l over all B*H*W pixels, ignored ones included.

@@ -1,6 +1,6 @@
 """Segmentation metrics from running confusion matrices (memory independent of image count).
 
-Conventions (METHOD.md "Evaluation"): pixels whose ground truth is 255 are skipped;
+Conventions (docs/method.md, "Evaluation"): pixels whose ground truth is 255 are skipped;
 IoU_c = TP / (TP + FP + FN); mIoU is the mean over classes that occur in ground truth or
 prediction (others are NaN and left out), so COCO's unused ids do not count.
 """

@@ -25,9 +25,8 @@ batch is padded by repeating a crop); a dynamic one takes `batch_size` crops of 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,11 @@ import numpy as np
 
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
+from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
+from weaktr_cli.onnx_meta import OnnxModelInfo
 from weaktr_cli.settings import check_inference_windows
-from weaktr_cli.windows import label_from_probs, pass_size, window_starts
+from weaktr_cli.windows import pass_size, window_starts
 
 __all__ = [
     "OnnxModelInfo",
@@ -48,91 +49,6 @@ __all__ = [
     "resize_bilinear",
     "softmax",
 ]
-
-#: newest metadata layout this reader understands (`weaktr_cli.export.FORMAT_VERSION`)
-SUPPORTED_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class OnnxModelInfo:
-    """The `weaktr.*` metadata of an exported model, parsed."""
-
-    kind: str
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    patch_size: int
-    crop_size: int
-    input_size: tuple[int, int]
-    min_size: tuple[int, int]
-    dynamic: bool
-    batch_size: int
-    layers: int
-    input_name: str
-    output_name: str
-    weaktr_version: str
-    cam_variant: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @classmethod
-    def from_metadata(cls, props: Mapping[str, str], source: str = "the model") -> OnnxModelInfo:
-        """Parse `metadata_props`; raises `WeakTrError` when a key is missing or malformed."""
-
-        def get(key: str) -> str:
-            full = f"weaktr.{key}"
-            if full not in props:
-                raise WeakTrError(
-                    f"{source} has no {full!r} metadata: not exported by weaktr",
-                    hint="export it with `weaktr export`",
-                )
-            return props[full]
-
-        def load(key: str) -> Any:
-            try:
-                return json.loads(get(key))
-            except ValueError as exc:
-                raise WeakTrError(f"{source}: metadata 'weaktr.{key}' is not valid JSON") from exc
-
-        try:
-            version = int(get("format_version"))
-            if version > SUPPORTED_FORMAT:
-                raise WeakTrError(
-                    f"{source} uses weaktr ONNX metadata version {version}, newer than this "
-                    f"weaktr reads ({SUPPORTED_FORMAT})",
-                    hint="upgrade weaktr",
-                )
-            layer_count = int(get("layers"))
-            info = cls(
-                kind=get("kind"),
-                class_names=tuple(str(n) for n in load("class_names")),
-                mean=tuple(float(v) for v in load("mean")),
-                std=tuple(float(v) for v in load("std")),
-                patch_size=int(get("patch_size")),
-                crop_size=int(get("crop_size")),
-                input_size=_pair(load("input_size")),
-                min_size=_pair(load("min_size")),
-                dynamic=get("dynamic") == "true",
-                batch_size=int(get("batch_size")),
-                layers=layer_count,
-                input_name=str(load("input")["name"]),
-                output_name=str(load("output")["name"]),
-                weaktr_version=get("version"),
-                cam_variant=props.get("weaktr.cam_variant"),
-                extra=dict(load("extra")),
-            )
-        except (TypeError, KeyError, ValueError) as exc:
-            raise WeakTrError(f"{source} has malformed weaktr metadata: {exc}") from exc
-        return info
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    a, b = value
-    return int(a), int(b)
-
 
 def _session(path: Path, threads: int | None, providers: Sequence[str] | None) -> Any:
     try:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 from weaktr_cli.errors import WeakTrError
 
 if TYPE_CHECKING:
-    from weaktr_cli.crf import CrfParams
     from weaktr_cli.data.base import SegmentationDataset
+    from weaktr_cli.dense_crf import CrfParams
     from weaktr_cli.retrain.loop import RetrainResult
     from weaktr_cli.settings import CamSettings, CamTrainConfig, RetrainConfig
     from weaktr_cli.train_cam import CamTrainResult
@@ -152,8 +152,8 @@ def crf_run(*, cams: Path, data: str | None, data_root: Path | None, out: Path,
     with `preset` (default: the recipe's) and `crf_overrides`, unless `no_crf`. Returns the
     artifact, the background level and the CRF parameters used."""
     from weaktr_cli.artifacts import read_meta
-    from weaktr_cli.crf import get_preset
     from weaktr_cli.data import open_artifact_dataset
+    from weaktr_cli.dense_crf import get_preset
     from weaktr_cli.recipes import qualify_recipe, resolve
     from weaktr_cli.seeds import make_seeds
 

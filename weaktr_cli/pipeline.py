@@ -197,7 +197,7 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                dump_phase)
 
     def crf_phase() -> dict[str, Any]:
-        from weaktr_cli.crf import get_preset
+        from weaktr_cli.dense_crf import get_preset
         from weaktr_cli.seeds import make_seeds
 
         make_seeds(cams, train_set, seeds, bg=seed_recipe.bg,

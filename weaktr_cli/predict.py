@@ -1,6 +1,6 @@
 """Segmentation inference with a retrained Segmenter: sliding windows, multi-scale, flip, CRF.
 
-Per image (METHOD.md Phase 4 inference, reference `segm/model/utils.py:inference`), for each
+Per image (docs/method.md, phase 4 inference, reference `segm/model/utils.py:inference`), for each
 scale and (with `flip`) the mirrored image:
 
 1. resize (bilinear) so the short side is scale x `base_size` (or scale x the image's own short
@@ -32,18 +32,19 @@ from weaktr_cli.artifacts import Entry, new_meta
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
+from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.label_pngs import write_png_dir
 from weaktr_cli.models.segmenter import Segmenter
 from weaktr_cli.runtime import (
     FreedMemoryReleaser,
-    autocast,
     resolve_precision,
     select_device,
 )
 from weaktr_cli.settings import NORMALIZATIONS, PROCEDURES, PredictSettings
 from weaktr_cli.shards import select_shard
-from weaktr_cli.windows import label_from_probs, pass_size, window_starts
+from weaktr_cli.test_time import sliding_logits
+from weaktr_cli.windows import pass_size
 
 __all__ = [
     "PAPER_PREDICT",
@@ -92,30 +93,12 @@ def settings_for_checkpoint(meta: dict[str, Any], settings: PredictSettings | No
 
 
 def _sliding_logits(model: Segmenter, image: torch.Tensor, settings: PredictSettings,
-                    device: torch.device, precision: str, layers: bool) -> list[torch.Tensor]:
-    """Merged window logits of a (1, 3, H, W) normalised image with H, W >= window.
-
-    Returns one float32 (n_cls, H, W) tensor per decoder layer (or only the last one).
-    """
-    _, _, h, w = image.shape
-    ws = settings.window
-    rows, cols = window_starts(h, ws, settings.stride), window_starts(w, ws, settings.stride)
-    boxes = [(y, x) for y in rows for x in cols]
-    n_out = model.num_decoder_layers if layers else 1
-    sums = [torch.zeros(model.n_cls, h, w, device=device) for _ in range(n_out)]
-    count = torch.zeros(1, h, w, device=device)
-    for start in range(0, len(boxes), settings.batch_size):
-        chunk = boxes[start : start + settings.batch_size]
-        crops = torch.cat([image[:, :, y : y + ws, x : x + ws] for y, x in chunk])
-        with autocast(device, precision):
-            outs = model(crops, return_layers=True) if layers else (model(crops),)
-        for k, logits in enumerate(outs):
-            logits = logits.float()
-            for i, (y, x) in enumerate(chunk):
-                sums[k][:, y : y + ws, x : x + ws] += logits[i]
-        for y, x in chunk:
-            count[:, y : y + ws, x : x + ws] += 1
-    return [s / count for s in sums]
+                    precision: str, layers: bool) -> list[torch.Tensor]:
+    """Merged window logits of a (1, 3, H, W) normalised image with H, W >= window: one
+    float32 (n_cls, H, W) tensor per decoder layer (or only the last one)."""
+    last = model.num_decoder_layers - 1
+    return sliding_logits(model, image, settings.window, settings.stride, settings.batch_size,
+                          precision, list(range(last + 1)) if layers else [last])
 
 
 @torch.inference_mode()
@@ -163,7 +146,7 @@ def predict_probs(
         batch = (scaled.clamp(0, 255) / 255.0 - m) / s
         for flipped in (False, True) if settings.flip else (False,):
             view = batch.flip(-1) if flipped else batch
-            layers = _sliding_logits(model, view, settings, dev, precision, weights is not None)
+            layers = _sliding_logits(model, view, settings, precision, weights is not None)
             mix = weights if weights is not None else (1.0,)
             for weight, logits in zip(mix, layers, strict=True):
                 if weight == 0:

@@ -139,12 +139,6 @@ def distributed(device_name: str = "auto") -> Iterator[tuple[DistInfo, torch.dev
         dist.destroy_process_group()
 
 
-def limit_cpu_threads(threads: int | None) -> None:
-    """Cap intra-op threads (e.g. one per torchrun process on a small machine)."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
 @lru_cache(maxsize=1)
 def _malloc_trim() -> Any:
     import ctypes

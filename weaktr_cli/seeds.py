@@ -25,8 +25,8 @@ import numpy as np
 
 from weaktr_cli.artifact_writer import write_artifact
 from weaktr_cli.artifacts import ArtifactReader, CamRecord, new_meta, open_artifact
-from weaktr_cli.crf import CrfParams, crf_from_labels, crf_from_probs, import_densecrf
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
+from weaktr_cli.dense_crf import CrfParams, crf_from_labels, crf_from_probs, import_densecrf
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.shards import select_shard
 

@@ -331,7 +331,7 @@ def check_inference_windows(
         raise WeakTrError(f"invalid layer weights {tuple(layer_weights)}",
                           hint="non-negative numbers, e.g. 0.8,1.0")
     if crf is not None:
-        from weaktr_cli.crf import get_preset
+        from weaktr_cli.dense_crf import get_preset
 
         get_preset(crf)
 
@@ -349,7 +349,7 @@ class PredictSettings:
     normalization: input normalisation name (`NORMALIZATIONS`); take it from the checkpoint
         (`weaktr_cli.predict.settings_for_checkpoint`).
     precision: "auto" (bf16 on CUDA or fast-bf16 CPUs, else fp32), "fp32", "bf16", "fp16".
-    crf: a `weaktr_cli.crf` preset name ("voc-test", "coco-test") or None.
+    crf: a `weaktr_cli.dense_crf` preset name ("voc-test", "coco-test") or None.
     batch_size: windows per forward pass.
     procedure: "weaktr" (above) or "reference": the reference's test-time procedure
         (`weaktr_cli.test_time`; `base_size` is then its im_size, 520 for VOC and COCO): its

@@ -18,7 +18,7 @@ For each ratio r (single scale: 1.0; multi-scale: 0.5, 0.75, 1.0, 1.25, 1.5, 1.7
    decoder (segm/eval/miou.py:85).
 
 The CRF input is this fused map restricted to the classes present in its argmax
-(`windows.label_from_probs(..., renormalize=False)`).
+(`dense_crf.label_from_probs(..., renormalize=False)`).
 """
 
 from __future__ import annotations

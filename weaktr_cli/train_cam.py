@@ -189,8 +189,9 @@ def train_cam(
             f"{run.precision}, {run.device}, world {run.world}")
         trainer.train(val_set, say=say, log_jsonl=log_jsonl, progress=progress,
                       cam_miou_fn=cam_miou_fn)
-        if run.is_main:
-            out.with_name(out.name + ".best").replace(out)
+        best = out.with_name(out.name + ".best")
+        if run.is_main and best.exists():  # absent when a finished run is resumed
+            best.replace(out)
     return CamTrainResult(checkpoint=out, history=trainer.history,
                           selected_epoch=trainer.best[1], model=model, steps=trainer.step)
 

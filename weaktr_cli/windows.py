@@ -1,17 +1,14 @@
-"""Sliding-window and label rules shared by the PyTorch and the onnxruntime predictors.
+"""Sliding-window rules shared by the PyTorch and the onnxruntime predictors.
 
 Torch-free on purpose: `weaktr predict --onnx` must run where torch is not installed, and both
-predictors must cut the same windows, rescale to the same sizes and turn probabilities into
-labels the same way, so their outputs can be compared pixel for pixel.
+predictors must cut the same windows and rescale to the same sizes, so their outputs can be
+compared pixel for pixel (both turn probabilities into labels with
+`weaktr_cli.dense_crf.label_from_probs`).
 """
 
 from __future__ import annotations
 
-import numpy as np
-
-from weaktr_cli.errors import WeakTrError
-
-__all__ = ["label_from_probs", "pass_size", "reference_pass_sizes", "window_starts"]
+__all__ = ["pass_size", "reference_pass_sizes", "window_starts"]
 
 
 def window_starts(size: int, window: int, stride: int) -> list[int]:
@@ -56,34 +53,3 @@ def reference_pass_sizes(height: int, width: int, ratio: float, im_size: int, wi
     if h1 < w1:
         return resized, (window, int(w1 / h1 * window))
     return resized, (int(h1 / w1 * window), window)
-
-
-def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
-                     crf: str | None = None, renormalize: bool = True) -> np.ndarray:
-    """(H, W) uint8 argmax of (n_cls, H, W) probabilities, optionally CRF-refined.
-
-    With a `crf` preset, the CRF runs on the image (RGB uint8, required) with the planes of
-    the classes present in the argmax only, as the reference does; one present class is
-    returned as is. `renormalize` rescales those planes to sum to 1 per pixel; the reference
-    passes them as they are (`renormalize=False`: with its un-normalised 0.8 P1 + P2 they reach
-    1.8, and the unary's clip to [1e-5, 1] then flattens the confident pixels, so the CRF
-    smooths more; hustvl/WeakTr 0ff9d9a OnlineRetraining/segm/eval/miou.py:85-93).
-    """
-    if probs.shape[0] > 255:
-        raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
-    label: np.ndarray = np.argmax(probs, axis=0).astype(np.uint8)
-    if crf is None:
-        return label
-    from weaktr_cli.crf import crf_from_probs, get_preset
-
-    if image is None:
-        raise WeakTrError("the CRF needs the image")
-    keys = np.unique(label)
-    if len(keys) == 1:
-        return label
-    planes = probs[keys]
-    if renormalize:
-        planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
-    refined = crf_from_probs(image, planes, get_preset(crf))
-    out: np.ndarray = keys.astype(np.uint8)[refined]
-    return out

@@ -14,7 +14,7 @@ from weaktr_cli.commands.output import Output
 HELP = """Run CAM inference over a split into a cams artifact (phase 2).
 
 Multi-scale plus flip, the classes of each image's image-level label only, min-max normalised
-(METHOD.md). Resumable: rerun the same command after an interruption. Prints the artifact path.
+(docs/method.md). Resumable: rerun the same command after an interruption. Prints the artifact path.
 
 [dim]Examples:[/]
   weaktr dump-cams --checkpoint cam.ckpt --out cams.h5

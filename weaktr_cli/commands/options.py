@@ -57,14 +57,27 @@ Quiet = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="No progress or logs on stderr.", rich_help_panel="Output"),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Random seed; CPU runs are bit-identical.")]
 Device = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Compute")
 ]
 Workers = Annotated[
     int,
-    typer.Option("--workers", min=1, help="Worker processes.", rich_help_panel="Compute"),
+    typer.Option("--workers", min=1, help="Worker processes (1: all in this process).",
+                 rich_help_panel="Compute"),
 ]
+#: DataLoader workers of the training commands: another count than --workers (0 is allowed:
+#: load in the training process); --workers is accepted as its former name.
+LoaderWorkers = Annotated[
+    int | None,
+    typer.Option("--loader-workers", "--workers", min=0,
+                 help="Data loader worker processes (0: load in the training process; default: "
+                 "the recipe's). --workers is its former name.", rich_help_panel="Compute"),
+]
+Precision = Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")]
+#: The training commands' --resume (the writers' --resume continues OUT.partial instead).
+ResumeRun = Annotated[bool, typer.Option(
+    help="Continue an interrupted run of --out from OUT.last and OUT.state.")]
+RecipeSeed = Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")]
 #: A released reference segmentation checkpoint (predict, evaluate, export-onnx).
 ReferenceCheckpoint = Annotated[Path | None, typer.Option(
     help="A released hustvl/WeakTr segmentation checkpoint (checkpoint.pth), loaded strictly "

@@ -57,7 +57,7 @@ def predict(
                       ] = None,
     stride: Annotated[int | None, typer.Option(help="Window stride (default: 2/3 window).")
                       ] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
+    precision: options.Precision = None,
     shard: options.Shard = None,
     resume: Annotated[bool, typer.Option(help="Continue OUT.partial if present.")] = True,
     device: options.Device = "auto",

@@ -69,14 +69,13 @@ def retrain(
     iterations: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (overrides "
                                                    "--epochs).")] = None,
     lr: Annotated[float | None, typer.Option()] = None,
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Continue an interrupted run of --out from OUT.last and OUT.state.")] = False,
+    precision: options.Precision = None,
+    resume: options.ResumeRun = False,
     log_jsonl: Annotated[Path | None, typer.Option(
         help="Per-step JSONL log (default: OUT.jsonl).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")] = None,
+    seed: options.RecipeSeed = None,
     device: options.Device = "auto",
-    workers: Annotated[int | None, typer.Option(min=0, help="Data loader workers.")] = None,
+    loader_workers: options.LoaderWorkers = None,
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -95,7 +94,7 @@ def retrain(
         "tau": tau_value, "clip_patch": patch, "arch": arch, "decoder": decoder,
         "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
         "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
-        "workers": workers}
+        "workers": loader_workers}
     if clip is False and tau is not None:
         raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
                           "there is no threshold", hint="drop one of them")

@@ -58,14 +58,13 @@ def train_cam(
     select: Annotated[str, typer.Option(
         help="Checkpoint to keep: last, val-map (image labels only) or cam-miou "
         "(scores CAMs with PIXEL labels of --val-split: opt-in).")] = "last",
-    precision: Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Continue an interrupted run of --out from OUT.last and OUT.state.")] = False,
+    precision: options.Precision = None,
+    resume: options.ResumeRun = False,
     log_jsonl: Annotated[Path | None, typer.Option(
         help="Per-epoch JSONL log (default: OUT.jsonl).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")] = None,
+    seed: options.RecipeSeed = None,
     device: options.Device = "auto",
-    workers: Annotated[int | None, typer.Option(min=0, help="Data loader workers.")] = None,
+    loader_workers: options.LoaderWorkers = None,
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
@@ -77,7 +76,7 @@ def train_cam(
         "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "aaf_reduction": aaf_reduction,
         "epochs": epochs,
         "batch_size": batch_size, "base_lr": lr, "accum_steps": accum_steps,
-        "input_size": input_size, "precision": precision, "seed": seed, "workers": workers,
+        "input_size": input_size, "precision": precision, "seed": seed, "workers": loader_workers,
         "select": select,
     }
     result, config = train_cam_run(

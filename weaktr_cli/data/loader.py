@@ -30,7 +30,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
 
 def cam_train_transform(size: int, *, crop_scale: tuple[float, float] = (0.08, 1.0),
                         randaugment: bool = True, random_erasing: float = 0.25) -> Transform:
-    """The CAM training augmentation of METHOD.md on uint8 tensors: RandomResizedCrop, flip,
+    """The CAM training augmentation of docs/method.md on uint8 tensors: RandomResizedCrop, flip,
     RandAugment (magnitude 9), normalise, random erasing."""
     from torchvision.transforms import v2
 

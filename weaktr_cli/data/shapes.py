@@ -333,7 +333,7 @@ def _unit_vector(rng: np.random.Generator) -> tuple[float, float]:
             return float(a) / r, float(b) / r
 
 
-def _rasterise(
+def _rasterize(
     shape: str,
     center: tuple[float, float],
     size: float,
@@ -464,7 +464,7 @@ def render_scene(config: ShapesConfig, split: str, index: int) -> Scene:
                 diameter *= 0.85  # crowded: shrink and try again
             r = diameter * reach
             center = (float(rng.uniform(r, size - r)), float(rng.uniform(r, size - r)))
-            m = _rasterise(shape, center, diameter, rot, aspect, size)
+            m = _rasterize(shape, center, diameter, rot, aspect, size)
             if not m.any():
                 continue
             if _acceptable(m, instances, objects, masks, occlude, config):

@@ -1,6 +1,6 @@
 """The WeakTr CAM model: a plain ViT with C class tokens, a conv CAM head and attention fusion.
 
-Forward pass (METHOD.md, Phase 1), for images (B, 3, H, W) and C foreground classes:
+Forward pass (docs/method.md, phase 1), for images (B, 3, H, W) and C foreground classes:
 
 1. Patch grid h x w = floor(H / p) x floor(W / p) (the bottom/right remainder is dropped, as
    the reference's strided conv does). Tokens = [C class tokens, P = h*w patch tokens].
@@ -27,7 +27,7 @@ import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -179,6 +179,15 @@ class CamOutputs:
     head_weights: Tensor | None = None  # (B, L*H)
 
 
+class CamMaps(NamedTuple):
+    """`WeakTrCAM.cam_heads`' maps at the patch grid (C = foreground classes)."""
+
+    coarse: Tensor  # (B, C, h, w) raw conv output
+    weights: Tensor | None = None  # (B, L*H) fusion weights
+    cross: Tensor | None = None  # (B, C, h, w) cross attention * relu(coarse)
+    fine: Tensor | None = None  # (B, C, h, w) patch attention @ cross
+
+
 class WeakTrCAM(nn.Module):
     """WeakTr's CAM network on a timm ViT (see the module docstring for the forward pass).
 
@@ -300,19 +309,28 @@ class WeakTrCAM(nn.Module):
         patch = resample_patch_pos_embed(self.pos_embed[:, c:], self.base_grid, grid)
         return torch.cat([self.pos_embed[:, :c], patch], dim=1)
 
+    def encode(self, patches: Tensor, pos_embed: Tensor, rows: int | None = None
+               ) -> tuple[Tensor, AttentionRecord]:
+        """Class tokens + embedded patches (B, h, w, D) through the blocks, with `pos_embed`
+        (1, C + h * w, D) added: the tokens (B, C + h * w, D) and the recorded attention (only
+        the first `rows` query rows of each map, if given)."""
+        b = patches.shape[0]
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(1, 2)], dim=1)
+        tokens = self.backbone.pos_drop(tokens + pos_embed)
+        with record_attention(self.backbone.blocks, self.fusion.needs_features, rows) as record:
+            tokens = self.backbone.blocks(tokens)
+        return tokens, record
+
     def _encode(self, images: Tensor, rows: int | None = None
                 ) -> tuple[Tensor, AttentionRecord, tuple[int, int]]:
         """Tokens after the blocks (B, C + h*w, D), the attention record and the grid (h, w)."""
         if images.ndim != 4:
             raise WeakTrError(f"expected images (B, 3, H, W), got shape {tuple(images.shape)}")
-        b, _, height, width = images.shape
+        _, _, height, width = images.shape
         h, w = self.grid_for(height, width)
         p = self.arch.patch_size
         patches = self.backbone.patch_embed(images[:, :, : h * p, : w * p])  # (B, h, w, D)
-        tokens = torch.cat([self.cls_token.expand(b, -1, -1), patches.flatten(1, 2)], dim=1)
-        tokens = self.backbone.pos_drop(tokens + self._pos_embed_for((h, w)))
-        with record_attention(self.backbone.blocks, self.fusion.needs_features, rows) as record:
-            tokens = self.backbone.blocks(tokens)
+        tokens, record = self.encode(patches, self._pos_embed_for((h, w)), rows)
         return tokens, record, (h, w)
 
     def cross_cams(self, images: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -329,16 +347,15 @@ class WeakTrCAM(nn.Module):
         cross = weighted_mean_attention([m[..., c:] for m in record.maps], weights)
         return coarse, cross.reshape(cross.shape[0], c, h, w) * F.relu(coarse)
 
-    def forward(self, images: Tensor, with_maps: bool = False) -> CamOutputs:
-        """images: (B, 3, H, W) float, normalised. Returns `CamOutputs` (maps if `with_maps`)."""
-        tokens, record, (h, w) = self._encode(images)
-        b, c = tokens.shape[0], self.num_classes
-
-        token_logits = tokens[:, :c].mean(dim=-1)
+    def cam_heads(self, tokens: Tensor, record: AttentionRecord, grid: tuple[Any, Any],
+                  upto: str = "fine") -> CamMaps:
+        """The CAMs of `encode`'s output (whole attention maps) on an (h, w) patch grid,
+        computed up to the `upto` variant ("coarse", "cross" or "fine"; later maps None)."""
+        b, (h, w), c = tokens.shape[0], grid, self.num_classes
         feat = tokens[:, c:].transpose(1, 2).reshape(b, -1, h, w)
         coarse = self.head(feat)
-        coarse_logits = coarse.mean(dim=(2, 3))
-
+        if upto == "coarse":
+            return CamMaps(coarse)
         maps, feats = record.maps, record.outputs
         coarse_src = coarse
         if self.detach_fine:
@@ -348,16 +365,26 @@ class WeakTrCAM(nn.Module):
         weights = self.fusion(maps, feats)  # (B, L*H)
         # only the columns of patch tokens are ever used: rows :C -> cross, rows C: -> patch
         fused = weighted_mean_attention([m[..., c:] for m in maps], weights)  # (B, N, P)
-        cross = fused[:, :c].reshape(b, c, h, w)
+        cross_cam = fused[:, :c].reshape(b, c, h, w) * F.relu(coarse_src)
+        if upto == "cross":
+            return CamMaps(coarse, weights, cross_cam)
         patch_attn = fused[:, c:]  # (B, P, P)
-        cross_cam = cross * F.relu(coarse_src)
         fine = torch.einsum("bpq,bcq->bcp", patch_attn, cross_cam.flatten(2)).reshape(b, c, h, w)
-        outputs = CamOutputs(token_logits, coarse_logits, fine.mean(dim=(2, 3)))
+        return CamMaps(coarse, weights, cross_cam, fine)
+
+    def forward(self, images: Tensor, with_maps: bool = False) -> CamOutputs:
+        """images: (B, 3, H, W) float, normalised. Returns `CamOutputs` (maps if `with_maps`)."""
+        tokens, record, grid = self._encode(images)
+        maps = self.cam_heads(tokens, record, grid)
+        assert maps.fine is not None
+        token_logits = tokens[:, : self.num_classes].mean(dim=-1)
+        outputs = CamOutputs(token_logits, maps.coarse.mean(dim=(2, 3)),
+                             maps.fine.mean(dim=(2, 3)))
         if with_maps:
-            outputs.coarse_cam = coarse
-            outputs.cross_cam = cross_cam
-            outputs.fine_cam = fine
-            outputs.head_weights = weights
+            outputs.coarse_cam = maps.coarse
+            outputs.cross_cam = maps.cross
+            outputs.fine_cam = maps.fine
+            outputs.head_weights = maps.weights
         return outputs
 
 

@@ -1,8 +1,9 @@
 """Attention fusion: one weight per (layer, head) attention map of the CAM model.
 
 The CAM model captures L layers x H heads post-softmax maps and fuses them into one map as the
-weighted mean `A_w = mean_k w_k A_k` (METHOD.md, Phase 1). Map k = layer * H + head (layer-major;
-the reference stacks head-major, `weaktr_cli.models.reference` permutes its weights).
+weighted mean `A_w = mean_k w_k A_k` (docs/method.md, phase 1). Map k = layer * H + head
+(layer-major; the reference stacks head-major, `weaktr_cli.models.reference` permutes its
+weights).
 
 Variants (`FUSIONS`):
 

@@ -7,7 +7,7 @@ are unwrapped and a DistributedDataParallel "module." prefix is stripped.
 Targets:
 
 - `WeakTrCAM`: timm keys go under `backbone.`; the single class token and its positional
-  embedding are repeated C times (METHOD.md); the checkpoint's classifier (`head.*`) and final
+  embedding are repeated C times (docs/method.md); the checkpoint's classifier (`head.*`) and final
   norm (`norm.*`, never applied by the CAM model) are dropped; the CAM head and the fusion stay
   randomly initialised.
 - a timm `VisionTransformer` (e.g. the retraining encoder): keys match one to one; `head.*`

@@ -141,8 +141,7 @@ def retrain(
     scale-free: clipping starts once the model has fitted the seeds freely for an epoch and
     applies whenever the loss is at or below that level, whatever the number of classes,
     background share or seed noise set it to. Its value is logged and stored in the
-    checkpoint (meta "tau"). Measured on shapes (degraded seeds): tau 0.507 after 250 steps,
-    clipping then active on ~75 % of steps and dropping ~16 % of the pixels.
+    checkpoint (meta "tau"); docs/experiments.md has what it gave on the built-in dataset.
 
     Log records: step, epoch (fractional), loss (the optimised, clipped mean), global_mean
     (plain CE mean g), clipped_fraction (of non-ignored seed pixels), clip_active (share of

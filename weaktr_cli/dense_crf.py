@@ -4,8 +4,11 @@ Everything here works in a compact label space: index 0 is the background plane 
 the classes present in one image, so a 2-class image costs a 3-label CRF, not a 21- or 91-label
 one. Mapping compact indices back to dataset class ids is the caller's job (see `seeds.py`).
 
-pydensecrf is imported lazily: `import weaktr_cli.crf` works without it, and the first CRF call
-(or `import_densecrf()`) raises one clear `WeakTrError` when it is missing or broken.
+pydensecrf is imported lazily: `import weaktr_cli.dense_crf` works without it, and the first
+CRF call (or `import_densecrf()`) raises one clear `WeakTrError` when it is missing or broken.
+
+`label_from_probs` turns class probabilities into a label map, CRF-refined on request: the
+last step of both predictors (`weaktr_cli.predict`, `weaktr_cli.onnx_infer`).
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class CrfParams:
         return dataclasses.asdict(self)
 
 
-#: Named parameter sets (METHOD.md): seed CRF on hard CAM labels for VOC and COCO, and the
+#: Named parameter sets (docs/method.md): seed CRF on hard CAM labels for VOC and COCO, and the
 #: test-time VOC and COCO CRFs on segmentation probabilities (Phase 4 inference).
 PRESETS: dict[str, CrfParams] = {
     "voc": CrfParams(
@@ -219,3 +222,32 @@ def crf_from_probs(image: np.ndarray, probs: np.ndarray, params: CrfParams) -> n
     q = crf_posterior(image, unary, params)
     labels: np.ndarray = np.argmax(q, axis=0).astype(np.uint8)
     return labels
+
+
+def label_from_probs(probs: np.ndarray, image: np.ndarray | None = None,
+                     crf: str | None = None, renormalize: bool = True) -> np.ndarray:
+    """(H, W) uint8 argmax of (n_cls, H, W) probabilities, optionally CRF-refined.
+
+    With a `crf` preset, the CRF runs on the image (RGB uint8, required) with the planes of
+    the classes present in the argmax only, as the reference does; one present class is
+    returned as is. `renormalize` rescales those planes to sum to 1 per pixel; the reference
+    passes them as they are (`renormalize=False`: with its un-normalised 0.8 P1 + P2 they reach
+    1.8, and the unary's clip to [1e-5, 1] then flattens the confident pixels, so the CRF
+    smooths more; hustvl/WeakTr 0ff9d9a OnlineRetraining/segm/eval/miou.py:85-93).
+    """
+    if probs.shape[0] > 255:
+        raise WeakTrError(f"{probs.shape[0]} classes do not fit a uint8 label map")
+    label: np.ndarray = np.argmax(probs, axis=0).astype(np.uint8)
+    if crf is None:
+        return label
+    if image is None:
+        raise WeakTrError("the CRF needs the image")
+    keys = np.unique(label)
+    if len(keys) == 1:
+        return label
+    planes = probs[keys]
+    if renormalize:
+        planes = planes / np.maximum(planes.sum(axis=0, keepdims=True), 1e-12)
+    refined = crf_from_probs(image, planes, get_preset(crf))
+    out: np.ndarray = keys.astype(np.uint8)[refined]
+    return out
