@@ -92,10 +92,11 @@ def test_provenance_chain(chain: dict[str, Path]) -> None:
         assert len(cams) == 24
         for image_id in cams.ids:
             maps = cams.read_cams(image_id).maps
-            # each class map min-max normalised: spans [0, 1] unless it is flat (all 0)
+            # each class map min-max normalised: spans [0, 1] unless it is flat (all 0);
+            # stored to 1/1024 (docs/artifacts.md), so a peak may read a few steps below 1
             assert (maps.reshape(len(maps), -1).min(axis=1) == 0).all()
             peaks = maps.reshape(len(maps), -1).max(axis=1)
-            assert ((peaks == 0) | (np.abs(peaks - 1) <= 1e-3)).all(), peaks
+            assert ((peaks == 0) | (np.abs(peaks - 1) <= 4 / 1024)).all(), peaks
 
 
 def _miou(predictions: dict[str, np.ndarray], dataset) -> float:
