@@ -52,7 +52,17 @@ __all__ = [
 ]
 
 
+def _native_bf16() -> str:
+    """"bf16" where the CPU runs bf16 natively (1.7x fp32 for the shapes models, the same
+    mIoU, still bit-identical reruns), else "auto" (fp32 on CPU); emulated bf16 is far slower
+    than fp32 and is never chosen."""
+    from weaktr_cli.runtime import cpu_bf16_is_fast
+
+    return "bf16" if cpu_bf16_is_fast() else "auto"
+
+
 def _cam_recipes() -> dict[str, CamTrainConfig]:
+    native_bf16 = _native_bf16()
     return {
         # From scratch, CAMs peak while the classifier is still weak and then shrink to the most
         # discriminative parts, so the recipe is small and short (docs/experiments.md).
@@ -75,10 +85,10 @@ def _cam_recipes() -> dict[str, CamTrainConfig]:
             randaugment=False,
             random_erasing=0.0,
             drop_path=0.0,
-            # fp32 everywhere: bf16 (1.7x where native) is emulated and ~100x slower on CPUs
-            # without it, and results must not depend on the CPU. 3 epochs cost 231 CPU-s
-            # on a 2-core EPYC without bf16 (docs/experiments.md).
-            precision="fp32",
+            # bf16 only where the CPU has native bf16 (the same mIoU); fp32 elsewhere, since
+            # emulated bf16 is ~100x slower. 3 epochs cost 231 CPU-s in fp32 on a 2-core EPYC
+            # without bf16 (docs/experiments.md).
+            precision=native_bf16,
             cache_images=True,  # the split is ~55 MB decoded: skip PNG decoding after epoch 1
         ),
         # "voc" / "coco" are the reference's release recipes, "<dataset>-paper" its paper's
@@ -90,13 +100,12 @@ def _cam_recipes() -> dict[str, CamTrainConfig]:
 DUMP_RECIPES: dict[str, CamSettings] = {
     # Cross-attention x coarse CAM: the fine CAM fails from scratch (2-3 mIoU: the background
     # attends to objects, docs/method.md) and the coarse CAM alone scores 4-8 points lower.
-    # Scale 1.0 + flip, fp32: val CAM mIoU 72.5 against 74.6 for 1.0 + 1.5 at a third of the
-    # cost (28-32 against 81-88 CPU-ms per image, 2-core EPYC without bf16); the time budget
-    # of fp32 CPUs goes to retraining (docs/experiments.md). The cross CAM is peaky (best
-    # background threshold 0.16-0.18 at power 1); power 0.5 moves it to ~0.41, inside the
-    # usual 0.3-0.6 sweep, so the seeds' background level needs no pixel labels to choose.
-    "shapes": CamSettings(scales=(1.0,), flip=True, variant="cross", power=0.5,
-                          precision="fp32"),
+    # Scales 1.0 + 1.5 (an 18x18 grid at 1.5): 76.9 vs 76.4 for 1.0 + 1.25, 77.4 with all
+    # three, at 2/3 of the cost; scale 1.0 alone costs a third but scored 72.5 against 74.6 on
+    # val (docs/experiments.md). The cross CAM is peaky (best background threshold 0.16-0.18
+    # at power 1); power 0.5 moves it to ~0.41, inside the usual 0.3-0.6 sweep, so the seeds'
+    # background level needs no pixel labels to choose.
+    "shapes": CamSettings(scales=(1.0, 1.5), flip=True, variant="cross", power=0.5),
 }
 
 
@@ -126,23 +135,21 @@ def _retrain_recipes() -> dict[str, RetrainConfig]:
     # It trains without clipping: clipping hurt at every tau tried on these seeds, whose
     # errors are systematic rather than noise (docs/experiments.md); `--clip` switches it
     # on at the best setting measured, tau auto at 0.3.
-    # Sized for fp32 CPUs (docs/experiments.md, issue 16): 4800 steps of tiny-c8 took ~24 min
-    # on a 2-core EPYC without bf16 (30.5 crops per CPU-second); tiny-c8s runs 60, so 1800
-    # steps take ~4.5 min there. Seed pixels that two classes' CAMs share are ignored
-    # (`ambiguity` 0.7, chosen on val: such pixels were 50.8 % right, the other foreground
-    # pixels of multi-class images 99.8 %): clean examples of each shape, so the model need
-    # not first unlearn the coin flips that delayed it.
+    # 4800 steps of tiny-c8 take ~24 min on a 2-core EPYC without bf16 (30.5 crops per
+    # CPU-second). A recipe sized for such CPUs (tiny-c8s, 1800 steps, `ambiguity` 0.7) fits
+    # in ~4.5 min there but reached only 43.3 val mIoU against 61.9 for this one, so it is
+    # not the default (docs/experiments.md); `--arch tiny-c8s --iterations 1800
+    # --ambiguity 0.7` runs it.
     return {
         **_reference_recipes("retrain", RetrainConfig),
         "shapes": RetrainConfig(
-            arch="tiny-c8s",
+            arch="tiny-c8",
             decoder="linear",
             crop_size=96,
             scale_range=(1.0, 1.0),  # objects keep their size: scale jitter delayed the shapes
             photometric=False,  # colour defines the class here: no hue/saturation jitter
             batch_size=16,
-            iterations=1800,
-            ambiguity=0.7,
+            iterations=4800,
             optimizer="adamw",
             lr=1e-3,
             min_lr=1e-5,
@@ -153,7 +160,7 @@ def _retrain_recipes() -> dict[str, RetrainConfig]:
             tau_auto_fraction=0.3,
             clip_patch=24,
             drop_path=0.0,
-            precision="fp32",  # the same result with or without native bf16
+            precision=_native_bf16(),
             cache_images=True,  # 2000 images of 96 px: decode each PNG once
             log_every=25,
         ),
@@ -195,7 +202,7 @@ PREDICT_RECIPES: dict[str, PredictSettings] = {
     # The paper's headline numbers use test-time CRF (74.0 with CRF vs 73.0). On shapes it
     # sharpens the stride-8 model's outlines: 82.5 vs 79.8 train, 64.0 vs 61.9 val mIoU.
     # fp32, as every shapes phase: results must not depend on the CPU having native bf16.
-    "shapes": PredictSettings(crf="voc-test", precision="fp32"),
+    "shapes": PredictSettings(crf="voc-test"),
 }
 
 # ----------------------------------------------------------------------------- the reference's
