@@ -35,9 +35,10 @@ FIGURES = (
 )
 
 
-def run_seed(seed: int, work: Path, extra: list[str]) -> dict[str, Any]:
+def run_seed(seed: int, work: Path, extra: list[str], cli_module: str = "weaktr_cli"
+             ) -> dict[str, Any]:
     """Run one pipeline (or find it up to date) and return its metrics.json record."""
-    command = [sys.executable, "-m", "weaktr_cli", "pipeline", "--seed", str(seed),
+    command = [sys.executable, "-m", cli_module, "pipeline", "--seed", str(seed),
                "--work", str(work), "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
@@ -104,8 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/pipeline_seeds"))
     parser.add_argument("--out", type=Path, default=HERE / "pipeline_seeds",
                         help="writes OUT.json and OUT.md")
+    parser.add_argument("--cli-module", default="weaktr_cli",
+                        help="module run as `python -m MODULE pipeline ...` (the tests pass "
+                             "one that registers their tiny recipe)")
     args = parser.parse_args(own)
-    records = [run_seed(seed, args.work / f"seed-{seed}", extra) for seed in args.seeds]
+    records = [run_seed(seed, args.work / f"seed-{seed}", extra, args.cli_module)
+               for seed in args.seeds]
     summary = summarise(records)
     args.out.with_suffix(".json").write_text(
         json.dumps({"summary": summary, "runs": records}, indent=2) + "\n")

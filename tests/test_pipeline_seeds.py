@@ -18,8 +18,8 @@ def test_two_seeds_give_a_summary_of_their_records(tmp_path: Path) -> None:
                                       seed=5), cache_dir=tmp_path / "data")
     out = tmp_path / "ps"
     pipeline_seeds.main(["--seeds", "0", "1", "--work", str(tmp_path / "runs"), "--out",
-                         str(out), "--", "--data-root", str(root), "--recipe", "smoke",
-                         "--workers", "1"])
+                         str(out), "--cli-module", "tests.weaktr_test_cli", "--",
+                         "--data-root", str(root), "--recipe", "smoke", "--workers", "1"])
     saved = json.loads(out.with_suffix(".json").read_text())
     runs = [json.loads((tmp_path / "runs" / f"seed-{s}" / "metrics.json").read_text())
             for s in (0, 1)]
