@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests._tiny_data import TinyDataset, write_tiny_cams
+from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.io import load_segmenter
 from weaktr_cli.models.segmenter import BilinearPosEmbedViT
 from weaktr_cli.recipes import resolve
@@ -57,3 +58,20 @@ def test_retraining_with_the_reference_segmenter(tmp_path) -> None:
     assert meta["train"]["precision"] == "fp32"
     with torch.no_grad():
         assert model(torch.randn(1, 3, 40, 48)).shape == (1, train.num_classes, 40, 48)
+
+
+@pytest.mark.parametrize(("batch", "world", "expected"), [(64, 1, 64), (64, 2, 32), (4, 4, 1)])
+def test_global_batch_is_split_over_the_processes(batch: int, world: int, expected: int) -> None:
+    """The reference's batch is global (OnlineRetraining/segm/train.py:160): under torchrun
+    each process takes batch // world, so the effective batch does not grow with the world."""
+    from weaktr_cli.training import per_process_batch
+
+    assert per_process_batch(batch, True, world) == expected
+    assert per_process_batch(batch, False, world) == batch  # weaktr's own: per process
+
+
+def test_global_batch_smaller_than_the_world_is_one_line() -> None:
+    from weaktr_cli.training import per_process_batch
+
+    with pytest.raises(WeakTrError, match="does not split over 8 processes"):
+        per_process_batch(4, True, 8)

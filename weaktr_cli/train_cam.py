@@ -32,7 +32,7 @@ from weaktr_cli.models.cam_vit import WeakTrCAM, cam_loss
 from weaktr_cli.models.io import load_cam_model
 from weaktr_cli.runtime import autocast
 from weaktr_cli.settings import SELECTIONS, CamSettings, CamTrainConfig
-from weaktr_cli.training import TrainingRun, training_run
+from weaktr_cli.training import TrainingRun, per_process_batch, training_run
 
 __all__ = [
     "SELECTIONS",
@@ -218,10 +218,7 @@ class _CamTrainer:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = self._sampler()
         # With `global_batch` the batch is the reference's: global, split over the processes.
-        batch = config.batch_size // run.world if config.global_batch else config.batch_size
-        if batch < 1:
-            raise WeakTrError(f"a global batch of {config.batch_size} does not split over "
-                              f"{run.world} processes", hint="raise --batch-size")
+        batch = per_process_batch(config.batch_size, config.global_batch, run.world)
         self.loader = DataLoader(self.images, batch_size=batch, sampler=self.sampler,
                                  num_workers=config.workers, drop_last=True,
                                  persistent_workers=config.workers > 0, generator=self.generator)

@@ -40,6 +40,17 @@ __all__ = ["TrainingRun", "check_same_settings", "state_paths", "training_run"]
 SETTINGS_KEY = "config"
 
 
+def per_process_batch(batch_size: int, global_batch: bool, world: int) -> int:
+    """Images per process and step: `batch_size`, or with `global_batch` (the reference's
+    convention, hustvl/WeakTr OnlineRetraining/segm/train.py:160) `batch_size // world`."""
+    if not global_batch:
+        return batch_size
+    if batch_size < world:
+        raise WeakTrError(f"a global batch of {batch_size} does not split over {world} "
+                          "processes", hint="raise --batch-size")
+    return batch_size // world
+
+
 def state_paths(out: Path) -> tuple[Path, Path]:
     """`<out>.last` (newest weights) and `<out>.state` (everything else a resume needs)."""
     return out.with_name(out.name + ".last"), out.with_name(out.name + ".state")

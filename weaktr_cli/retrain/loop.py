@@ -29,7 +29,7 @@ from weaktr_cli.retrain.samples import EpochSampler, ItemError, RetrainSamples, 
 from weaktr_cli.retrain.seed_source import SeedSource, check_seeds
 from weaktr_cli.runtime import autocast
 from weaktr_cli.settings import RetrainConfig
-from weaktr_cli.training import TrainingRun, training_run
+from weaktr_cli.training import TrainingRun, per_process_batch, training_run
 
 __all__ = ["RetrainResult", "build_model", "poly_lr", "retrain"]
 
@@ -70,15 +70,8 @@ def build_model(config: RetrainConfig, n_cls: int) -> Segmenter:
 
 
 def process_batch(config: RetrainConfig, world: int) -> int:
-    """Images per process and step: `batch_size`, or with `global_batch` (the reference's
-    OnlineRetraining/segm/train.py:160) `batch_size // world`."""
-    if not config.global_batch:
-        return config.batch_size
-    batch = config.batch_size // world
-    if batch < 1:
-        raise WeakTrError(f"a global batch of {config.batch_size} does not split over {world} "
-                          "processes", hint="raise --batch-size")
-    return batch
+    """Images per process and step (see `training.per_process_batch`)."""
+    return per_process_batch(config.batch_size, config.global_batch, world)
 
 
 def poly_lr(step: int, total: int, lr: float, min_lr: float, power: float,
