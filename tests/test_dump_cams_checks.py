@@ -74,7 +74,8 @@ def test_interrupted_dump_resumes_to_the_same_cams(shapes_root: Path, tmp_path: 
     seen: list[int] = []
     dump_cams(model, dataset, out, settings=settings, checkpoint=ckpt,
               progress=lambda done, _total: seen.append(done))
-    assert seen[0] == 4  # the three images of the partial file were kept, not recomputed
+    # the three images of the partial file were kept, not recomputed
+    assert min(seen) == 3 and seen[-1] == len(dataset.ids)
     with open_artifact(clean) as a, open_artifact(out) as b:
         assert list(b.ids) == list(a.ids) == list(dataset.ids)
         for image_id in a.ids:
