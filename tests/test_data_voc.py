@@ -116,7 +116,7 @@ def test_label_sources_agree(voc_sample: Path, source: str) -> None:
 def test_cls_labels_npy_refused_and_its_conversion_matches_json(
     voc_sample: Path, tmp_path: Path
 ) -> None:
-    from weaktr_cli.data.voc import CLS_LABELS_CONVERSION
+    from weaktr_cli.data.image_labels import CLS_LABELS_CONVERSION
 
     with pytest.raises(WeakTrError, match="is a pickled dict; weaktr never unpickles") as info:
         load_cls_labels(voc_sample / "cls_labels.npy", VOC_CLASSES)

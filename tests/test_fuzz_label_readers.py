@@ -29,7 +29,7 @@ from weaktr_cli.data.coco import COCO_CATEGORIES, CocoDataset
 from weaktr_cli.data.images import read_label_png, read_rgb, write_label_png
 from weaktr_cli.data.voc import (
     VOC_CLASSES,
-    _labels_from_xml,
+    labels_from_xml,
     load_cls_labels,
     read_dataset_info,
     read_list_file,
@@ -130,7 +130,7 @@ def test_split_list_file(data: bytes) -> None:
 @FUZZ
 @given(damaged(XML))
 def test_annotation_xml(data: bytes) -> None:
-    _survives(lambda p: _labels_from_xml(p, VOC_CLASSES), "a.xml", data)
+    _survives(lambda p: labels_from_xml(p, VOC_CLASSES), "a.xml", data)
 
 
 # ----------------------------------------------------------------------------- label PNGs

@@ -27,7 +27,7 @@ IMAGES = 10
 DRIVER = f"""
 from pathlib import Path
 from tests._tiny_data import TinyDataset, write_tiny_cams
-from weaktr_cli.crf import get_preset
+from weaktr_cli.dense_crf import get_preset
 from weaktr_cli.seeds import make_seeds
 data = TinyDataset(n={IMAGES})
 cams = Path("cams.h5")

