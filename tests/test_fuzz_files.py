@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests._time_limit import time_limit
 from tests.cli_helpers import run_cli
 from weaktr_cli.artifact_writer import write_artifact
 from weaktr_cli.artifacts import CamRecord, new_meta, open_artifact
@@ -50,20 +50,6 @@ def _damaged(data: bytes, change: tuple[list[tuple[float, int]], float | None]) 
     for where, mask in flips:
         out[int(where * len(out))] ^= mask
     return bytes(out[: int(cut * len(out))] if cut is not None else out)
-
-
-@contextlib.contextmanager
-def _no_hang(seconds: int = SECONDS_PER_EXAMPLE) -> Iterator[None]:
-    def hung(*_: object) -> None:
-        raise AssertionError(f"the reader ran over {seconds} s on a damaged file")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _entries(kind: str, todo: list[str]) -> Iterator[tuple[str, CamRecord | np.ndarray]]:
@@ -116,7 +102,7 @@ def test_damaged_artifacts_give_a_weaktr_error_only(valid, tmp_path: Path, kind:
                                                     change) -> None:
     path = tmp_path / "x.h5"
     path.write_bytes(_damaged(valid[kind].read_bytes(), change))
-    with _no_hang(), contextlib.suppress(WeakTrError):
+    with time_limit(SECONDS_PER_EXAMPLE), contextlib.suppress(WeakTrError):
         _read_everything(path)
 
 
@@ -126,7 +112,7 @@ def test_damaged_artifacts_are_one_line_at_the_cli(valid, tmp_path: Path, capsys
                                                    change) -> None:
     path = tmp_path / "x.h5"
     path.write_bytes(_damaged(valid["cams"].read_bytes(), change))
-    with _no_hang():
+    with time_limit(SECONDS_PER_EXAMPLE):
         result = run_cli(capsys, "inspect", path, "--json")
     assert result.code in (0, 1)
     assert "Traceback" not in result.stderr and "unexpected" not in result.stderr
@@ -141,7 +127,7 @@ def test_damaged_checkpoints_give_a_weaktr_error_only(valid, tmp_path: Path, cha
 
     path = tmp_path / "x.ckpt"
     path.write_bytes(_damaged(valid["checkpoint"].read_bytes(), change))
-    with _no_hang(), contextlib.suppress(WeakTrError):
+    with time_limit(SECONDS_PER_EXAMPLE), contextlib.suppress(WeakTrError):
         read_checkpoint_meta(path)
         load_checkpoint(path, kind="cam")
 
@@ -154,7 +140,7 @@ def test_damaged_training_state_gives_a_weaktr_error_only(valid, tmp_path: Path,
 
     path = tmp_path / "x.state"
     path.write_bytes(_damaged(valid["state"].read_bytes(), change))
-    with _no_hang(), contextlib.suppress(WeakTrError):
+    with time_limit(SECONDS_PER_EXAMPLE), contextlib.suppress(WeakTrError):
         load_training_state(path)
 
 
@@ -171,6 +157,6 @@ def test_any_damaged_partial_resumes_into_the_clean_artifact(
         _write(out, kind, stop_after=stop)
     victim = folder / f"out.h5.{target}"
     victim.write_bytes(_damaged(victim.read_bytes(), change))
-    with _no_hang():
+    with time_limit(SECONDS_PER_EXAMPLE):
         _write(out, kind)
     assert out.read_bytes() == clean

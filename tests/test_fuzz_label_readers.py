@@ -12,12 +12,9 @@ from __future__ import annotations
 import io
 import json
 import os
-import signal
 import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests._time_limit import time_limit
 from weaktr_cli.data.coco import COCO_CATEGORIES, CocoDataset
 from weaktr_cli.data.images import read_label_png, read_rgb, write_label_png
 from weaktr_cli.data.voc import (
@@ -40,21 +38,6 @@ EXAMPLES = int(os.environ.get("WEAKTR_FUZZ_EXAMPLES", "150"))
 HANG_SECONDS = 20  # per example; a valid one takes milliseconds
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-@contextmanager
-def _time_limit(seconds: int) -> Iterator[None]:
-    """Fail (instead of waiting for ever) when the body runs longer than `seconds`."""
-    def hung(*_: Any) -> None:
-        raise AssertionError(f"a reader ran for more than {seconds} s on a damaged file")
-
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @st.composite
@@ -82,7 +65,7 @@ def _survives(read: Callable[[Path], object], name: str, data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / name
         path.write_bytes(data)
-        with _time_limit(HANG_SECONDS):
+        with time_limit(HANG_SECONDS):
             try:
                 read(path)
             except WeakTrError as exc:
