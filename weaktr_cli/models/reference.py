@@ -161,27 +161,8 @@ def convert_reference_state_dict(
     state = dict(state)
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
-    cls_token = _require(state, "cls_token")
-    head = _require(state, "head.weight")
-    if head.ndim != 4:
-        raise WeakTrError(
-            "not a WeakTr CAM checkpoint: 'head.weight' is not a conv kernel "
-            f"(shape {list(head.shape)})",
-            hint="an ImageNet backbone checkpoint loads with load_pretrained_backbone instead",
-        )
-    num_classes = cls_token.shape[1]
-
-    if _AAF + "fc.0.weight" in state:
-        layout = "v1"
-    elif _AAF + "attn_feat_ffn.0.weight" in state:
-        layout = "v3"
-    elif _AAF + "attn_head_ffn.0.weight" in state:
-        layout = "v2"
-    else:
-        raise WeakTrError(
-            "not a WeakTr CAM checkpoint: no adaptive_attention_fusion weights",
-            hint=f"its keys start with: {', '.join(sorted(state)[:5])}",
-        )
+    num_classes = _class_count(state)
+    layout = _layout(state)
     stem, fusion, pool = _LAYOUTS[layout]
 
     depth = len({m.group(1) for k in state if (m := _BLOCK_KEY.fullmatch(k))})
@@ -195,16 +176,59 @@ def convert_reference_state_dict(
     heads = num_maps // depth
     arch = _arch_from_shapes(state, num_classes, depth, heads)
     reduction = _exact_reduction(num_maps, hidden, "reference head FFN")
-    feat_reduction = 8
-    if layout == "v3":
-        f1 = _require(state, _AAF + "attn_feat_ffn.0.weight")  # (hd/fr, hd)
-        if f1.shape[1] != arch.head_dim:
-            raise WeakTrError(
-                f"reference feature FFN takes {f1.shape[1]} inputs, heads are {arch.head_dim} wide"
-            )
-        feat_reduction = _exact_reduction(arch.head_dim, f1.shape[0], "reference feature FFN")
+    feat_reduction = _feat_reduction(state, arch) if layout == "v3" else 8
 
-    perm = head_major_to_layer_major(depth, heads)
+    out = _renamed(state, layout, stem, head_major_to_layer_major(depth, heads))
+    if w2.shape != (num_maps, hidden):
+        raise WeakTrError(
+            f"reference head FFN shapes disagree: {list(w1.shape)} and {list(w2.shape)}"
+        )
+    config = ReferenceConfig(layout, arch, num_classes, fusion, reduction, feat_reduction, pool)
+    return out, fusion, config
+
+
+def _class_count(state: Mapping[str, Tensor]) -> int:
+    """The class count of a reference CAM state dict (its cls tokens), checking its conv head."""
+    cls_token = _require(state, "cls_token")
+    head = _require(state, "head.weight")
+    if head.ndim != 4:
+        raise WeakTrError(
+            "not a WeakTr CAM checkpoint: 'head.weight' is not a conv kernel "
+            f"(shape {list(head.shape)})",
+            hint="an ImageNet backbone checkpoint loads with load_pretrained_backbone instead",
+        )
+    return int(cls_token.shape[1])
+
+
+def _layout(state: Mapping[str, Tensor]) -> str:
+    """Which of the reference's fusion layouts (v1, v2, v3) the state dict holds."""
+    if _AAF + "fc.0.weight" in state:
+        return "v1"
+    if _AAF + "attn_feat_ffn.0.weight" in state:
+        return "v3"
+    if _AAF + "attn_head_ffn.0.weight" in state:
+        return "v2"
+    raise WeakTrError(
+        "not a WeakTr CAM checkpoint: no adaptive_attention_fusion weights",
+        hint=f"its keys start with: {', '.join(sorted(state)[:5])}",
+    )
+
+
+def _feat_reduction(state: Mapping[str, Tensor], arch: ArchSpec) -> int:
+    """The v3 layout's feature-FFN reduction, checked against the heads' width."""
+    f1 = _require(state, _AAF + "attn_feat_ffn.0.weight")  # (hd/fr, hd)
+    if f1.shape[1] != arch.head_dim:
+        raise WeakTrError(
+            f"reference feature FFN takes {f1.shape[1]} inputs, heads are {arch.head_dim} wide"
+        )
+    return _exact_reduction(arch.head_dim, f1.shape[0], "reference feature FFN")
+
+
+def _renamed(
+    state: Mapping[str, Tensor], layout: str, stem: str, perm: Tensor
+) -> dict[str, Tensor]:
+    """The state dict under `WeakTrCAM` keys, the head FFN's maps reordered layer-major by
+    `perm`; a key of no known layout is an error."""
     out: dict[str, Tensor] = {}
     unknown: list[str] = []
     for key, value in state.items():
@@ -228,12 +252,7 @@ def convert_reference_state_dict(
             f"reference checkpoint ({layout} layout) has keys of no known layout: "
             + describe_key_mismatch([], unknown)
         )
-    if w2.shape != (num_maps, hidden):
-        raise WeakTrError(
-            f"reference head FFN shapes disagree: {list(w1.shape)} and {list(w2.shape)}"
-        )
-    config = ReferenceConfig(layout, arch, num_classes, fusion, reduction, feat_reduction, pool)
-    return out, fusion, config
+    return out
 
 
 def load_reference_checkpoint(
