@@ -33,7 +33,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 import torch  # noqa: E402
 
 from benchmarks.common import report  # noqa: E402
-from weaktr_cli.export import export_onnx  # noqa: E402
+from weaktr_cli.export import ExportReport, export_onnx  # noqa: E402
 from weaktr_cli.models.cam_vit import WeakTrCAM  # noqa: E402
 from weaktr_cli.models.segmenter import build_segmenter  # noqa: E402
 from weaktr_cli.onnx_infer import OnnxSegmenter  # noqa: E402
@@ -82,17 +82,24 @@ def bench_segmenter(arch: str, size: int, threads: int, iters: int, out_dir: Pat
             "torch_ms": 1000 * torch_s,
             "onnx_ms": 1000 * onnx_s,
             "speedup": torch_s / onnx_s,
-            "max_abs_diff": rep.max_abs_diff,
-            "max_abs_logit": max(c.max_abs_ref for c in rep.checks),
-            "checked_shapes": " ".join("x".join(map(str, c.shape)) for c in rep.checks),
-            "export_s": rep.export_seconds,
-            "verify_s": rep.verify_seconds,
-            "onnx_mb": rep.file_bytes / 2**20,
+            **_export_figures(rep),
             "cpu_per_wall": min(torch_cpu, onnx_cpu),
         })
         print(f"  {arch} {rows[-1]['export']}: torch {1000 * torch_s:.0f} ms, "
               f"onnx {1000 * onnx_s:.0f} ms, diff {rep.max_abs_diff:.2g}", file=sys.stderr)
     return rows
+
+
+def _export_figures(rep: ExportReport) -> dict:
+    """A row's figures of one export: its check against PyTorch, times and file size."""
+    return {
+        "max_abs_diff": rep.max_abs_diff,
+        "max_abs_logit": max(c.max_abs_ref for c in rep.checks),
+        "checked_shapes": " ".join("x".join(map(str, c.shape)) for c in rep.checks),
+        "export_s": rep.export_seconds,
+        "verify_s": rep.verify_seconds,
+        "onnx_mb": rep.file_bytes / 2**20,
+    }
 
 
 def bench_cam(out_dir: Path) -> dict:
@@ -103,12 +110,7 @@ def bench_cam(out_dir: Path) -> dict:
         "model": "cam deit-small (fine)",
         "export": "dynamic",
         "input": "1x3x224x224",
-        "max_abs_diff": rep.max_abs_diff,
-        "max_abs_logit": max(c.max_abs_ref for c in rep.checks),
-        "checked_shapes": " ".join("x".join(map(str, c.shape)) for c in rep.checks),
-        "export_s": rep.export_seconds,
-        "verify_s": rep.verify_seconds,
-        "onnx_mb": rep.file_bytes / 2**20,
+        **_export_figures(rep),
     }
 
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from weaktr_cli import __version__
 from weaktr_cli.cam_codec import decode_maps, encode_maps
-from weaktr_cli.errors import WeakTrError
+from weaktr_cli.errors import WeakTrError, refuse_newer
 
 SCHEMA_VERSION = 2  # 2: CAMs may be stored quantised (cam_codec.py); 1 files read as before
 KINDS = ("cams", "labels")
@@ -166,12 +166,7 @@ def read_root_meta(h5: Any, path: Path) -> ArtifactMeta:
                               "docs/artifacts.md") from None
 
     version = integer("schema_version", required("schema_version"))
-    if version > SCHEMA_VERSION:
-        raise WeakTrError(
-            f"{path} has schema_version {version}, newer than this weaktr reads "
-            f"({SCHEMA_VERSION})",
-            hint="upgrade weaktr",
-        )
+    refuse_newer(f"{path} has schema_version", version, SCHEMA_VERSION)
     kind = str(required("weaktr_kind"))
     if kind not in KINDS:
         raise WeakTrError(f"{path} has unknown kind {kind!r}", hint=f"expected {', '.join(KINDS)}")

@@ -22,3 +22,13 @@ class WeakTrError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} (hint: {self.hint})"
+
+
+def refuse_newer(what: str, version: int, newest: int) -> None:
+    """Refuse a file whose format `version` is newer than this weaktr reads (`newest`).
+
+    `what` starts the message: "<what> 3, newer than this weaktr reads (2)".
+    """
+    if version > newest:
+        raise WeakTrError(f"{what} {version}, newer than this weaktr reads ({newest})",
+                          hint="upgrade weaktr")

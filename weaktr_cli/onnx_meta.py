@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from weaktr_cli.errors import WeakTrError
+from weaktr_cli.errors import WeakTrError, refuse_newer
 
 __all__ = [
     "FORMAT_VERSION",
@@ -163,12 +163,7 @@ class OnnxModelInfo:
 
         try:
             version = int(get("format_version"))
-            if version > FORMAT_VERSION:
-                raise WeakTrError(
-                    f"{source} uses weaktr ONNX metadata version {version}, newer than this "
-                    f"weaktr reads ({FORMAT_VERSION})",
-                    hint="upgrade weaktr",
-                )
+            refuse_newer(f"{source} uses weaktr ONNX metadata version", version, FORMAT_VERSION)
             layer_count = int(get("layers"))
             info = cls(
                 kind=get("kind"),

@@ -54,7 +54,7 @@ def crf(
         rich_help_panel="CRF parameters")] = None,
     workers: options.Workers = 1,
     shard: options.Shard = None,
-    resume: Annotated[bool, typer.Option(help="Continue OUT.partial if present.")] = True,
+    resume: options.ResumePartial = True,
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:

@@ -49,7 +49,7 @@ def dump_cams(
     precision: Annotated[str | None, typer.Option(
         help="auto (bf16 on CPUs with native bf16), fp32, bf16 or fp16.")] = None,
     shard: options.Shard = None,
-    resume: Annotated[bool, typer.Option(help="Continue OUT.partial if present.")] = True,
+    resume: options.ResumePartial = True,
     device: options.Device = "auto",
     json_mode: options.Json = False,
     quiet: options.Quiet = False,

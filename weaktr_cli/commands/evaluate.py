@@ -63,11 +63,11 @@ def evaluate(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.phases import ReferenceModel, evaluate_run
+    from weaktr_cli.phases import evaluate_run
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    reference = None if reference_checkpoint is None else ReferenceModel(
-        reference_checkpoint, reference_normalization, reference_heads)
+    reference = options.reference_model(reference_checkpoint, reference_normalization,
+                                        reference_heads)
     payload = evaluate_run(
         artifact=artifact, checkpoint=checkpoint, reference=reference,
         data=None if data is None else str(data), data_root=data_root, split=split,

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from weaktr_cli.names import DatasetName
+
+if TYPE_CHECKING:
+    from weaktr_cli.phases import ReferenceModel
 
 __all__ = ["DatasetName"]
 
@@ -77,6 +80,8 @@ Precision = Annotated[str | None, typer.Option(help="auto, fp32, bf16 or fp16.")
 #: The training commands' --resume (the writers' --resume continues OUT.partial instead).
 ResumeRun = Annotated[bool, typer.Option(
     help="Continue an interrupted run of --out from OUT.last and OUT.state.")]
+#: The per-image writers' --resume (dump-cams, crf, predict).
+ResumePartial = Annotated[bool, typer.Option(help="Continue OUT.partial if present.")]
 RecipeSeed = Annotated[int | None, typer.Option(help="Random seed (default: the recipe's).")]
 #: A released reference segmentation checkpoint (predict, evaluate, export-onnx).
 ReferenceCheckpoint = Annotated[Path | None, typer.Option(
@@ -88,6 +93,16 @@ ReferenceNormalization = Annotated[str | None, typer.Option(
 ReferenceHeads = Annotated[int | None, typer.Option(
     min=1, help="Its attention heads (default: width // 64, as the reference).",
     rich_help_panel="Model")]
+
+
+def reference_model(checkpoint: Path | None, normalization: str | None, heads: int | None
+                    ) -> ReferenceModel | None:
+    """The --reference-* options as one value for the library (None without a checkpoint)."""
+    from weaktr_cli.phases import ReferenceModel
+
+    return None if checkpoint is None else ReferenceModel(checkpoint, normalization, heads)
+
+
 Shard = Annotated[
     str | None,
     typer.Option(

@@ -30,6 +30,13 @@ class Output:
         # that a one-step cosine schedule is flat); errors still reach stderr.
         logging.getLogger("timm").setLevel(logging.ERROR if quiet else logging.NOTSET)
 
+    @classmethod
+    def for_training(cls, *, json_mode: bool = False, quiet: bool = False) -> Output:
+        """An `Output` for a training command: under torchrun only the main process talks."""
+        from weaktr_cli.runtime import dist_info_from_env
+
+        return cls(json_mode=json_mode, quiet=quiet or not dist_info_from_env().is_main)
+
     def log(self, message: str) -> None:
         """A progress note on stderr (hidden by --quiet)."""
         self.err.print(message, highlight=False)

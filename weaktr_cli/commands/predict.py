@@ -59,17 +59,17 @@ def predict(
                       ] = None,
     precision: options.Precision = None,
     shard: options.Shard = None,
-    resume: Annotated[bool, typer.Option(help="Continue OUT.partial if present.")] = True,
+    resume: options.ResumePartial = True,
     device: options.Device = "auto",
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.phases import ReferenceModel, predict_run
+    from weaktr_cli.phases import predict_run
     from weaktr_cli.shards import parse_shard
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    reference = None if reference_checkpoint is None else ReferenceModel(
-        reference_checkpoint, reference_normalization, reference_heads)
+    reference = options.reference_model(reference_checkpoint, reference_normalization,
+                                        reference_heads)
     path = predict_run(
         checkpoint=checkpoint, reference=reference, onnx=onnx,
         data=None if data is None else str(data), data_root=data_root, split=split,

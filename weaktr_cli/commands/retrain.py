@@ -81,9 +81,8 @@ def retrain(
 ) -> None:
     from weaktr_cli.errors import WeakTrError
     from weaktr_cli.phases import retrain_run
-    from weaktr_cli.runtime import dist_info_from_env
 
-    output = Output(json_mode=json_mode, quiet=quiet or not dist_info_from_env().is_main)
+    output = Output.for_training(json_mode=json_mode, quiet=quiet)
     tau_value: float | str | None = tau
     if tau is not None and tau != "auto":
         try:

@@ -69,9 +69,8 @@ def train_cam(
     quiet: options.Quiet = False,
 ) -> None:
     from weaktr_cli.phases import train_cam_run
-    from weaktr_cli.runtime import dist_info_from_env
 
-    output = Output(json_mode=json_mode, quiet=quiet or not dist_info_from_env().is_main)
+    output = Output.for_training(json_mode=json_mode, quiet=quiet)
     overrides: dict[str, Any] = {
         "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "aaf_reduction": aaf_reduction,
         "epochs": epochs,
