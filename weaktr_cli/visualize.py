@@ -10,13 +10,14 @@ label maps show, flowed to the sheet's width.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from weaktr_cli.artifacts import ArtifactReader
+from weaktr_cli.artifacts import ArtifactReader, open_artifact
 from weaktr_cli.data.base import IGNORE_INDEX, SegmentationDataset
 from weaktr_cli.data.images import voc_palette
 from weaktr_cli.errors import WeakTrError
@@ -186,6 +187,26 @@ def panel_sheet(dataset: SegmentationDataset, ids: Sequence[str], layers: Sequen
         y += row.size[1] + GAP
     sheet.paste(key, (0, y))
     return _save(sheet, out_path)
+
+
+def show_artifacts(artifacts: Sequence[Path], out_path: str | Path, *,
+                   ids: Sequence[str] | None = None, n: int = 8, data: str | None = None,
+                   data_root: Path | None = None) -> tuple[Path, list[str]]:
+    """`panel_sheet` of artifact files, drawn in the order given: CAM layers are titled "CAM",
+    label layers by their file's stem. The images come from the dataset the first artifact
+    records (`data`, `data_root` override it); `ids` default to its first `n`.
+
+    Returns the PNG's path and the ids drawn.
+    """
+    from weaktr_cli.data import open_artifact_dataset
+
+    with ExitStack() as stack:
+        readers = [stack.enter_context(open_artifact(p)) for p in artifacts]
+        dataset = open_artifact_dataset(readers[0].meta, data=data, root=data_root)
+        shown = list(ids) if ids else readers[0].ids[:n]
+        layers = [Layer(p.stem if r.kind == "labels" else "CAM", r)
+                  for p, r in zip(artifacts, readers, strict=True)]
+        return panel_sheet(dataset, shown, layers, out_path), shown
 
 
 def iou_chart(series: Mapping[str, Sequence[float | None]], class_names: Sequence[str],

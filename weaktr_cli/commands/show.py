@@ -36,22 +36,9 @@ def show(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from contextlib import ExitStack
-
-    from weaktr_cli.artifacts import open_artifact
-    from weaktr_cli.data import open_artifact_dataset
-    from weaktr_cli.visualize import Layer, panel_sheet
+    from weaktr_cli.visualize import show_artifacts
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    with ExitStack() as stack:
-        readers = [stack.enter_context(open_artifact(p)) for p in artifacts]
-        first = readers[0].meta
-        dataset = open_artifact_dataset(first, data=data, root=data_root)
-        ids = list(image_id) if image_id else readers[0].ids[:n]
-        layers = [Layer(_title(p, r.kind), r) for p, r in zip(artifacts, readers, strict=True)]
-        path = panel_sheet(dataset, ids, layers, out)
+    path, ids = show_artifacts(artifacts, out, ids=image_id, n=n,
+                               data=None if data is None else str(data), data_root=data_root)
     output.artifact(path, {"images": ids})
-
-
-def _title(path: Path, kind: str) -> str:
-    return path.stem if kind == "labels" else "CAM"
