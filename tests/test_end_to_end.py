@@ -184,21 +184,24 @@ def test_onnx_export_and_predict(capsys, chain: dict[str, Path], tiny_shapes: Pa
     assert wrong.code == 1 and "add --cam" in wrong.stderr
 
 
-def test_predict_crf_follows_the_dataset_recipe_unless_none(capsys, chain, tiny_shapes,
-                                                          tmp_path) -> None:
-    """shapes predicts with the voc-test CRF by default; --crf none turns it off (torch, ONNX)."""
+def test_predict_crf_follows_the_recipe_unless_none(capsys, chain, tiny_shapes,
+                                                   tmp_path) -> None:
+    """The CRF is the recipe's: by default the one the model was trained with (smoke: none),
+    voc-test with --recipe shapes, none with --crf none (torch and ONNX alike)."""
     with open_artifact(chain["preds.h5"]) as reader:
-        assert reader.meta.config["settings"]["crf"] == "voc-test"
+        assert reader.meta.config["settings"]["crf"] is None
     onnx_path = tmp_path / "model.onnx"
     assert run_cli(capsys, "export-onnx", "--checkpoint", chain["seg.ckpt"], "--dynamic",
                    "--out", onnx_path, "--quiet").code == 0
     for source in (["--checkpoint", chain["seg.ckpt"]], ["--onnx", onnx_path]):
-        out = tmp_path / f"raw{len(str(source[1]))}.h5"
-        result = run_cli(capsys, "predict", *source, "--data", "shapes", "--data-root",
-                         tiny_shapes, "--split", "val", "--crf", "none", "--out", out, "--quiet")
-        assert result.code == 0, result.stderr
-        with open_artifact(out) as reader:
-            assert reader.meta.config["settings"]["crf"] is None, source[0]
+        for crf, expected in ((None, "voc-test"), ("none", None)):
+            out = tmp_path / f"{source[0][2:]}-{crf}.h5"
+            result = run_cli(capsys, "predict", *source, "--data", "shapes", "--data-root",
+                             tiny_shapes, "--split", "val", "--recipe", "shapes",
+                             *(["--crf", crf] if crf else []), "--out", out, "--quiet")
+            assert result.code == 0, result.stderr
+            with open_artifact(out) as reader:
+                assert reader.meta.config["settings"]["crf"] == expected, (source[0], crf)
 
 
 def test_show_and_inspect(capsys, chain: dict[str, Path], tiny_shapes: Path,

@@ -100,6 +100,7 @@ def seg_fixed(seg_model: Segmenter, out_dir: Path) -> ExportReport:
         "model": {"arch": "micro", "encoder": spec, "n_cls": N_CLS, "img_size": CROP,
                   "drop_path_rate": 0.0, "decoder_layers": 2, "decoder_dropout": 0.0,
                   "normalization": "inception"},
+        "recipe": "shapes",  # one test time, the last decoder layer: a last-layer export
     }
     ckpt = save_checkpoint(out_dir / "seg.safetensors", seg_model.state_dict(), meta)
     return export_checkpoint(ckpt, out_dir / "seg-fixed.onnx", batch_size=2)
@@ -181,7 +182,8 @@ def test_segmenter_fixed_export(seg_fixed: ExportReport, seg_model: Segmenter):
 def test_metadata_round_trip(seg_dynamic: ExportReport, seg_fixed: ExportReport,
                              cam_dynamic: ExportReport, out_dir: Path):
     props = {p.key: p.value for p in onnx.load(str(seg_dynamic.path)).metadata_props}
-    assert set(props) == set(METADATA_KEYS) - {"weaktr.cam_variant"}
+    # no CAM variant, no recipe: `export_onnx` was given none
+    assert set(props) == set(METADATA_KEYS) - {"weaktr.cam_variant", "weaktr.recipe"}
     assert props == seg_dynamic.metadata
     assert json.loads(json.dumps(seg_dynamic.to_dict()))["max_abs_diff"] <= 1e-4
     info = read_onnx_info(seg_dynamic.path)
@@ -189,10 +191,11 @@ def test_metadata_round_trip(seg_dynamic: ExportReport, seg_fixed: ExportReport,
     assert info.mean == pytest.approx(IMAGENET_MEAN) and info.std == pytest.approx(IMAGENET_STD)
     assert (info.patch_size, info.crop_size, info.input_size) == (8, CROP, (CROP, CROP))
     assert info.dynamic and info.layers == 2 and info.min_size == (9, 9)
-    assert info.extra == {"checkpoint": "tiny.safetensors", "step": 7}
+    assert info.extra == {"checkpoint": "tiny.safetensors", "step": 7} and info.recipe is None
     assert json.loads(props["weaktr.input"])["layout"] == "B, 3, H, W"
     fixed = read_onnx_info(seg_fixed.path)
     assert not fixed.dynamic and fixed.batch_size == 2 and fixed.layers == 1
+    assert fixed.recipe == "shapes"  # the checkpoint's training recipe
     assert fixed.mean == pytest.approx(INCEPTION[0])  # the checkpoint's normalisation
     assert fixed.extra["checkpoint_sha256"] == file_sha256(out_dir / "seg.safetensors")
     cam = read_onnx_info(cam_dynamic.path)
@@ -331,6 +334,40 @@ def test_onnx_predictions_match_torch(which: str, seg_dynamic: ExportReport,
             assert _agreement(got, expected) >= 0.9999
             labels = segmenter.predict(image, settings)
             assert labels.dtype == np.uint8 and np.array_equal(labels, got.argmax(0))
+
+
+def test_resize_uint8_grid_matches_torch():
+    from weaktr_cli.onnx_infer import resize_uint8_grid
+    from weaktr_cli.test_time import resize_uint8_bilinear
+
+    for size, out in [((20, 30), (33, 47)), ((45, 61), (17, 23)), ((32, 40), (520, 650))]:
+        x = _pixels((3, *size), seed=3)
+        expected = resize_uint8_bilinear(torch.from_numpy(x)[None], out)[0].numpy()
+        assert np.array_equal(resize_uint8_grid(x.astype(np.float64), out), expected)
+
+
+def test_onnx_runs_the_reference_procedure_as_torch_does(seg_dynamic: ExportReport,
+                                                         seg_model: Segmenter):
+    """The reference's test time (`test_time`) through onnxruntime: multi-scale ratios whose
+    views are smaller than the window (upsampled after normalising) and larger, flips, the
+    un-normalised 0.8 P1 + P2, and the last layer alone."""
+    segmenter = OnnxSegmenter(seg_dynamic.path, threads=1)
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, size=s, dtype=np.uint8) for s in [(20, 27, 3), (45, 38, 3)]]
+    for layer_weights, flip in [((0.8, 1.0), True), (None, False)]:
+        torch_settings = PredictSettings(window=CROP, stride=21, scales=(0.5, 1.0, 1.25),
+                                         base_size=40, flip=flip, layer_weights=layer_weights,
+                                         precision="fp32", procedure="reference")
+        settings = OnnxPredictSettings.from_predict_settings(torch_settings.to_dict())
+        assert settings.procedure == "reference"
+        for image in images:
+            expected = predict_probs(seg_model, image, torch_settings, "cpu")
+            got = segmenter.predict_probs(image, settings)
+            assert got.shape == expected.shape and got.dtype == np.float32
+            if layer_weights is not None:  # fused without renormalising, as the reference
+                np.testing.assert_allclose(got.sum(0), 1.8, atol=1e-4)
+            assert np.abs(got - expected).max() <= 1e-4
+            assert _agreement(got, expected) >= 0.9999
 
 
 def test_onnx_inference_imports_no_torch(seg_dynamic: ExportReport, seg_model: Segmenter,

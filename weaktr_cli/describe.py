@@ -192,6 +192,7 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         "num_classes": info.num_classes,
         "class_names": list(info.class_names),
         "dataset": extra.get("dataset"),
+        "recipe": info.recipe,
         "arch": (extra.get("model") or {}).get("arch"),
         "input_size": list(info.input_size),
         "min_size": list(info.min_size),

@@ -63,6 +63,7 @@ from weaktr_cli.onnx_verify import (
     require_onnx,
     verify_onnx,
 )
+from weaktr_cli.predict_defaults import fuses_layers
 
 __all__ = [
     "DEFAULT_ATOL",
@@ -76,6 +77,7 @@ __all__ = [
     "SegmenterExport",
     "export_checkpoint",
     "export_onnx",
+    "export_reference_checkpoint",
     "verify_onnx",
 ]
 
@@ -119,11 +121,12 @@ class ExportReport:
 
 
 def _verify_shapes(
-    kind: str, batch: int, height: int, width: int, patch: int, dynamic: bool
+    kind: str, shape: tuple[int, int, int, int], patch: int, dynamic: bool
 ) -> list[tuple[int, int, int, int]]:
     """The exported shape, and for dynamic exports another batch size and an H, W that are
     not multiples of the patch (so the padding / cropping path is exercised)."""
-    shapes = [(batch, 3, height, width)]
+    batch, _, height, width = shape
+    shapes = [shape]
     if dynamic:
         low_h, low_w = min_input_size(kind, patch)
         other_h = height + patch + 3
@@ -179,6 +182,7 @@ def export_onnx(
     all_layers: bool = False,
     metadata: Mapping[str, Any] | None = None,
     atol: float = DEFAULT_ATOL,
+    recipe: str | None = None,
 ) -> ExportReport:
     """Export a `Segmenter` (kind "segmenter") or `WeakTrCAM` (kind "cam") to ONNX, verified.
 
@@ -199,6 +203,7 @@ def export_onnx(
         all_layers: segmenters: output every decoder layer's logits (B, L, K, H, W).
         metadata: extra provenance stored as JSON under ``weaktr.extra``.
         atol: largest accepted max-abs difference between onnxruntime and PyTorch.
+        recipe: the recipe the model was trained with (``weaktr.recipe``), if known.
 
     Returns an `ExportReport` with the per-shape differences.
     """
@@ -218,33 +223,46 @@ def export_onnx(
         kind=kind, class_names=class_names, mean=mean, std=std, patch=patch,
         crop=crop, shape=shape, dynamic=dynamic, layers=layers,
         variant=variant if kind == "cam" else None, extra=metadata, weaktr_version=__version__,
+        recipe=recipe,
     )
     out = Path(out)
     if not out.parent.is_dir():
         raise WeakTrError(f"output folder {out.parent} does not exist")
     with atomic_file(out) as tmp:
+        output_shape, exported = _write_graph(tmp, wrapper, shape, meta, kind=kind,
+                                              dynamic=dynamic, opset=opset, out=out)
         started = time.perf_counter()
-        program = _run_exporter(wrapper, shape, kind=kind, dynamic=dynamic, opset=opset)
-        program.model.metadata_props.update(meta)
-        try:
-            program.save(tmp, external_data=False)
-        except ValueError as exc:  # protobuf's 2 GB limit
-            raise WeakTrError(f"cannot write {out}: {exc}") from exc
-        exported = time.perf_counter() - started
-        output_shape = _check_dynamic(tmp, dynamic)
-        started = time.perf_counter()
-        reference = wrapper.reference
-        assert callable(reference)
-        batch, _, height, width = shape
-        checks = verify_onnx(
-            tmp, reference, _verify_shapes(kind, batch, height, width, patch, dynamic), atol=atol
-        )
+        checks = verify_onnx(tmp, _reference_of(wrapper),
+                             _verify_shapes(kind, shape, patch, dynamic), atol=atol)
         verified = time.perf_counter() - started
     return ExportReport(
         path=out, kind=kind, opset=opset, dynamic=dynamic, input_shape=shape,
         output_shape=output_shape, atol=atol, checks=checks, metadata=meta,
         export_seconds=exported, verify_seconds=verified, file_bytes=out.stat().st_size,
     )
+
+
+def _write_graph(tmp: Path, wrapper: nn.Module, shape: tuple[int, int, int, int],
+                 meta: Mapping[str, str], *, kind: str, dynamic: bool, opset: int,
+                 out: Path) -> tuple[tuple[int, ...], float]:
+    """Export `wrapper` with `meta` into `tmp`; returns the output shape and the seconds
+    the export took. Refuses a dynamic export that came out fixed."""
+    started = time.perf_counter()
+    program = _run_exporter(wrapper, shape, kind=kind, dynamic=dynamic, opset=opset)
+    program.model.metadata_props.update(meta)
+    try:
+        program.save(tmp, external_data=False)
+    except ValueError as exc:  # protobuf's 2 GB limit
+        raise WeakTrError(f"cannot write {out}: {exc}") from exc
+    exported = time.perf_counter() - started
+    return _check_dynamic(tmp, dynamic), exported
+
+
+def _reference_of(wrapper: nn.Module) -> Any:
+    """The wrapper's PyTorch forward that the ONNX graph must reproduce."""
+    reference = wrapper.reference
+    assert callable(reference)
+    return reference
 
 
 def _check_export_args(kind: str, batch_size: int, atol: float, opset: int) -> None:
@@ -344,13 +362,15 @@ def export_checkpoint(
     batch_size: int = 1,
     opset: int = DEFAULT_OPSET,
     variant: str = "fine",
-    all_layers: bool = False,
+    all_layers: bool | None = None,
     atol: float = DEFAULT_ATOL,
 ) -> ExportReport:
     """Export a weaktr checkpoint (segmenter from `retrain`, or CAM from `train-cam`).
 
     Class names and normalisation come from the checkpoint; its path, sha256, kind and
-    model config are recorded under ``weaktr.extra``. Other arguments as `export_onnx`.
+    model config are recorded under ``weaktr.extra``, its training recipe as
+    ``weaktr.recipe``. `all_layers` None: every decoder layer when the recipe's test time
+    fuses them (`weaktr_cli.predict_defaults.fuses_layers`). Other arguments as `export_onnx`.
     """
     from weaktr_cli.artifacts import file_sha256
     from weaktr_cli.checkpoints import read_checkpoint_meta
@@ -367,6 +387,9 @@ def export_checkpoint(
         if norm not in NORMALIZATIONS:
             raise WeakTrError(f"{checkpoint} names an unknown normalisation {norm!r}")
         mean, std = NORMALIZATIONS[norm]
+        if all_layers is None:
+            all_layers = fuses_layers(meta.get("recipe"), meta.get("dataset"),
+                                      model.num_decoder_layers)
     elif kind == "cam":
         from weaktr_cli.models.io import load_cam_model
 
@@ -384,7 +407,8 @@ def export_checkpoint(
     return export_onnx(
         model, out, kind=kind, class_names=meta["class_names"], height=height, width=width,
         dynamic=dynamic, batch_size=batch_size, opset=opset, mean=mean, std=std,
-        variant=variant, all_layers=all_layers, metadata=extra, atol=atol,
+        variant=variant, all_layers=bool(all_layers), metadata=extra, atol=atol,
+        recipe=meta.get("recipe"),
     )
 
 
@@ -399,13 +423,14 @@ def export_reference_checkpoint(
     dynamic: bool = False,
     batch_size: int = 1,
     opset: int = DEFAULT_OPSET,
-    all_layers: bool = False,
+    all_layers: bool | None = None,
     atol: float = DEFAULT_ATOL,
 ) -> ExportReport:
     """Export a released reference segmentation checkpoint (`weaktr_cli.reference_model`).
 
     The graph normalises with the reference's statistics; class names are VOC's or COCO's
-    by the class count (21, 91), else "class_<i>". Other arguments as `export_checkpoint`.
+    by the class count (21, 91), else "class_<i>". Other arguments as `export_checkpoint`
+    (`all_layers` None: as the dataset's recipe's test time needs).
     """
     from weaktr_cli.artifacts import file_sha256
     from weaktr_cli.reference_model import open_reference_segmenter
@@ -415,6 +440,8 @@ def export_reference_checkpoint(
     model, meta = open_reference_segmenter(checkpoint, normalization=normalization,
                                            num_heads=num_heads)
     mean, std = NORMALIZATIONS[str(meta["model"]["normalization"])]
+    if all_layers is None:
+        all_layers = fuses_layers(None, meta["dataset"], model.num_decoder_layers)
     n_cls = int(meta["model"]["n_cls"])
     if meta["dataset"] == "voc":
         from weaktr_cli.data.voc import VOC_CLASSES as names
@@ -435,3 +462,4 @@ def export_reference_checkpoint(
         dynamic=dynamic, batch_size=batch_size, opset=opset, mean=mean, std=std,
         all_layers=all_layers, metadata=extra, atol=atol,
     )
+

@@ -6,7 +6,7 @@ are dynamic, how many decoder layers the output holds. The graph normalises raw 
 itself.
 
 Pre- and post-processing mirror `weaktr_cli.predict.predict_probs` step for step, so the two
-agree to float rounding:
+agree to float rounding. The "weaktr" procedure:
 
 1. per scale: the short side becomes scale x `base_size` (or scale x its own length), and at
    least `window`; bilinear resize (half-pixel centres, no antialiasing, as
@@ -18,6 +18,13 @@ agree to float rounding:
    `layer_weights` (a model exported with all decoder layers) the layers' probabilities are
    mixed with weights / sum(weights);
 4. the probabilities of all passes averaged; label = argmax (optionally a dense CRF).
+
+The "reference" procedure is `weaktr_cli.test_time`'s, step for step: the uint8 image resized
+onto the uint8 grid (`resize_uint8_grid`) at `windows.reference_pass_sizes`, upsampled to the
+window when smaller, per-layer probabilities averaged over the views, layers fused as
+sum_k w_k P_k without renormalising and the CRF fed those planes as they are. The graph
+normalises, so the upsampling acts on 0-255 values instead of normalised ones: both steps are
+affine per channel, the results agree to float rounding.
 
 A fixed-size export takes exactly its exported batch of `window` x `window` crops (the last
 batch is padded by repeating a crop); a dynamic one takes `batch_size` crops of any window.
@@ -38,7 +45,7 @@ from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.onnx_meta import OnnxModelInfo
 from weaktr_cli.settings import check_inference_windows
-from weaktr_cli.windows import pass_size, window_starts
+from weaktr_cli.windows import pass_size, reference_pass_sizes, window_starts
 
 __all__ = [
     "OnnxModelInfo",
@@ -47,8 +54,10 @@ __all__ = [
     "predict_split_onnx",
     "read_onnx_info",
     "resize_bilinear",
+    "resize_uint8_grid",
     "softmax",
 ]
+
 
 def _session(path: Path, threads: int | None, providers: Sequence[str] | None) -> Any:
     try:
@@ -87,8 +96,9 @@ class OnnxPredictSettings:
 
     window / stride: sliding-window crop and step (None: the model's crop size, or the input
         size of a fixed export, and 2/3 of the window, as `settings_for_checkpoint`).
-    scales, base_size, flip, layer_weights, crf, batch_size: as `PredictSettings`;
-        `batch_size` applies to dynamic exports (fixed ones take their exported batch).
+    scales, base_size, flip, layer_weights, crf, batch_size, procedure: as
+        `PredictSettings`; `batch_size` applies to dynamic exports (fixed ones take their
+        exported batch).
     """
 
     window: int | None = None
@@ -99,6 +109,7 @@ class OnnxPredictSettings:
     layer_weights: tuple[float, ...] | None = None
     crf: str | None = None
     batch_size: int = 4
+    procedure: str = "weaktr"
 
     @classmethod
     def from_predict_settings(cls, values: Mapping[str, Any]) -> OnnxPredictSettings:
@@ -130,7 +141,8 @@ class OnnxPredictSettings:
         assert window is not None and stride is not None
         check_inference_windows(window=window, stride=stride, scales=self.scales,
                                 base_size=self.base_size, batch_size=self.batch_size,
-                                layer_weights=self.layer_weights, crf=self.crf)
+                                layer_weights=self.layer_weights, crf=self.crf,
+                                procedure=self.procedure)
         if info.dynamic:
             if window < max(info.min_size):
                 raise WeakTrError(
@@ -155,37 +167,52 @@ class OnnxPredictSettings:
 # ----------------------------------------------------------------------------- numerics
 
 
-def _linear_taps(in_len: int, out_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                      np.ndarray]:
+def _linear_taps(in_len: int, out_len: int, dtype: type[np.floating[Any]] = np.float32,
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Source indices and weights of torch's bilinear resize (align_corners=False) along one
-    axis, as torch's CPU kernel computes them: (i0, i1, w0, w1), each (out_len,).
+    axis, as torch's CPU kernel computes them for `dtype`: (i0, i1, w0, w1), each (out_len,).
 
-    The step is float32 in / out; the source coordinate step * (dst + 0.5) - 0.5 is one
-    fused multiply-add in torch's kernel (a single float32 rounding), emulated here through
-    float64, where the product of two float32 values is exact.
+    float32: the step is float32 in / out; the source coordinate step * (dst + 0.5) - 0.5 is
+    one fused multiply-add in torch's kernel (a single float32 rounding), emulated here
+    through float64, where the product of two float32 values is exact. float64: all float64.
     """
-    scale = np.float32(in_len) / np.float32(out_len)
     dst = np.arange(out_len, dtype=np.float64) + 0.5
-    src = np.maximum((np.float64(scale) * dst - 0.5).astype(np.float32), np.float32(0))
+    if dtype == np.float64:
+        src = np.maximum(in_len / out_len * dst - 0.5, 0.0)
+    else:
+        scale = np.float32(in_len) / np.float32(out_len)
+        src = np.maximum((np.float64(scale) * dst - 0.5).astype(np.float32), np.float32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_len - 1)
-    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    lam = np.clip(src - i0.astype(dtype), 0, 1).astype(dtype)
     i1 = i0 + (i0 < in_len - 1)
-    return i0, i1, (np.float32(1) - lam).astype(np.float32), lam
+    return i0, i1, (dtype(1) - lam).astype(dtype), lam
 
 
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of (C, H, W) float32 to (C, *size), matching
-    `F.interpolate(x[None], size, mode="bilinear", align_corners=False)` (no antialiasing)."""
+def resize_bilinear(x: np.ndarray, size: tuple[int, int],
+                    dtype: type[np.floating[Any]] = np.float32) -> np.ndarray:
+    """Bilinear resize of (C, H, W) values to (C, *size) in `dtype` (float32 or float64),
+    matching `F.interpolate(x[None], size, mode="bilinear", align_corners=False)` on a tensor
+    of that dtype (no antialiasing)."""
     _, in_h, in_w = x.shape
     out_h, out_w = size
     if (out_h, out_w) == (in_h, in_w):
-        return x.astype(np.float32, copy=True)
-    x = x.astype(np.float32, copy=False)
-    r0, r1, rw0, rw1 = _linear_taps(in_h, out_h)
-    c0, c1, cw0, cw1 = _linear_taps(in_w, out_w)
+        return x.astype(dtype, copy=True)
+    x = x.astype(dtype, copy=False)
+    r0, r1, rw0, rw1 = _linear_taps(in_h, out_h, dtype)
+    c0, c1, cw0, cw1 = _linear_taps(in_w, out_w, dtype)
     rows: np.ndarray = x[:, :, c0] * cw0 + x[:, :, c1] * cw1  # width first, as torch nests it
     out: np.ndarray = rows[:, r0, :] * rw0[:, None] + rows[:, r1, :] * rw1[:, None]
     return out
+
+
+def resize_uint8_grid(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """`weaktr_cli.test_time.resize_uint8_bilinear` without torch: bilinear resize of (3, H, W)
+    0-255 values in float64, rounded half up with the same 1e-6 margin and clipped to 0-255;
+    float32 (3, *size)."""
+    if tuple(pixels.shape[1:]) == tuple(size):
+        return pixels.astype(np.float32)
+    out = resize_bilinear(pixels, size, np.float64)
+    return np.clip(np.floor(out + (0.5 + 1e-6)), 0, 255).astype(np.float32)
 
 
 def softmax(x: np.ndarray, axis: int = 0) -> np.ndarray:
@@ -270,25 +297,22 @@ class OnnxSegmenter:
         return out
 
     def _sliding_logits(self, pixels: np.ndarray, settings: OnnxPredictSettings,
-                        layers: bool) -> list[np.ndarray]:
+                        layers: Sequence[int]) -> list[np.ndarray]:
         """Merged window logits of (3, H, W) pixels with H, W >= window: one float32
-        (K, H, W) array per decoder layer (or only the last)."""
+        (K, H, W) array per index in `layers` (output layers of the model, 0 = the first
+        decoder layer of an all-layers export, the only one of a last-layer export)."""
         _, h, w = pixels.shape
         ws, stride = settings.window, settings.stride
         assert ws is not None and stride is not None
         boxes = [(y, x) for y in window_starts(h, ws, stride) for x in window_starts(w, ws, stride)]
-        n_out = self.info.layers if layers else 1
-        sums = np.zeros((n_out, self.info.num_classes, h, w), dtype=np.float32)
+        sums = np.zeros((len(layers), self.info.num_classes, h, w), dtype=np.float32)
         count = np.zeros((1, h, w), dtype=np.float32)
         step = settings.batch_size if self.info.dynamic else self.info.batch_size
         for start in range(0, len(boxes), step):
             chunk = boxes[start : start + step]
             crops = np.stack([pixels[:, y : y + ws, x : x + ws] for y, x in chunk])
             out = self.run(crops)
-            if self.info.layers > 1:
-                outs = [out[:, k] for k in range(n_out)] if layers else [out[:, -1]]
-            else:
-                outs = [out]
+            outs = [out[:, k] for k in layers] if self.info.layers > 1 else [out]
             for k, logits in enumerate(outs):
                 for i, (y, x) in enumerate(chunk):
                     sums[k][:, y : y + ws, x : x + ws] += logits[i]
@@ -313,11 +337,14 @@ class OnnxSegmenter:
             raise WeakTrError(
                 f"expected an RGB (H, W, 3) uint8 image, got {image.shape} {image.dtype}"
             )
+        if settings.procedure == "reference":
+            return self._reference_probs(image, settings)
         assert settings.window is not None
         h, w = image.shape[:2]
         pixels = image.transpose(2, 0, 1).astype(np.float32)
         weights = settings.layer_weights
         mix = weights if weights is not None else (1.0,)
+        used = range(self.info.layers) if weights is not None else [self.info.layers - 1]
         total = np.zeros((self.info.num_classes, h, w), dtype=np.float32)
         passes = 0
         for scale in settings.scales:
@@ -325,7 +352,7 @@ class OnnxSegmenter:
             scaled = np.clip(resize_bilinear(pixels, size), 0, 255)
             for flipped in (False, True) if settings.flip else (False,):
                 view = scaled[:, :, ::-1] if flipped else scaled
-                layers = self._sliding_logits(view, settings, weights is not None)
+                layers = self._sliding_logits(view, settings, used)
                 for weight, logits in zip(mix, layers, strict=True):
                     if weight == 0:
                         continue
@@ -337,17 +364,43 @@ class OnnxSegmenter:
         probs: np.ndarray = (total / np.float32(passes)).astype(np.float32)
         return probs
 
+    def _reference_probs(self, image: np.ndarray, settings: OnnxPredictSettings) -> np.ndarray:
+        """`predict_probs` with the reference's procedure (`weaktr_cli.test_time`): float32
+        (K, H, W) sum_k w_k P_k, not renormalised."""
+        window, base_size = settings.window, settings.base_size
+        assert window is not None and base_size is not None  # resolved() checked them
+        h, w = image.shape[:2]
+        weights = settings.layer_weights or (0.0,) * (self.info.layers - 1) + (1.0,)
+        used = [k for k, wk in enumerate(weights) if wk != 0]
+        pixels = image.transpose(2, 0, 1).astype(np.float64)
+        total = np.zeros((len(used), self.info.num_classes, h, w), dtype=np.float32)
+        views = 0
+        for ratio in settings.scales:
+            resized_size, fitted_size = reference_pass_sizes(h, w, ratio, base_size, window)
+            resized = resize_uint8_grid(pixels, resized_size)
+            for flipped in (False, True) if settings.flip else (False,):
+                view = resized[:, :, ::-1] if flipped else resized
+                if fitted_size != resized_size:
+                    view = resize_bilinear(view, fitted_size)
+                for k, logits in enumerate(self._sliding_logits(view, settings, used)):
+                    up = resize_bilinear(logits, (h, w))
+                    total[k] += softmax(up[:, :, ::-1] if flipped else up, axis=0)
+                views += 1
+        total /= np.float32(views)
+        fused = sum((np.float32(weights[k]) * total[i] for i, k in enumerate(used)),
+                    np.zeros_like(total[0]))
+        return fused.astype(np.float32)
+
     def predict(self, image: np.ndarray,
                 settings: OnnxPredictSettings | None = None) -> np.ndarray:
         """(H, W) uint8 class-id label map of an RGB (H, W, 3) uint8 image (argmax of
         `predict_probs`, CRF-refined when `settings.crf` names a preset)."""
         settings = (settings or OnnxPredictSettings()).resolved(self.info)
-        return label_from_probs(self.predict_probs(image, settings), image, settings.crf)
+        return label_from_probs(self.predict_probs(image, settings), image, settings.crf,
+                                renormalize=settings.procedure != "reference")
 
 
 # ----------------------------------------------------------------------------- splits
-
-
 
 
 def predict_split_onnx(
@@ -392,7 +445,8 @@ def predict_split_onnx(
         for image_id in todo:
             image = dataset.load_image(image_id)
             yield image_id, label_from_probs(segmenter.predict_probs(image, settings), image,
-                                             settings.crf)
+                                             settings.crf,
+                                             renormalize=settings.procedure != "reference")
 
     return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
                           resume=resume, progress=progress)

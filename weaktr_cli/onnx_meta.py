@@ -46,6 +46,9 @@ METADATA_KEYS = {
     "weaktr.batch_size": "int, the fixed batch size (dynamic models: the example's)",
     "weaktr.layers": "int, decoder layers in the output (1 = last layer only)",
     "weaktr.cam_variant": "CAM models: fine, cross or coarse",
+    "weaktr.recipe": "the recipe the model was trained with, when its checkpoint records it: "
+                     "`weaktr predict --onnx` applies that recipe's test time, as "
+                     "`predict --checkpoint` does",
     "weaktr.input": "JSON {name, dtype, layout, range}",
     "weaktr.output": "JSON {name, dtype, layout, channels}",
     "weaktr.extra": "JSON object: caller-supplied provenance (checkpoint, sha256, ...)",
@@ -78,6 +81,7 @@ def build_metadata(
     variant: str | None,
     extra: Mapping[str, Any] | None,
     weaktr_version: str,
+    recipe: str | None = None,
 ) -> dict[str, str]:
     """The `metadata_props` of an exported model (`METADATA_KEYS`)."""
     b, _, h, w = shape
@@ -114,6 +118,8 @@ def build_metadata(
     }
     if variant is not None:
         meta["weaktr.cam_variant"] = variant
+    if recipe is not None:
+        meta["weaktr.recipe"] = recipe
     return meta
 
 
@@ -137,6 +143,7 @@ class OnnxModelInfo:
     weaktr_version: str
     cam_variant: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    recipe: str | None = None  # the training recipe (None: not recorded)
 
     @property
     def num_classes(self) -> int:
@@ -182,6 +189,7 @@ class OnnxModelInfo:
                 weaktr_version=get("version"),
                 cam_variant=props.get("weaktr.cam_variant"),
                 extra=dict(load("extra")),
+                recipe=props.get("weaktr.recipe") or None,
             )
         except (TypeError, KeyError, ValueError) as exc:
             raise WeakTrError(f"{source} has malformed weaktr metadata: {exc}") from exc

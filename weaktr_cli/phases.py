@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from weaktr_cli.train_cam import CamTrainResult
 
 __all__ = [
-    "MULTISCALE",
     "ReferenceModel",
     "crf_run",
     "dump_cams_run",
@@ -41,9 +40,6 @@ __all__ = [
 Update = Callable[..., None]
 Bar = Callable[[str, "int | None"], AbstractContextManager[Update]]
 Log = Callable[[str], None]
-
-#: docs/method.md, phase 4 inference: ratios 0.5-1.75 of the image
-MULTISCALE = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
 
 
 @contextlib.contextmanager
@@ -267,19 +263,16 @@ def _open(data: str, data_root: Path | None, split: str, images: Path | None,
     return open_dataset(data, split, data_root)
 
 
-def _model_recipe(recipe: str | None, data: str | None, model_dataset: str | None) -> str:
-    """The predict recipe: --recipe, else --data's, else that of the dataset the model was
-    trained on (a checkpoint and its ONNX export both record it), so torch and ONNX agree."""
-    from weaktr_cli.recipes import qualify_recipe
+def _model_recipe(recipe: str | None, data: str | None, trained: str | None,
+                  model_dataset: str | None, log: Log) -> str:
+    """`predict_defaults.predict_recipe`, saying so when the model's recipe is unknown here."""
+    from weaktr_cli.predict_defaults import predict_recipe
 
-    return qualify_recipe(recipe, str(data or model_dataset or "shapes"))
-
-
-def _crf_choice(crf: str | None, recipe_crf: str | None) -> str | None:
-    """--crf: a preset name, "none", or unset for the recipe's."""
-    if crf is None:
-        return recipe_crf
-    return None if crf.lower() == "none" else crf
+    name = predict_recipe(recipe, data=data, trained=trained, model_dataset=model_dataset)
+    if recipe is None and trained is not None and name != trained:
+        log(f"[yellow]the model was trained with recipe {trained!r}, which this weaktr does "
+            f"not know: predicting with the {name} recipe's test time[/]")
+    return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,9 +294,9 @@ def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | N
                 resume: bool = True, device: str = "auto", png_dir: Path | None = None,
                 log: Log = _quiet, bar: Bar = _no_bar, recipe: str | None = None) -> Path:
     """Predict a split (or the images of a folder) into a labels artifact with a segmenter
-    checkpoint (settings from the dataset's recipe and the checkpoint), a released reference
-    checkpoint (the reference's test time) or an ONNX export. With `png_dir`, also write the
-    label maps there as palette PNGs."""
+    checkpoint or its ONNX export (both: the test time of the recipe the model was trained
+    with, `weaktr_cli.predict_defaults`) or a released reference checkpoint (the reference's
+    test time). With `png_dir`, also write the label maps there as palette PNGs."""
     if sum(x is not None for x in (checkpoint, reference, onnx)) != 1:
         raise WeakTrError("pass exactly one of --checkpoint, --reference-checkpoint and --onnx")
     if png_dir is not None:
@@ -311,14 +304,19 @@ def predict_run(*, checkpoint: Path | None = None, reference: ReferenceModel | N
 
         check_png_dir(png_dir)  # before the run, not after it
     if onnx is not None:
-        path = _predict_onnx(onnx, data=data, data_root=data_root, split=split, images=images,
-                             out=out, flip=flip, crf=crf, shard=shard, resume=resume, bar=bar)
+        if precision is not None:
+            raise WeakTrError("--precision applies to PyTorch models: onnxruntime runs the "
+                              "ONNX model in fp32", hint="drop --precision with --onnx")
+        path = _predict_onnx(
+            onnx, data=data, data_root=data_root, split=split, images=images, out=out,
+            multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, window=window,
+            stride=stride, shard=shard, resume=resume, log=log, bar=bar, recipe=recipe)
     else:
         path = _predict_checkpoint(
             checkpoint, reference, data=data, data_root=data_root, split=split, images=images,
             out=out, multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf,
             window=window, stride=stride, precision=precision, shard=shard, resume=resume,
-            device=device, bar=bar, recipe=recipe)
+            device=device, log=log, bar=bar, recipe=recipe)
     if png_dir is not None:
         from weaktr_cli.label_pngs import write_png_dir
 
@@ -332,8 +330,8 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
                         images: Path | None, out: Path, multiscale: bool, flip: bool | None,
                         fuse_layers: bool, crf: str | None, window: int | None,
                         stride: int | None, precision: str | None,
-                        shard: tuple[int, int] | None, resume: bool, device: str, bar: Bar,
-                        recipe: str | None = None) -> Path:
+                        shard: tuple[int, int] | None, resume: bool, device: str, log: Log,
+                        bar: Bar, recipe: str | None = None) -> Path:
     from weaktr_cli.predict import predict_split
 
     fixed = {k: v for k, v in {"window": window, "stride": stride,
@@ -349,7 +347,7 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
         model, meta, dataset, settings = _open_segmenter(
             checkpoint, data=data, data_root=data_root, split=split, images=images,
             multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, fixed=fixed,
-            recipe=recipe)
+            recipe=recipe, log=log)
     with bar(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
         return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
                              device=device, shard=shard, resume=resume, checkpoint=checkpoint,
@@ -359,33 +357,27 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
 def _open_segmenter(checkpoint: Path, *, data: str | None, data_root: Path | None, split: str,
                     images: Path | None, multiscale: bool, flip: bool | None,
                     fuse_layers: bool, crf: str | None, fixed: dict[str, Any],
-                    recipe: str | None = None,
+                    recipe: str | None = None, log: Log = _quiet,
                     ) -> tuple[Any, dict[str, Any], SegmentationDataset, Any]:
     """(model, checkpoint meta, dataset, settings) for a weaktr segmenter checkpoint."""
     from weaktr_cli.models.io import load_segmenter
     from weaktr_cli.predict import settings_for_checkpoint
-    from weaktr_cli.recipes import resolve
+    from weaktr_cli.predict_defaults import predict_settings
 
     model, meta = load_segmenter(checkpoint)
     dataset_name = data or meta.get("dataset", "shapes")
     dataset = _open(dataset_name, data_root, split, images, meta["class_names"])
-    base = resolve("predict", _model_recipe(recipe, data, meta.get("dataset")))
-    overrides: dict[str, Any] = {**fixed, "crf": _crf_choice(crf, base.crf)}
-    if flip is not None:
-        overrides["flip"] = flip
-    if multiscale:
-        overrides["scales"] = MULTISCALE
-        if flip is None and base.procedure == "reference":
-            overrides["flip"] = True  # the reference's multi-scale always adds flips
-    if fuse_layers:
-        overrides["layer_weights"] = (0.8, 1.0)
-    return model, meta, dataset, settings_for_checkpoint(meta, base, **overrides)
+    name = _model_recipe(recipe, data, meta.get("recipe"), meta.get("dataset"), log)
+    base = predict_settings(name, crf=crf, flip=flip, multiscale=multiscale,
+                            fuse_layers=fuse_layers)
+    return model, meta, dataset, settings_for_checkpoint(meta, base, **fixed)
 
 
 def _open_reference(reference: ReferenceModel, *, data: str | None, data_root: Path | None,
                     split: str, images: Path | None, multiscale: bool, flip: bool | None,
                     crf: str | None) -> tuple[Any, dict[str, Any], SegmentationDataset, Any]:
     """(model, meta with class_names, dataset, settings) for a released reference checkpoint."""
+    from weaktr_cli.predict_defaults import crf_choice
     from weaktr_cli.reference_model import open_reference_segmenter, reference_predict_settings
 
     checkpoint = reference.checkpoint
@@ -411,25 +403,37 @@ def _open_reference(reference: ReferenceModel, *, data: str | None, data_root: P
                           f"{dataset.num_classes}", hint="pass the dataset it was trained on")
     meta["class_names"] = list(dataset.class_names)
     settings = reference_predict_settings(meta, str(name), multiscale=multiscale,
-                                          crf="default" if crf is None else _crf_choice(crf, None),
+                                          crf="default" if crf is None else crf_choice(crf, None),
                                           flip=flip)
     return model, meta, dataset, settings
 
 
 def _predict_onnx(onnx: Path, *, data: str | None, data_root: Path | None, split: str,
-                  images: Path | None, out: Path, flip: bool | None, crf: str | None,
-                  shard: tuple[int, int] | None, resume: bool, bar: Bar) -> Path:
+                  images: Path | None, out: Path, multiscale: bool, flip: bool | None,
+                  fuse_layers: bool, crf: str | None, window: int | None, stride: int | None,
+                  shard: tuple[int, int] | None, resume: bool, log: Log, bar: Bar,
+                  recipe: str | None = None) -> Path:
+    """`_predict_checkpoint` for an ONNX export: the same recipe (the file records the
+    checkpoint's) and flags make the same settings; window and stride default to the
+    export's crop (or fixed input) and 2/3 of it, as a checkpoint's."""
     from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
-    from weaktr_cli.recipes import resolve
+    from weaktr_cli.predict_defaults import predict_settings
 
     info = read_onnx_info(onnx)
     model_dataset = info.extra.get("dataset")
     dataset = _open(data or model_dataset or "shapes", data_root, split, images,
                     info.class_names)
-    recipe_crf = resolve("predict", _model_recipe(None, data, model_dataset)).crf
-    settings = OnnxPredictSettings(crf=_crf_choice(crf, recipe_crf))
-    if flip is not None:
-        settings = dataclasses.replace(settings, flip=flip)
+    name = _model_recipe(recipe, data, info.recipe, model_dataset, log)
+    base = predict_settings(name, crf=crf, flip=flip, multiscale=multiscale,
+                            fuse_layers=fuse_layers)
+    weights = base.layer_weights
+    if weights is not None and not fuse_layers and len(weights) != info.layers:
+        log(f"[yellow]{onnx.name} outputs {info.layers} decoder layer(s), the {name} recipe "
+            f"fuses {len(weights)}: predicting from the last layer (re-export with "
+            "--all-layers to match predict --checkpoint)[/]")
+        base = dataclasses.replace(base, layer_weights=None)
+    settings = OnnxPredictSettings.from_predict_settings(
+        {**base.to_dict(), "window": window, "stride": stride})
     with bar(f"predict (onnx) {dataset.name}/{dataset.split}", len(dataset)) as update:
         return predict_split_onnx(onnx, dataset, out, settings, shard=shard, resume=resume,
                                   progress=update)

@@ -270,8 +270,16 @@ def _table(phase: str) -> dict[str, Any]:
     if phase not in PHASES:
         raise WeakTrError(f"unknown phase {phase!r}", hint=f"choose one of: {', '.join(PHASES)}")
     if phase not in _BUILT:
-        _BUILT[phase] = _BUILDERS[phase]()
+        _BUILT[phase] = {name: _named(value, name) for name, value in _BUILDERS[phase]().items()}
     return _BUILT[phase]
+
+
+def _named(value: Any, name: str) -> Any:
+    """`value`, naming recipe `name` if its settings record their recipe (`RetrainConfig`:
+    the checkpoint keeps it for `predict`)."""
+    if any(f.name == "recipe" for f in dataclasses.fields(value)):
+        return dataclasses.replace(value, recipe=name)
+    return value
 
 
 def resolve(phase: str, name: str, **overrides: Any) -> Any:
@@ -309,7 +317,7 @@ def register(name: str, *, cam: CamTrainConfig, dump: CamSettings, seeds: SeedRe
     """Add (or replace) recipe `name` for every phase, e.g. a project's own dataset."""
     for phase, value in (("cam", cam), ("dump", dump), ("seeds", seeds), ("retrain", retrain),
                          ("predict", predict)):
-        _table(phase)[name] = value
+        _table(phase)[name] = _named(value, name)
     if retrain_from_cam:
         RETRAIN_FROM_CAM.add(name)
     else:

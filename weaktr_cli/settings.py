@@ -238,6 +238,9 @@ class RetrainConfig:
     log_every: int = 50
     save_every: int | None = None  # optimizer steps between resume points; None = each epoch
     max_steps: int | None = None  # stop early (tests); the schedule still spans the whole run
+    #: the recipe these settings came from (`weaktr_cli.recipes` fills it in; None: built by
+    #: hand). The checkpoint records it, so `predict` applies that recipe's test time.
+    recipe: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,6 +313,7 @@ def check_inference_windows(
     batch_size: int,
     layer_weights: Sequence[float] | None,
     crf: str | None,
+    procedure: str = "weaktr",
 ) -> None:
     """The checks that torch and ONNX inference share (`PredictSettings`,
     `weaktr_cli.onnx_infer.OnnxPredictSettings`); each adds what only its model can tell."""
@@ -330,6 +334,11 @@ def check_inference_windows(
             not layer_weights or any(w < 0 for w in layer_weights) or not sum(layer_weights) > 0):
         raise WeakTrError(f"invalid layer weights {tuple(layer_weights)}",
                           hint="non-negative numbers, e.g. 0.8,1.0")
+    if procedure not in PROCEDURES:
+        raise WeakTrError(f"unknown test-time procedure {procedure!r}",
+                          hint=f"use {' or '.join(PROCEDURES)}")
+    if procedure == "reference" and base_size is None:
+        raise WeakTrError("the reference's procedure needs a base size (its im_size, 520)")
     if crf is not None:
         from weaktr_cli.dense_crf import get_preset
 
@@ -374,12 +383,8 @@ class PredictSettings:
         count, the layer weights too)."""
         check_inference_windows(window=self.window, stride=self.stride, scales=self.scales,
                                 base_size=self.base_size, batch_size=self.batch_size,
-                                layer_weights=self.layer_weights, crf=self.crf)
-        if self.procedure not in PROCEDURES:
-            raise WeakTrError(f"unknown test-time procedure {self.procedure!r}",
-                              hint=f"use {' or '.join(PROCEDURES)}")
-        if self.procedure == "reference" and self.base_size is None:
-            raise WeakTrError("the reference's procedure needs a base size (its im_size, 520)")
+                                layer_weights=self.layer_weights, crf=self.crf,
+                                procedure=self.procedure)
         if self.normalization not in NORMALIZATIONS:
             raise WeakTrError(f"unknown normalization {self.normalization!r}",
                               hint=f"use {', '.join(NORMALIZATIONS)}")

@@ -18,8 +18,9 @@ HELP = """Export a checkpoint to a verified ONNX model.
 
 The segmentation model (from retrain), or with --cam the CAM model (image to fine
 CAMs). The graph takes float RGB pixels 0-255 (B, 3, H, W) and normalises
-inside; metadata in the file (class names, mean/std, patch and input size, weaktr version)
-is all a consumer needs. Fixed size by default; --dynamic makes batch, height and width
+inside; metadata in the file (class names, mean/std, patch and input size, training recipe,
+weaktr version) is all a consumer needs: predict --onnx applies the same test time as
+predict --checkpoint. Fixed size by default; --dynamic makes batch, height and width
 variable. Every export is checked with onnx.checker and compared with PyTorch through
 onnxruntime (at another input size when --dynamic); a difference above --atol fails and
 leaves no file.
@@ -50,8 +51,9 @@ def export_onnx(
     batch_size: Annotated[int, typer.Option(min=1, help="Batch of a fixed-size export.")] = 1,
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 18).")] = 18,
     variant: Annotated[str, typer.Option(help="With --cam: fine, cross or coarse.")] = "fine",
-    all_layers: Annotated[bool, typer.Option(
-        help="Output every decoder layer (for 0.8 P1 + P2 fusion).")] = False,
+    all_layers: Annotated[bool | None, typer.Option(
+        help="Output every decoder layer (for 0.8 P1 + P2 fusion) or the last only "
+             "(default: what the test time of the model's recipe uses).")] = None,
     atol: Annotated[float, typer.Option(help="Max abs difference allowed vs PyTorch.")] = 1e-4,
     json_mode: options.Json = False,
     quiet: options.Quiet = False,

@@ -151,7 +151,8 @@ def _onnx_rows(p: dict[str, Any]) -> list[tuple[str, str]]:
                                               if p.get("cam_variant") else "")),
         ("model", str(p.get("arch") or "-")),
         ("classes", _classes(p)),
-        ("trained on", str(p.get("dataset") or "-")),
+        ("trained on", str(p.get("dataset") or "-")
+                       + (f" with the {p['recipe']} recipe" if p.get("recipe") else "")),
         ("input", f"{size} (min {p['min_size'][0]}x{p['min_size'][1]}), batch "
                   f"{p['batch_size']}, crop {p['crop_size']}, patch {p['patch_size']}"),
         ("normalisation", f"mean {p['mean']}, std {p['std']} (inside the graph)"),

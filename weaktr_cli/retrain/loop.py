@@ -251,6 +251,7 @@ def _retrain(
             "class_names": list(train_set.class_names),
             "dataset": train_set.name,
             "train_split": train_set.split,
+            "recipe": config.recipe,  # predict's default test time
             "train": config.to_dict(),
             "seeds": seeds.describe(),
             "num_images": len(ids),
