@@ -19,7 +19,8 @@ import dataclasses
 import hashlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 PHASES = ("train-cam", "dump-cams", "crf", "retrain", "predict", "evaluate", "report")
 Log = Callable[[str], None]
+Update = Callable[..., None]
+Bar = Callable[[str, "int | None"], AbstractContextManager[Update]]
 
 
 @dataclass
@@ -55,6 +58,27 @@ class PipelineConfig:
     #: per-phase recipe overrides (field -> value; None keeps the recipe's), e.g.
     #: {"cam": {"batch_size": 4}, "retrain": {"iterations": 200}, "predict": {...}}
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def phase_overrides(*, cam_arch: str | None = None, cam_batch_size: int | None = None,
+                    cam_epochs: int | None = None, cam_input_size: int | None = None,
+                    seg_arch: str | None = None, seg_batch_size: int | None = None,
+                    seg_steps: int | None = None, seg_crop_size: int | None = None,
+                    precision: str | None = None, predict_size: int | None = None,
+                    ) -> dict[str, dict[str, Any]]:
+    """`PipelineConfig.overrides` from the pipeline's override options (None: the recipe's).
+
+    `precision` sets all three phases; `seg_steps` is retraining's `iterations` and
+    `predict_size` prediction's `base_size`.
+    """
+    phases: dict[str, dict[str, Any]] = {
+        "cam": {"arch": cam_arch, "batch_size": cam_batch_size, "epochs": cam_epochs,
+                "input_size": cam_input_size, "precision": precision},
+        "retrain": {"arch": seg_arch, "batch_size": seg_batch_size, "iterations": seg_steps,
+                    "crop_size": seg_crop_size, "precision": precision},
+        "predict": {"precision": precision, "base_size": predict_size}}
+    return {phase: {k: v for k, v in values.items() if v is not None}
+            for phase, values in phases.items()}
 
 
 @dataclass
@@ -126,139 +150,208 @@ class _Runner:
         return record
 
 
-def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
-                 progress: Callable[[str], Callable[[int, int], None]] | None = None
+def run_pipeline(config: PipelineConfig, *, log: Log | None = None, bar: Bar | None = None
                  ) -> PipelineResult:
-    """Run (or skip) every phase on `config.data` and return per-phase records and metrics."""
-    from weaktr_cli.data import open_dataset
-    from weaktr_cli.recipes import RETRAIN_FROM_CAM, check_encoder_init, qualify_recipe, resolve
+    """Run (or skip) every phase on `config.data` and return per-phase records and metrics.
 
-    say = log or (lambda _m: None)
-    bar = progress or (lambda _name: (lambda _done, _total: None))
+    `bar(description, total)` is a context manager yielding `update(done, total)` (the CLI's
+    progress bar); each phase's bar stays open until the whole run ends.
+    """
     unknown = [p for p in config.force if p not in PHASES]
     if unknown:
         raise WeakTrError(f"unknown phase {unknown[0]!r} in --force",
                           hint=f"phases: {', '.join(PHASES)}")
-    recipe = qualify_recipe(config.recipe, config.data)
-    overrides = config.overrides
-    cam_config = resolve("cam", recipe, **{"seed": config.seed, **overrides.get("cam", {})})
-    cam_config.check()
-    note = check_encoder_init(recipe, config.pretrained, config.from_scratch)
-    if note:
-        say(note)
-    work = config.work
-    work.mkdir(parents=True, exist_ok=True)
-    runner = _Runner(work, config.force, say)
-    train_set = open_dataset(config.data, config.train_split, config.data_root)
-    val_set = open_dataset(config.data, config.val_split, config.data_root)
-    test_set = _held_out(config, val_set)
+    with ExitStack() as bars:
+        def progress(name: str) -> Update:
+            return bars.enter_context((bar or _no_bar)(name, None))
 
-    retrain_config = resolve("retrain", recipe,
-                             **{"seed": config.seed, **overrides.get("retrain", {})})
-    dump_settings, seed_recipe = resolve("dump", recipe), resolve("seeds", recipe)
-    predict_settings = resolve("predict", recipe, **overrides.get("predict", {}))
-    dataset_key = {"data": config.data, "root": str(config.data_root),
-                   "train": train_set.split, "val": val_set.split, "n": len(train_set)}
+        run = _PipelineRun(config, log or (lambda _m: None), progress)
+        run.train_cam()
+        run.dump_cams()
+        run.crf()
+        run.retrain()
+        run.predict()
+        figures = run.evaluate()
+        run.report(figures)
+        run.write_metrics(figures)
+    return PipelineResult(run.work, run.runner.records, figures, unscored=run.unscored)
 
-    cam_ckpt = work / "cam.ckpt"
-    cams = work / "cams_train.h5"
-    seeds = work / "seeds_train.h5"
-    seg_ckpt = work / "seg.ckpt"
-    preds_train = work / "preds_train.h5"
-    preds_test = work / f"preds_{test_set.split}.h5"
-    scores_path = work / "scores.json"
 
-    def train_cam_phase() -> dict[str, Any]:
-        from weaktr_cli.train_cam import train_cam
+@contextmanager
+def _no_bar(_description: str, _total: int | None = None) -> Iterator[Update]:
+    yield lambda *_args, **_kwargs: None
 
-        for stale in (cam_ckpt.with_name(cam_ckpt.name + s) for s in (".jsonl",)):
-            stale.unlink(missing_ok=True)
-        result = train_cam(train_set, val_set, cam_ckpt, cam_config,
-                           pretrained=config.pretrained, device=config.device, log=say,
-                           log_jsonl=work / "cam.ckpt.jsonl", progress=bar("train-cam"))
-        last = result.history[-1] if result.history else {}
-        return {"val_map": last.get("val_map"), "epochs": len(result.history)}
 
-    runner.run("train-cam", [cam_ckpt], {"dataset": dataset_key, "cam": cam_config.to_dict(),
-                                        "pretrained": str(config.pretrained)}, [],
-               train_cam_phase)
+class _PipelineRun:
+    """One run's settings, datasets and artifact paths, and one method per phase.
 
-    def dump_phase() -> dict[str, Any]:
-        from weaktr_cli.cams import dump_cams
-        from weaktr_cli.models.io import load_cam_model
+    Everything is resolved up front (an unknown recipe or a bad override fails before any phase
+    runs); each phase method hands its settings, inputs and action to the stamping runner.
+    """
 
-        model, _ = load_cam_model(cam_ckpt)
-        dump_cams(model, train_set, cams, settings=dump_settings, device=config.device,
-                  resume=False, checkpoint=cam_ckpt, seed=cam_config.seed,
-                  progress=bar("dump-cams"))
-        return {}
+    def __init__(self, config: PipelineConfig, say: Log,
+                 progress: Callable[[str], Update]) -> None:
+        from weaktr_cli.data import open_dataset
+        from weaktr_cli.recipes import check_encoder_init, qualify_recipe, resolve
 
-    runner.run("dump-cams", [cams], {"dump": dataclasses.asdict(dump_settings)}, [cam_ckpt],
-               dump_phase)
+        self.config, self.say, self.progress = config, say, progress
+        self.recipe = recipe = qualify_recipe(config.recipe, config.data)
+        overrides = config.overrides
+        self.cam_config = resolve("cam", recipe,
+                                  **{"seed": config.seed, **overrides.get("cam", {})})
+        self.cam_config.check()
+        note = check_encoder_init(recipe, config.pretrained, config.from_scratch)
+        if note:
+            say(note)
+        self.work = work = config.work
+        work.mkdir(parents=True, exist_ok=True)
+        self.runner = _Runner(work, config.force, say)
+        self.train_set = open_dataset(config.data, config.train_split, config.data_root)
+        self.val_set = open_dataset(config.data, config.val_split, config.data_root)
+        self.test_set = _held_out(config, self.val_set)
+        self.retrain_config = resolve("retrain", recipe,
+                                      **{"seed": config.seed, **overrides.get("retrain", {})})
+        self.dump_settings, self.seed_recipe = resolve("dump", recipe), resolve("seeds", recipe)
+        self.predict_settings = resolve("predict", recipe, **overrides.get("predict", {}))
+        self.unscored: list[str] = []
 
-    def crf_phase() -> dict[str, Any]:
-        from weaktr_cli.dense_crf import get_preset
-        from weaktr_cli.seeds import make_seeds
+        self.cam_ckpt = work / "cam.ckpt"
+        self.cams = work / "cams_train.h5"
+        self.seeds = work / "seeds_train.h5"
+        self.seg_ckpt = work / "seg.ckpt"
+        self.preds_train = work / "preds_train.h5"
+        self.preds_test = work / f"preds_{self.test_set.split}.h5"
+        self.scores_path = work / "scores.json"
+        self.panels, self.chart = work / "panels.png", work / "iou.png"
 
-        make_seeds(cams, train_set, seeds, bg=seed_recipe.bg,
-                   params=get_preset(seed_recipe.preset) if seed_recipe.preset else None,
-                   unary=seed_recipe.unary, workers=config.workers, resume=False,
-                   progress=bar("crf"))
-        return {}
+    def train_cam(self) -> None:
+        config, train_set = self.config, self.train_set
+        dataset_key = {"data": config.data, "root": str(config.data_root),
+                       "train": train_set.split, "val": self.val_set.split, "n": len(train_set)}
 
-    runner.run("crf", [seeds], {"seeds": dataclasses.asdict(seed_recipe)}, [cams], crf_phase)
+        def action() -> dict[str, Any]:
+            from weaktr_cli.train_cam import train_cam
 
-    # Without ImageNet weights, recipes may start the encoder from the CAM backbone.
-    encoder_init = config.pretrained or (cam_ckpt if recipe in RETRAIN_FROM_CAM else None)
+            (self.work / "cam.ckpt.jsonl").unlink(missing_ok=True)
+            result = train_cam(train_set, self.val_set, self.cam_ckpt, self.cam_config,
+                               pretrained=config.pretrained, device=config.device, log=self.say,
+                               log_jsonl=self.work / "cam.ckpt.jsonl",
+                               progress=self.progress("train-cam"))
+            last = result.history[-1] if result.history else {}
+            return {"val_map": last.get("val_map"), "epochs": len(result.history)}
 
-    def retrain_phase() -> dict[str, Any]:
-        from weaktr_cli.retrain.loop import retrain
+        self.runner.run("train-cam", [self.cam_ckpt],
+                        {"dataset": dataset_key, "cam": self.cam_config.to_dict(),
+                         "pretrained": str(config.pretrained)}, [], action)
 
-        (work / "seg.ckpt.jsonl").unlink(missing_ok=True)
-        result = retrain(train_set, seeds, seg_ckpt, retrain_config, pretrained=encoder_init,
-                         cams=seed_cams, device=config.device, log=say,
-                         log_jsonl=work / "seg.ckpt.jsonl", progress=bar("retrain"))
-        return {"steps": result.steps, "tau": result.tau}
+    def dump_cams(self) -> None:
+        def action() -> dict[str, Any]:
+            from weaktr_cli.cams import dump_cams
+            from weaktr_cli.models.io import load_cam_model
 
-    # The CAMs mark the seeds' ambiguous pixels when the recipe ignores them.
-    seed_cams = cams if retrain_config.ambiguity is not None else None
-    runner.run("retrain", [seg_ckpt], {"retrain": retrain_config.to_dict(),
-                                      "encoder_init": str(encoder_init)},
-               [seeds] + ([cam_ckpt] if encoder_init == cam_ckpt else [])
-               + ([cams] if seed_cams else []), retrain_phase)
+            model, _ = load_cam_model(self.cam_ckpt)
+            dump_cams(model, self.train_set, self.cams, settings=self.dump_settings,
+                      device=self.config.device, resume=False, checkpoint=self.cam_ckpt,
+                      seed=self.cam_config.seed, progress=self.progress("dump-cams"))
+            return {}
 
-    def predict_phase() -> dict[str, Any]:
-        from weaktr_cli.models.io import load_segmenter
-        from weaktr_cli.predict import predict_split, settings_for_checkpoint
+        self.runner.run("dump-cams", [self.cams],
+                        {"dump": dataclasses.asdict(self.dump_settings)}, [self.cam_ckpt], action)
 
-        model, meta = load_segmenter(seg_ckpt)
-        settings = settings_for_checkpoint(meta, predict_settings)
-        for dataset, out in ((train_set, preds_train), (test_set, preds_test)):
-            predict_split(model, dataset, out, settings, class_names=train_set.class_names,
-                          device=config.device, resume=False, checkpoint=seg_ckpt,
-                          progress=bar(f"predict {dataset.split}"))
-        return {}
+    def crf(self) -> None:
+        recipe = self.seed_recipe
 
-    runner.run("predict", [preds_train, preds_test],
-               {"predict": dataclasses.asdict(predict_settings)}, [seg_ckpt], predict_phase)
+        def action() -> dict[str, Any]:
+            from weaktr_cli.dense_crf import get_preset
+            from weaktr_cli.seeds import make_seeds
 
-    # Pixel masks are optional (a dataset of one's own often has none): what has no masks is
-    # not scored, and the panels are drawn all the same.
-    unscored = [f"{d.name}/{d.split}" for d in (train_set, test_set) if not d.has_masks]
-    if unscored:
-        say(f"[yellow]no pixel labels in {' and '.join(unscored)}[/]: nothing to score there; "
-            "evaluate skips it and the report draws panels only")
+            make_seeds(self.cams, self.train_set, self.seeds, bg=recipe.bg,
+                       params=get_preset(recipe.preset) if recipe.preset else None,
+                       unary=recipe.unary, workers=self.config.workers, resume=False,
+                       progress=self.progress("crf"))
+            return {}
 
-    def evaluate_phase() -> dict[str, Any]:
+        self.runner.run("crf", [self.seeds], {"seeds": dataclasses.asdict(recipe)}, [self.cams],
+                        action)
+
+    def retrain(self) -> None:
+        from weaktr_cli.recipes import RETRAIN_FROM_CAM
+
+        # Without ImageNet weights, recipes may start the encoder from the CAM backbone.
+        cam_ckpt = self.cam_ckpt
+        encoder_init = self.config.pretrained or (
+            cam_ckpt if self.recipe in RETRAIN_FROM_CAM else None)
+        # The CAMs mark the seeds' ambiguous pixels when the recipe ignores them.
+        seed_cams = self.cams if self.retrain_config.ambiguity is not None else None
+
+        def action() -> dict[str, Any]:
+            from weaktr_cli.retrain.loop import retrain
+
+            (self.work / "seg.ckpt.jsonl").unlink(missing_ok=True)
+            result = retrain(self.train_set, self.seeds, self.seg_ckpt, self.retrain_config,
+                             pretrained=encoder_init, cams=seed_cams, device=self.config.device,
+                             log=self.say, log_jsonl=self.work / "seg.ckpt.jsonl",
+                             progress=self.progress("retrain"))
+            return {"steps": result.steps, "tau": result.tau}
+
+        self.runner.run("retrain", [self.seg_ckpt],
+                        {"retrain": self.retrain_config.to_dict(),
+                         "encoder_init": str(encoder_init)},
+                        [self.seeds] + ([cam_ckpt] if encoder_init == cam_ckpt else [])
+                        + ([self.cams] if seed_cams else []), action)
+
+    def predict(self) -> None:
+        def action() -> dict[str, Any]:
+            from weaktr_cli.models.io import load_segmenter
+            from weaktr_cli.predict import predict_split, settings_for_checkpoint
+
+            model, meta = load_segmenter(self.seg_ckpt)
+            settings = settings_for_checkpoint(meta, self.predict_settings)
+            for dataset, out in ((self.train_set, self.preds_train),
+                                 (self.test_set, self.preds_test)):
+                predict_split(model, dataset, out, settings,
+                              class_names=self.train_set.class_names,
+                              device=self.config.device, resume=False, checkpoint=self.seg_ckpt,
+                              progress=self.progress(f"predict {dataset.split}"))
+            return {}
+
+        self.runner.run("predict", [self.preds_train, self.preds_test],
+                        {"predict": dataclasses.asdict(self.predict_settings)}, [self.seg_ckpt],
+                        action)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Score every artifact that has pixel labels; returns the run's figures."""
+        # Pixel masks are optional (a dataset of one's own often has none): what has no masks
+        # is not scored, and the panels are drawn all the same.
+        self.unscored = [f"{d.name}/{d.split}" for d in (self.train_set, self.test_set)
+                         if not d.has_masks]
+        if self.unscored:
+            self.say(f"[yellow]no pixel labels in {' and '.join(self.unscored)}[/]: nothing to "
+                     "score there; evaluate skips it and the report draws panels only")
+        bg = self.seed_recipe.bg
+
+        def action() -> dict[str, Any]:
+            scores = self._scores()
+            atomic_write_text(self.scores_path, json.dumps(scores, indent=2))
+            figures: dict[str, Any] = {k: v["miou"] for k, v in scores.items()}
+            # Plain threshold seeds at the CRF's background level: what the CRF adds.
+            figures["threshold_seeds_train"] = _sweep_at(scores["cams_train"], bg)
+            figures["cams_train_threshold"] = scores["cams_train"].get("best_threshold")
+            return figures
+
+        evaluated = self.runner.run(
+            "evaluate", [self.scores_path],
+            {"thresholds": "default", "bg": bg, "unscored": self.unscored},
+            [self.cams, self.seeds, self.preds_train, self.preds_test], action)
+        return dict(evaluated.result)
+
+    def _scores(self) -> dict[str, Any]:
         from weaktr_cli.artifacts import open_artifact
         from weaktr_cli.evaluation import evaluate_artifact
         from weaktr_cli.metrics import default_thresholds
 
         scores: dict[str, Any] = {}
-        for name, path, dataset in (("cams_train", cams, train_set),
-                                    ("seeds_train", seeds, train_set),
-                                    ("model_train", preds_train, train_set),
-                                    (f"model_{test_set.split}", preds_test, test_set)):
+        for name, _label, path, dataset in self._scored_artifacts():
             if not dataset.has_masks:
                 scores[name] = {"miou": None, "unscored": "no pixel labels in "
                                 f"{dataset.name}/{dataset.split}"}
@@ -267,58 +360,67 @@ def run_pipeline(config: PipelineConfig, *, log: Log | None = None,
                 result = evaluate_artifact(reader, dataset, thresholds=default_thresholds())
             scores[name] = result.to_dict()
             scores[name].pop("confusion", None)
-        atomic_write_text(scores_path, json.dumps(scores, indent=2))
-        figures: dict[str, Any] = {k: v["miou"] for k, v in scores.items()}
-        # Plain threshold seeds at the CRF's background level: what the CRF adds.
-        figures["threshold_seeds_train"] = _sweep_at(scores["cams_train"], seed_recipe.bg)
-        figures["cams_train_threshold"] = scores["cams_train"].get("best_threshold")
-        return figures
+        return scores
 
-    evaluated = runner.run("evaluate", [scores_path],
-                           {"thresholds": "default", "bg": seed_recipe.bg, "unscored": unscored},
-                           [cams, seeds, preds_train, preds_test], evaluate_phase)
+    def _scored_artifacts(self) -> list[tuple[str, str, Path, SegmentationDataset]]:
+        """(score name, chart label, artifact, its dataset) of everything evaluate scores."""
+        split = self.test_set.split
+        return [("cams_train", "CAM (train)", self.cams, self.train_set),
+                ("seeds_train", "seeds (train)", self.seeds, self.train_set),
+                ("model_train", "model (train)", self.preds_train, self.train_set),
+                (f"model_{split}", f"model ({split})", self.preds_test, self.test_set)]
 
-    panels, chart = work / "panels.png", work / "iou.png"
-    scored = any(evaluated.result.get(k) is not None
-                 for k in ("cams_train", "seeds_train", "model_train"))
+    def report(self, figures: dict[str, Any]) -> None:
+        scored = any(figures.get(k) is not None
+                     for k in ("cams_train", "seeds_train", "model_train"))
 
-    def report_phase() -> dict[str, Any]:
-        from contextlib import ExitStack
+        def action() -> dict[str, Any]:
+            self._panels()
+            if not scored:
+                self.chart.unlink(missing_ok=True)  # an earlier, scored run's chart would mislead
+                return {}
+            self._iou_chart()
+            return {}
 
+        self.runner.run("report", [self.panels, self.chart] if scored else [self.panels],
+                        {"show": self.config.show_images, "scored": scored}, [self.scores_path],
+                        action)
+
+    def _panels(self) -> None:
         from weaktr_cli.artifacts import open_artifact
-        from weaktr_cli.visualize import Layer, iou_chart, panel_sheet
+        from weaktr_cli.visualize import Layer, panel_sheet
 
         with ExitStack() as stack:
             layers = [Layer(title, stack.enter_context(open_artifact(path)))
-                      for title, path in (("CAM", cams), ("seeds", seeds),
-                                          ("prediction", preds_train))]
-            panel_sheet(train_set, train_set.ids[: config.show_images], layers, panels)
-        if not scored:
-            chart.unlink(missing_ok=True)  # a chart of an earlier, scored run would mislead
-            return {}
-        scores = json.loads(scores_path.read_text())
+                      for title, path in (("CAM", self.cams), ("seeds", self.seeds),
+                                          ("prediction", self.preds_train))]
+            panel_sheet(self.train_set, self.train_set.ids[: self.config.show_images], layers,
+                        self.panels)
+
+    def _iou_chart(self) -> None:
+        from weaktr_cli.visualize import iou_chart
+
+        scores = json.loads(self.scores_path.read_text())
         series = {}
-        for key, label in (("cams_train", "CAM (train)"), ("seeds_train", "seeds (train)"),
-                           ("model_train", "model (train)"),
-                           (f"model_{test_set.split}", f"model ({test_set.split})")):
+        for key, label, _path, _dataset in self._scored_artifacts():
             if scores[key].get("miou") is None:
                 continue
             per_class = {row["id"]: row["iou"] for row in scores[key]["per_class"]}
-            series[label] = [per_class.get(i) for i in range(train_set.num_classes)]
-        iou_chart(series, train_set.class_names, chart,
-                  title=f"per-class IoU, {config.data} ({recipe} recipe)")
-        return {}
+            series[label] = [per_class.get(i) for i in range(self.train_set.num_classes)]
+        iou_chart(series, self.train_set.class_names, self.chart,
+                  title=f"per-class IoU, {self.config.data} ({self.recipe} recipe)")
 
-    runner.run("report", [panels, chart] if scored else [panels],
-               {"show": config.show_images, "scored": scored}, [scores_path], report_phase)
-    figures = dict(evaluated.result)
-    write_metrics(work / "metrics.json", config, recipe, runner.records, figures,
-                  seeds={"train-cam": cam_config.seed, "retrain": retrain_config.seed},
-                  splits={"train": train_set.split, "val": val_set.split,
-                                                "test": test_set.split},
-                  precisions=_precisions(config.device, cam_config.precision,
-                                         retrain_config.precision, predict_settings.precision))
-    return PipelineResult(work, runner.records, figures, unscored=unscored)
+    def write_metrics(self, figures: dict[str, Any]) -> None:
+        config = self.config
+        write_metrics(self.work / "metrics.json", config, self.recipe, self.runner.records,
+                      figures,
+                      seeds={"train-cam": self.cam_config.seed,
+                             "retrain": self.retrain_config.seed},
+                      splits={"train": self.train_set.split, "val": self.val_set.split,
+                              "test": self.test_set.split},
+                      precisions=_precisions(config.device, self.cam_config.precision,
+                                             self.retrain_config.precision,
+                                             self.predict_settings.precision))
 
 
 def _held_out(config: PipelineConfig, val_set: SegmentationDataset) -> SegmentationDataset:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -11,6 +11,9 @@ from rich.table import Table
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+
+if TYPE_CHECKING:
+    from weaktr_cli.pipeline import PipelineResult
 
 HELP = """Run the whole method on one dataset, make-style.
 
@@ -39,12 +42,6 @@ subcommand: stop after any phase, inspect or replace its HDF5 file, and rerun.
 
 
 _OVERRIDES = "Recipe overrides (default: the recipe's)"
-
-
-def _overrides(**phases: dict[str, object]) -> dict[str, dict[str, object]]:
-    """The options given, per phase (None: keep the recipe's)."""
-    return {phase: {k: v for k, v in values.items() if v is not None}
-            for phase, values in phases.items()}
 
 
 def pipeline(
@@ -93,37 +90,25 @@ def pipeline(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.pipeline import PipelineConfig, run_pipeline
+    from weaktr_cli.pipeline import PipelineConfig, phase_overrides, run_pipeline
 
     output = Output(json_mode=json_mode, quiet=quiet)
-    config = PipelineConfig(work=work, data=str(data), data_root=data_root,
-                            train_split=train_split, val_split=val_split,
-                            test_split=test_split, recipe=recipe,
-                            seed=seed, pretrained=pretrained, from_scratch=from_scratch,
-                            device=device, workers=workers, force=tuple(force or ()),
-                            overrides=_overrides(
-                                cam={"arch": cam_arch, "batch_size": cam_batch_size,
-                                     "epochs": cam_epochs, "input_size": cam_input_size,
-                                     "precision": precision},
-                                retrain={"arch": seg_arch, "batch_size": seg_batch_size,
-                                         "iterations": seg_steps, "crop_size": seg_crop_size,
-                                         "precision": precision},
-                                predict={"precision": precision,
-                                         "base_size": predict_size}))
-    bars = []
+    config = PipelineConfig(
+        work=work, data=str(data), data_root=data_root, train_split=train_split,
+        val_split=val_split, test_split=test_split, recipe=recipe, seed=seed,
+        pretrained=pretrained, from_scratch=from_scratch, device=device, workers=workers,
+        force=tuple(force or ()),
+        overrides=phase_overrides(
+            cam_arch=cam_arch, cam_batch_size=cam_batch_size, cam_epochs=cam_epochs,
+            cam_input_size=cam_input_size, seg_arch=seg_arch, seg_batch_size=seg_batch_size,
+            seg_steps=seg_steps, seg_crop_size=seg_crop_size, precision=precision,
+            predict_size=predict_size))
+    payload = _payload(run_pipeline(config, log=output.log, bar=output.progress))
+    output.result(payload, lambda console: render(console, payload))
 
-    def progress(name: str):
-        context = output.progress(name)
-        update = context.__enter__()
-        bars.append(context)
-        return update
 
-    try:
-        result = run_pipeline(config, log=output.log, progress=progress)
-    finally:
-        for context in reversed(bars):
-            context.__exit__(None, None, None)
-    payload = {
+def _payload(result: PipelineResult) -> dict[str, Any]:
+    return {
         "work": str(result.work),
         "metrics": result.metrics,
         "phases": [{"phase": r.name, "skipped": r.skipped, "wall_s": round(r.wall_s, 2),
@@ -133,7 +118,6 @@ def pipeline(
         "unscored": result.unscored,
         "record": str(result.work / "metrics.json"),
     }
-    output.result(payload, lambda console: render(console, payload))
 
 
 _MIOU_OF = {"dump-cams": ("cams_train", "CAMs, train *"),
