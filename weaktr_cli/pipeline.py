@@ -1,10 +1,11 @@
 """`weaktr pipeline`: every phase in order into a work folder, skipping what is up to date.
 
-Like `make`: each phase records a stamp (`<work>/.stamps/<phase>.json`) with a key made of its
-settings and the identity (size, mtime) of its inputs. A phase whose outputs exist and whose key
-is unchanged is skipped; `force` redoes named phases (and so everything after them). Each phase
-is the ordinary library call behind its subcommand, so a user can stop after any phase, inspect
-or replace its artifact, and rerun: a replaced artifact changes the keys downstream.
+Like `make` (`weaktr_cli.stamps`): each phase records a stamp (`<work>/.stamps/<phase>.json`)
+with a key made of its settings and the identity (size, mtime) of its inputs. A phase whose
+outputs exist and whose key is unchanged is skipped; `force` redoes named phases (and so
+everything after them). Each phase is the ordinary library call behind its subcommand, so a user
+can stop after any phase, inspect or replace its artifact, and rerun: a replaced artifact
+changes the keys downstream.
 
 Scoring follows the paper's protocol: the CAMs and the seeds are scored on the training split
 (they are made for it), the retrained model on the training split too (does it correct its
@@ -16,7 +17,6 @@ times, the machine (CPU kind, native bf16 or not), the precisions, the seed and 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.files import atomic_write_text
+from weaktr_cli.stamps import PhaseRecord, StampedRunner
 
 if TYPE_CHECKING:
     from weaktr_cli.data.base import SegmentationDataset
@@ -82,19 +83,6 @@ def phase_overrides(*, cam_arch: str | None = None, cam_batch_size: int | None =
 
 
 @dataclass
-class PhaseRecord:
-    name: str
-    skipped: bool
-    wall_s: float
-    outputs: list[Path]
-    result: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(p.stat().st_size for p in self.outputs if p.is_file())
-
-
-@dataclass
 class PipelineResult:
     work: Path
     phases: list[PhaseRecord]
@@ -104,50 +92,6 @@ class PipelineResult:
     @property
     def pictures(self) -> list[Path]:
         return [p for p in (self.work / "panels.png", self.work / "iou.png") if p.is_file()]
-
-
-def _identity(path: Path) -> list[Any]:
-    stat = path.stat()
-    return [str(path.name), stat.st_size, stat.st_mtime_ns]
-
-
-class _Runner:
-    """Runs phases with stamps; a forced or re-run phase forces everything after it."""
-
-    def __init__(self, work: Path, force: tuple[str, ...], log: Log) -> None:
-        self.work = work
-        self.stamps = work / ".stamps"
-        self.stamps.mkdir(parents=True, exist_ok=True)
-        self.force = set(force)
-        self.log = log
-        self.records: list[PhaseRecord] = []
-        self._dirty = False
-
-    def run(self, name: str, outputs: list[Path], settings: dict[str, Any], inputs: list[Path],
-            action: Callable[[], dict[str, Any]]) -> PhaseRecord:
-        key = hashlib.sha256(json.dumps(
-            {"settings": settings, "inputs": [_identity(p) for p in inputs]},
-            sort_keys=True, default=str).encode()).hexdigest()
-        stamp_path = self.stamps / f"{name}.json"
-        stamp = json.loads(stamp_path.read_text()) if stamp_path.is_file() else {}
-        fresh = (stamp.get("key") == key and all(p.exists() for p in outputs)
-                 and name not in self.force and not self._dirty)
-        if fresh:
-            self.log(f"[dim]{name}: up to date, skipped[/]")
-            record = PhaseRecord(name, True, float(stamp.get("wall_s", 0.0)), outputs,
-                                 stamp.get("result", {}))
-        else:
-            self._dirty = True
-            self.log(f"[bold]{name}[/] ...")
-            started = time.perf_counter()
-            result = action()
-            wall = time.perf_counter() - started
-            record = PhaseRecord(name, False, wall, outputs, result)
-            atomic_write_text(stamp_path, json.dumps(
-                {"key": key, "wall_s": wall, "result": result}, indent=2, default=str))
-            self.log(f"{name}: done in {wall:.1f} s")
-        self.records.append(record)
-        return record
 
 
 def run_pipeline(config: PipelineConfig, *, log: Log | None = None, bar: Bar | None = None
@@ -205,7 +149,7 @@ class _PipelineRun:
             say(note)
         self.work = work = config.work
         work.mkdir(parents=True, exist_ok=True)
-        self.runner = _Runner(work, config.force, say)
+        self.runner = StampedRunner(work, config.force, say)
         self.train_set = open_dataset(config.data, config.train_split, config.data_root)
         self.val_set = open_dataset(config.data, config.val_split, config.data_root)
         self.test_set = _held_out(config, self.val_set)
