@@ -185,7 +185,8 @@ def _check_no_crf(no_crf: bool, preset: str | None, crf_overrides: dict[str, Any
 
 
 def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: Path,
-                recipe: str | None, overrides: dict[str, Any], clip: bool | None = None,
+                recipe: str | None, overrides: dict[str, Any], tau: str | None = None,
+                clip: bool | None = None,
                 bg: float | None = None, pretrained: Path | None = None,
                 from_scratch: bool = False, resume: bool = False,
                 cams: Path | None = None, ambiguity: str | None = None,
@@ -193,7 +194,8 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
                 bar: Bar = _no_bar) -> tuple[RetrainResult, RetrainConfig]:
     """Retrain on a seeds (or cams) artifact with recipe `recipe` (default: the dataset's).
 
-    Asking for a threshold (a `tau` override) asks for clipping unless `clip` says otherwise;
+    `tau` (a number or "auto", as --tau) replaces the recipe's clipping threshold; asking for
+    a threshold asks for clipping unless `clip` says otherwise;
     seeds from a cams artifact use `bg`, else the recipe's background level (no CRF).
     `ambiguity` ("none" or a ratio) replaces the recipe's; `cams` are the CAMs it reads
     (default: the seeds' parent). A paper recipe needs `pretrained` encoder weights unless
@@ -205,7 +207,7 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
     from weaktr_cli.retrain.loop import retrain
     from weaktr_cli.retrain.seed_source import SeedSource
 
-    tau = overrides.get("tau")
+    overrides = {**overrides, "tau": _tau_or_auto(tau)}
     if clip is False and tau is not None:
         raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
                           "there is no threshold", hint="drop one of them")
@@ -236,6 +238,16 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
                          log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
                          progress=update)
     return result, config
+
+
+def _tau_or_auto(text: str | None) -> float | str | None:
+    """--tau: "auto", a number, or None (the recipe's)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise WeakTrError(f"invalid --tau {text!r}", hint="a number or 'auto'") from None
 
 
 def _ratio_or_none(text: str, option: str) -> float | None:

@@ -58,7 +58,6 @@ def crf(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.errors import WeakTrError
     from weaktr_cli.phases import crf_run
     from weaktr_cli.shards import parse_shard
 
@@ -67,11 +66,6 @@ def crf(
         "gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
         "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,
         "bilateral_srgb": bilateral_srgb, "bilateral_compat": bilateral_compat}
-    crf_flags = ([f"--preset {preset}"] if preset else []) + [
-        f"--{k.replace('_', '-')}" for k, v in crf_overrides.items() if v is not None]
-    if no_crf and crf_flags:
-        raise WeakTrError(f"--no-crf and {', '.join(crf_flags)} contradict each other: "
-                          "without the CRF its parameters do nothing", hint="drop one of them")
     path, threshold, params = crf_run(
         cams=cams, data=None if data is None else str(data), data_root=data_root, out=out,
         bg=bg, preset=preset, no_crf=no_crf, unary=unary,

@@ -79,27 +79,17 @@ def retrain(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.errors import WeakTrError
     from weaktr_cli.phases import retrain_run
 
     output = Output.for_training(json_mode=json_mode, quiet=quiet)
-    tau_value: float | str | None = tau
-    if tau is not None and tau != "auto":
-        try:
-            tau_value = float(tau)
-        except ValueError:
-            raise WeakTrError(f"invalid --tau {tau!r}", hint="a number or 'auto'") from None
     overrides: dict[str, Any] = {
-        "tau": tau_value, "clip_patch": patch, "arch": arch, "decoder": decoder,
+        "clip_patch": patch, "arch": arch, "decoder": decoder,
         "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
         "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
         "workers": loader_workers}
-    if clip is False and tau is not None:
-        raise WeakTrError(f"--no-clip and --tau {tau} contradict each other: without clipping "
-                          "there is no threshold", hint="drop one of them")
     result, config = retrain_run(
         seeds=seeds, data=None if data is None else str(data), data_root=data_root, out=out,
-        recipe=recipe, overrides=overrides, clip=clip, bg=bg, pretrained=pretrained,
+        recipe=recipe, overrides=overrides, tau=tau, clip=clip, bg=bg, pretrained=pretrained,
         from_scratch=from_scratch, resume=resume, cams=cams, ambiguity=ambiguity, device=device,
         log_jsonl=log_jsonl,
         log=output.log, bar=output.progress)
