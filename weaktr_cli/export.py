@@ -33,7 +33,7 @@ import contextlib
 import copy
 import io
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -364,19 +364,30 @@ def export_checkpoint(
     variant: str = "fine",
     all_layers: bool | None = None,
     atol: float = DEFAULT_ATOL,
+    expect: str | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> ExportReport:
     """Export a weaktr checkpoint (segmenter from `retrain`, or CAM from `train-cam`).
 
     Class names and normalisation come from the checkpoint; its path, sha256, kind and
     model config are recorded under ``weaktr.extra``, its training recipe as
     ``weaktr.recipe``. `all_layers` None: every decoder layer when the recipe's test time
-    fuses them (`weaktr_cli.predict_defaults.fuses_layers`). Other arguments as `export_onnx`.
+    fuses them (`weaktr_cli.predict_defaults.fuses_layers`). `expect` ("segmenter" or "cam"):
+    the kind the caller asked for; a checkpoint of the other kind is an error that says how to
+    ask for it. `log` hears which export starts. Other arguments as `export_onnx`.
     """
     from weaktr_cli.artifacts import file_sha256
     from weaktr_cli.checkpoints import read_checkpoint_meta
 
     checkpoint = Path(checkpoint)
     kind = read_checkpoint_meta(checkpoint).get("kind")
+    if expect is not None and kind != expect:
+        raise WeakTrError(
+            f"{checkpoint} is a {kind!r} checkpoint; {'--cam' if expect == 'cam' else 'this'} "
+            f"exports a {expect!r} one", hint="add --cam for CAM checkpoints" if kind == "cam"
+            else None)
+    if log is not None:
+        log(f"exporting {checkpoint} ({kind}) to ONNX opset {opset} ...")
     model: nn.Module
     if kind == "segmenter":
         from weaktr_cli.models.io import load_segmenter

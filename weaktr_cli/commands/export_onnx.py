@@ -58,7 +58,6 @@ def export_onnx(
     json_mode: options.Json = False,
     quiet: options.Quiet = False,
 ) -> None:
-    from weaktr_cli.checkpoints import read_checkpoint_meta
     from weaktr_cli.errors import WeakTrError
     from weaktr_cli.export import export_checkpoint
 
@@ -78,16 +77,10 @@ def export_onnx(
         _report(output, report)
         return
     assert checkpoint is not None
-    kind = read_checkpoint_meta(checkpoint).get("kind")
-    wanted = "cam" if cam else "segmenter"
-    if kind != wanted:
-        raise WeakTrError(
-            f"{checkpoint} is a {kind!r} checkpoint; {'--cam' if cam else 'this'} exports a "
-            f"{wanted!r} one", hint="add --cam for CAM checkpoints" if kind == "cam" else None)
-    output.log(f"exporting {checkpoint} ({kind}) to ONNX opset {opset} ...")
     report = export_checkpoint(checkpoint, out, height=height, width=width, dynamic=dynamic,
                                batch_size=batch_size, opset=opset, variant=variant,
-                               all_layers=all_layers, atol=atol)
+                               all_layers=all_layers, atol=atol,
+                               expect="cam" if cam else "segmenter", log=output.log)
     _report(output, report)
 
 
