@@ -511,6 +511,15 @@ def test_reference_test_time_is_the_same_through_onnx(capsys, own_run, tmp_path)
 # ----------------------------------------------------------------------------- item 12
 
 
+def test_training_help_names_the_files_kept_for_resume(capsys, monkeypatch) -> None:
+    """`.last` and `.state` (87 + 174 MB for DeiT-S) are named, with when to delete them."""
+    monkeypatch.setenv("COLUMNS", "200")
+    for command in ("train-cam", "retrain"):
+        text = " ".join(run_cli(capsys, command, "--help").stdout.split())
+        assert "OUT.last" in text and "OUT.state" in text, command
+        assert "Delete .last and .state" in text, command
+
+
 def test_predict_counts_pngs_in_english(capsys, own_run, tmp_path: Path) -> None:
     photos = _photos(own_run, tmp_path / "one", 1)
     result = run_cli(capsys, "predict", "--checkpoint", own_run["work"] / "seg.ckpt",
