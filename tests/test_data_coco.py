@@ -21,16 +21,14 @@ from weaktr_cli.data.coco import (
 from weaktr_cli.data.images import write_label_png, write_rgb
 from weaktr_cli.errors import WeakTrError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-COCO_SAMPLE = SHARED / "coco_sample"
-SAMPLE_JSON = COCO_SAMPLE / "annotations" / "instances_val2014_person_sample.json"
-
 
 @pytest.fixture
-def coco_sample() -> CocoDataset:
-    if not SAMPLE_JSON.is_file():
-        pytest.skip(f"real COCO samples not found at {COCO_SAMPLE} (../shared/data is optional)")
-    return CocoDataset(COCO_SAMPLE, "val", annotations=SAMPLE_JSON)
+def coco_dataset(coco_sample: Path) -> CocoDataset:
+    """The real val2014 samples (conftest's `coco_sample` folder) with their person annotations."""
+    annotations = coco_sample / "annotations" / "instances_val2014_person_sample.json"
+    if not annotations.is_file():
+        pytest.skip(f"real COCO annotations not found at {annotations}")
+    return CocoDataset(coco_sample, "val", annotations=annotations)
 
 
 # Independent encoders (written from the COCO format description, not from the module).
@@ -90,8 +88,8 @@ IMG: dict[str, Any] = {
 
 
 @pytest.mark.shared_data
-def test_sample_ids_classes_labels(coco_sample: CocoDataset) -> None:
-    ds = coco_sample
+def test_sample_ids_classes_labels(coco_dataset: CocoDataset) -> None:
+    ds = coco_dataset
     assert ds.ids[0] == "COCO_val2014_000000000785" and len(ds) == 4
     assert ds.num_classes == 91 and ds.class_names[1] == "person" and ds.class_names[12] == ""
     assert sum(1 for n in ds.class_names[1:] if n) == 80
@@ -103,11 +101,11 @@ def test_sample_ids_classes_labels(coco_sample: CocoDataset) -> None:
 
 
 @pytest.mark.shared_data
-def test_polygon_area_matches_annotation(coco_sample: CocoDataset) -> None:
+def test_polygon_area_matches_annotation(coco_dataset: CocoDataset) -> None:
     n = 0
-    for image_id in coco_sample.ids:
-        h, w = coco_sample.image_size(image_id)
-        for obj in coco_sample.objects(image_id):
+    for image_id in coco_dataset.ids:
+        h, w = coco_dataset.image_size(image_id)
+        for obj in coco_dataset.objects(image_id):
             mask = np.zeros((h, w), bool)
             for poly in obj.segmentation:
                 mask |= polygon_to_mask(poly, h, w)
@@ -117,15 +115,15 @@ def test_polygon_area_matches_annotation(coco_sample: CocoDataset) -> None:
 
 
 @pytest.mark.shared_data
-def test_sample_masks(coco_sample: CocoDataset) -> None:
-    assert coco_sample.has_masks
-    for image_id in coco_sample.ids:
-        img = coco_sample.load_image(image_id)
-        mask = coco_sample.load_mask(image_id)
+def test_sample_masks(coco_dataset: CocoDataset) -> None:
+    assert coco_dataset.has_masks
+    for image_id in coco_dataset.ids:
+        img = coco_dataset.load_image(image_id)
+        mask = coco_dataset.load_mask(image_id)
         assert img.dtype == np.uint8 and img.shape[2] == 3 and img.flags.writeable
         assert mask.dtype == np.uint8 and mask.shape == img.shape[:2]
         assert set(np.unique(mask).tolist()) == {0, 1}
-        biggest = max(obj.area for obj in coco_sample.objects(image_id))
+        biggest = max(obj.area for obj in coco_dataset.objects(image_id))
         assert (mask == 1).sum() >= 0.97 * biggest
 
 

@@ -29,8 +29,6 @@ from weaktr_cli.data.voc import (
 )
 from weaktr_cli.errors import WeakTrError
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-VOC_SAMPLE = SHARED / "voc_sample"
 VAL_IDS = ["2007_000033", "2007_004189", "2007_006449", "2008_002536", "2010_005582"]
 # Image-level labels of the samples as VOC class ids (checked by hand against the masks).
 EXPECTED_LABELS = {
@@ -44,10 +42,10 @@ EXPECTED_LABELS = {
 
 
 @pytest.fixture
-def voc_sample() -> Path:
-    if not (VOC_SAMPLE / "VOC2012" / "JPEGImages").is_dir():
-        pytest.skip(f"real VOC samples not found at {VOC_SAMPLE} (../shared/data is optional)")
-    return VOC_SAMPLE
+def voc_base(voc_sample: Path) -> Path:
+    """The folder that holds conftest's `voc_sample` (VOC2012/) and the cls_labels files: a
+    dataset root in the form most of these tests read."""
+    return voc_sample.parent
 
 
 def make_voc(
@@ -91,20 +89,20 @@ def save_pickled_cls_labels(path: Path, table: object) -> None:
 
 
 @pytest.mark.shared_data
-def test_splits_and_root_forms(voc_sample: Path) -> None:
-    assert VocDataset(voc_sample, "train").ids == ["2007_000032"]
-    assert VocDataset(voc_sample, "val").ids == VAL_IDS
-    trainval = VocDataset(voc_sample / "VOC2012", "trainval")
+def test_splits_and_root_forms(voc_base: Path) -> None:
+    assert VocDataset(voc_base, "train").ids == ["2007_000032"]
+    assert VocDataset(voc_base, "val").ids == VAL_IDS
+    trainval = VocDataset(voc_base / "VOC2012", "trainval")
     assert trainval.ids == ["2007_000032", *VAL_IDS]
-    assert trainval.root == voc_sample / "VOC2012"
+    assert trainval.root == voc_base / "VOC2012"
     assert trainval.class_names == VOC_CLASSES and trainval.num_classes == 21
     assert trainval.name == "voc"
 
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("source", ["auto", "masks", "cls_labels"])
-def test_label_sources_agree(voc_sample: Path, source: str) -> None:
-    ds = VocDataset(voc_sample, "trainval", label_source=source)
+def test_label_sources_agree(voc_base: Path, source: str) -> None:
+    ds = VocDataset(voc_base, "trainval", label_source=source)
     got = {i: ds.image_labels(i).tolist() for i in ds.ids}
     assert got == EXPECTED_LABELS
     assert ds.image_labels("2007_000032").dtype == np.int64
@@ -114,21 +112,21 @@ def test_label_sources_agree(voc_sample: Path, source: str) -> None:
 
 @pytest.mark.shared_data
 def test_cls_labels_npy_refused_and_its_conversion_matches_json(
-    voc_sample: Path, tmp_path: Path
+    voc_base: Path, tmp_path: Path
 ) -> None:
     from weaktr_cli.data.image_labels import CLS_LABELS_CONVERSION
 
     with pytest.raises(WeakTrError, match="is a pickled dict; weaktr never unpickles") as info:
-        load_cls_labels(voc_sample / "cls_labels.npy", VOC_CLASSES)
+        load_cls_labels(voc_base / "cls_labels.npy", VOC_CLASSES)
     assert info.value.hint == CLS_LABELS_CONVERSION
     # The hint's one-liner, run by a user who trusts the community file, gives the JSON we read.
-    (tmp_path / "cls_labels.npy").symlink_to(voc_sample / "cls_labels.npy")
+    (tmp_path / "cls_labels.npy").symlink_to(voc_base / "cls_labels.npy")
     command = CLS_LABELS_CONVERSION.split("python -c ", 1)[1].strip()
     subprocess.run(f"{shlex.quote(sys.executable)} -c {command}", shell=True, cwd=tmp_path,
                    check=True)
     converted = load_cls_labels(tmp_path / "cls_labels.json", VOC_CLASSES)
-    js = load_cls_labels(voc_sample / "cls_labels.json", VOC_CLASSES)
-    masks = VocDataset(voc_sample, "trainval", label_source="masks")
+    js = load_cls_labels(voc_base / "cls_labels.json", VOC_CLASSES)
+    masks = VocDataset(voc_base, "trainval", label_source="masks")
     assert sorted(converted) == sorted(js) == sorted(EXPECTED_LABELS)
     for image_id in masks.ids:
         np.testing.assert_array_equal(converted[image_id], js[image_id])
@@ -204,13 +202,13 @@ def test_unknown_id_is_one_line(tmp_path: Path) -> None:
 
 
 @pytest.mark.shared_data
-def test_cls_labels_json_found_when_alone(voc_sample: Path, tmp_path: Path) -> None:
+def test_cls_labels_json_found_when_alone(voc_base: Path, tmp_path: Path) -> None:
     # Links, not copies: a layout whose only labels file is cls_labels.json (in the parent).
     data = tmp_path / "VOC2012"
     data.mkdir()
     for sub in ("JPEGImages", "ImageSets"):
-        (data / sub).symlink_to(voc_sample / "VOC2012" / sub)
-    (tmp_path / "cls_labels.json").symlink_to(voc_sample / "cls_labels.json")
+        (data / sub).symlink_to(voc_base / "VOC2012" / sub)
+    (tmp_path / "cls_labels.json").symlink_to(voc_base / "cls_labels.json")
     ds = VocDataset(tmp_path, "trainval")
     assert ds.cls_labels_file == tmp_path / "cls_labels.json"
     assert {i: ds.image_labels(i).tolist() for i in ds.ids} == EXPECTED_LABELS
@@ -218,14 +216,14 @@ def test_cls_labels_json_found_when_alone(voc_sample: Path, tmp_path: Path) -> N
 
 
 @pytest.mark.shared_data
-def test_xml_labels(voc_sample: Path) -> None:
-    ds = VocDataset(voc_sample, "train", label_source="xml")
+def test_xml_labels(voc_base: Path) -> None:
+    ds = VocDataset(voc_base, "train", label_source="xml")
     assert ds.image_labels("2007_000032").tolist() == [1, 15]
 
 
 @pytest.mark.shared_data
-def test_images_and_masks(voc_sample: Path) -> None:
-    ds = VocDataset(voc_sample, "trainval")
+def test_images_and_masks(voc_base: Path) -> None:
+    ds = VocDataset(voc_base, "trainval")
     assert ds.has_masks
     for image_id in ds.ids:
         img = ds.load_image(image_id)
@@ -244,26 +242,26 @@ def test_images_and_masks(voc_sample: Path) -> None:
 
 
 @pytest.mark.shared_data
-def test_deeplab_style_list_file(voc_sample: Path, tmp_path: Path) -> None:
+def test_deeplab_style_list_file(voc_base: Path, tmp_path: Path) -> None:
     lst = tmp_path / "my_list.txt"
     lst.write_text(
         "/JPEGImages/2008_002536.jpg /SegmentationClassAug/2008_002536.png\n\n"
         "/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png\n"
     )
-    ds = VocDataset(voc_sample, str(lst))
+    ds = VocDataset(voc_base, str(lst))
     assert ds.ids == ["2008_002536", "2007_000032"]
     assert ds.list_file == lst
     assert ds.image_labels("2008_002536").tolist() == [12, 17]
 
 
 @pytest.mark.shared_data
-def test_check_layout_real_sample(voc_sample: Path) -> None:
-    assert check_voc_layout(voc_sample) == []
+def test_check_layout_real_sample(voc_base: Path) -> None:
+    assert check_voc_layout(voc_base) == []
 
 
 @pytest.mark.shared_data
-def test_palette_matches_real_masks(voc_sample: Path) -> None:
-    with Image.open(voc_sample / "VOC2012" / "SegmentationClass" / "2007_000032.png") as pil:
+def test_palette_matches_real_masks(voc_base: Path) -> None:
+    with Image.open(voc_base / "VOC2012" / "SegmentationClass" / "2007_000032.png") as pil:
         pal = pil.getpalette()
     assert pal is not None and voc_palette()[: len(pal)] == pal
 
