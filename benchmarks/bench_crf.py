@@ -32,7 +32,7 @@ if str(REPO) not in sys.path:  # run as a plain script from a checkout
 
 from weaktr_cli import seeds  # noqa: E402
 from weaktr_cli.artifacts import ArtifactWriter, new_meta, open_artifact  # noqa: E402
-from weaktr_cli.data.base import SegmentationDataset  # noqa: E402
+from weaktr_cli.data.base import UnmaskedDataset  # noqa: E402
 from weaktr_cli.dense_crf import get_preset  # noqa: E402
 
 H, W = 375, 500
@@ -40,7 +40,7 @@ CLASS_NAMES = ("background", *(f"class{i}" for i in range(1, 21)))
 BG = 0.43
 
 
-class SynthDataset(SegmentationDataset):
+class SynthDataset(UnmaskedDataset):
     """Images generated from the id (cheap to pickle into spawn workers)."""
 
     name = "synth"
@@ -80,13 +80,6 @@ class SynthDataset(SegmentationDataset):
 
     def image_labels(self, image_id: str) -> np.ndarray:
         return np.array(sorted(c for c, *_ in self.objects(image_id)), dtype=np.int64)
-
-    def load_mask(self, image_id: str) -> np.ndarray | None:
-        return None
-
-    @property
-    def has_masks(self) -> bool:
-        return False
 
 
 def write_cams(path: Path, data: SynthDataset) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from weaktr_cli.artifacts import ArtifactWriter, new_meta
-from weaktr_cli.data.base import SegmentationDataset
+from weaktr_cli.data.base import UnmaskedDataset
 
 CLASS_NAMES = ("background", "disc", "square", "bar")
 HEIGHT, WIDTH = 30, 40
@@ -24,7 +24,7 @@ def blob(h: int, w: int, cy: float, cx: float, sy: float, sx: float) -> np.ndarr
     return np.exp(-(((y - cy) / sy) ** 2 + ((x - cx) / sx) ** 2)).astype(np.float32)
 
 
-class TinyDataset(SegmentationDataset):
+class TinyDataset(UnmaskedDataset):
     """`n` RGB images of HEIGHT x WIDTH with two coloured rectangles (two classes) on noise."""
 
     name = "tiny"
@@ -57,13 +57,6 @@ class TinyDataset(SegmentationDataset):
 
     def image_labels(self, image_id: str) -> np.ndarray:
         return np.array(sorted(c for c, *_ in self._layout(image_id)), dtype=np.int64)
-
-    def load_mask(self, image_id: str) -> np.ndarray | None:
-        return None
-
-    @property
-    def has_masks(self) -> bool:
-        return False
 
     def cams(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(class_ids int64 (2,), maps float32 (2, H, W)): a blurry, shifted blob per object."""

@@ -76,6 +76,18 @@ class SegmentationDataset(abc.ABC):
         return _Subset(self, list(ids))
 
 
+class UnmaskedDataset(SegmentationDataset):
+    """A dataset without pixel ground truth (a folder of photos, a synthetic set of image-level
+    labels): `load_mask` is None and `has_masks` False."""
+
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        return None
+
+    @property
+    def has_masks(self) -> bool:
+        return False
+
+
 def unknown_id(dataset: SegmentationDataset, image_id: str) -> WeakTrError:
     """The error for an image id the split does not hold, with a few ids that it does."""
     sample = ", ".join(dataset.ids[:3]) + (", ..." if len(dataset.ids) > 3 else "")

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from weaktr_cli.data.base import SegmentationDataset
+from weaktr_cli.data.base import UnmaskedDataset
 from weaktr_cli.data.images import read_rgb
 from weaktr_cli.errors import WeakTrError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-class ImageFolderDataset(SegmentationDataset):
+class ImageFolderDataset(UnmaskedDataset):
     """The images (jpg/jpeg/png, any case) directly inside `folder`, ids = file stems, sorted.
 
     No labels of any kind: `image_labels` is empty, `load_mask` None, `has_masks` False.
@@ -85,10 +85,3 @@ class ImageFolderDataset(SegmentationDataset):
     def image_labels(self, image_id: str) -> np.ndarray:
         """Always empty: a plain image folder has no image-level labels."""
         return np.zeros(0, dtype=np.int64)
-
-    def load_mask(self, image_id: str) -> np.ndarray | None:
-        return None
-
-    @property
-    def has_masks(self) -> bool:
-        return False
