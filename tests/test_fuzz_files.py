@@ -160,3 +160,26 @@ def test_any_damaged_partial_resumes_into_the_clean_artifact(
     with time_limit(SECONDS_PER_EXAMPLE):
         _write(out, kind)
     assert out.read_bytes() == clean
+
+
+# Found by the property above: one flipped bit in the partial file's recorded settings read as
+# another run's file and was refused; the journal's header now tells the two apart.
+@pytest.mark.parametrize("kind", ["cams", "labels"])
+def test_a_damaged_settings_record_starts_over_and_another_runs_file_is_refused(
+        tmp_path: Path, monkeypatch, kind: str) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    clean = _write(tmp_path / "clean.h5", kind).read_bytes()
+    out = tmp_path / "out.h5"
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, kind, stop_after=3)
+    partial = tmp_path / "out.h5.partial"
+    data = partial.read_bytes()
+    assert data.count(b"toy") == 1  # the dataset name, in the file's own record only
+    partial.write_bytes(data.replace(b"toy", b"tox"))
+    assert _write(out, kind).read_bytes() == clean
+
+    with pytest.raises(KeyboardInterrupt):
+        _write(out, kind, stop_after=3)
+    other = new_meta(kind, "toy", "train", NAMES, seed=1, config={"k": 2})
+    with pytest.raises(WeakTrError, match="other content or other settings"):
+        write_artifact(out, other, IDS, lambda todo: _entries(kind, todo))

@@ -5,15 +5,17 @@ While a run writes `<out>`:
 - `<out>.lock` is held (`files.output_lock`): a second writer of the same output is refused
   with the holder's PID, so it can neither read nor replace the first one's files.
 - `<out>.partial` is the HDF5 file being written; it is flushed after every image.
-- `<out>.journal` gets one line per image whose flush completed: its id and the sha256 of its
-  stored data and attributes.
+- `<out>.journal` starts with the sha256 of the run's content and settings, then gets one line
+  per image whose flush completed: its id and the sha256 of its stored data and attributes.
 - On success the partial file is fsynced and renamed to `<out>` and the journal removed. A
   file at the final path is therefore always complete; the previous one stays until then.
 
 Resume (a rerun with the same settings): the entries the journal vouches for are copied, in
 order, from the old partial file into a fresh one, each checked against its sha256, and the
 run continues after the last good one. A partial file that cannot be read, or an entry that
-fails its check, means starting over from there, and a warning says so. Because the kept
+fails its check, means starting over from there, and a warning says so; so does a partial
+file whose recorded settings differ from the run's while its journal's match (its own record
+is what is damaged). Other settings in both are another run's file: refused. Because the kept
 entries go through the same writing path as new ones, a resumed artifact is byte-identical to
 an uninterrupted run's (given the same `created` time, e.g. with $SOURCE_DATE_EPOCH).
 
@@ -25,6 +27,7 @@ first OSError and drops every later write; the writer then stops with one clear 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import logging
@@ -175,28 +178,35 @@ class ArtifactWriter:
             log.warning("%s is damaged (%s); starting over", self.partial_path,
                         str(exc).splitlines()[0])
             return None
+        settings, journal = self._read_journal()
         if not (previous.same_content_as(self.meta) and _same_recipe(previous, self.meta)):
             h5.close()
+            if settings == _settings_digest(self.meta):
+                # The journal says this run wrote it: the file's own record is what is damaged.
+                log.warning("%s is damaged (its settings no longer match its journal's); "
+                            "starting over", self.partial_path)
+                return None
             raise WeakTrError(
                 f"{self.partial_path} is an unfinished artifact of other content or other "
                 f"settings ({previous.kind}, {previous.dataset}/{previous.split}, "
                 f"{json.dumps(previous.config, sort_keys=True)})",
                 hint=NO_RESUME_HINT,
             )
-        journal = self._read_journal()
         if count and not journal:
             log.warning("%s has no journal of verified images (%s missing); starting over",
                         self.partial_path, self.journal_path.name)
         return h5, journal
 
-    def _read_journal(self) -> dict[str, str]:
-        """{image id: sha256} in writing order; a torn last line is ignored."""
+    def _read_journal(self) -> tuple[str | None, dict[str, str]]:
+        """(the settings digest of its header, {image id: sha256} in writing order); a torn
+        last line is ignored, and a journal without a header (or none) has settings None."""
         entries: dict[str, str] = {}
         try:
             lines = self.journal_path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
-            return entries
-        for line in lines:
+            return None, entries
+        settings = _journal_header(lines[0]) if lines else None
+        for line in lines[1:] if settings is not None else lines:
             try:
                 image_id, digest = json.loads(line)
             except (ValueError, TypeError):
@@ -204,7 +214,7 @@ class ArtifactWriter:
             if not (isinstance(image_id, str) and isinstance(digest, str)):
                 break
             entries[image_id] = digest
-        return entries
+        return settings, entries
 
     def _start(self, previous: tuple[Any, dict[str, str]] | None,
                order: Sequence[str] | None) -> None:
@@ -218,6 +228,8 @@ class ArtifactWriter:
             self._journal = open(new_journal, "w", encoding="utf-8")  # noqa: SIM115
         except OSError as exc:
             raise write_error(new_partial, exc) from exc
+        self._journal.write(json.dumps({"settings": _settings_digest(self.meta)}) + "\n")
+        self._journal.flush()
         self._h5 = h5py.File(self._file, "w")
         write_meta(self._h5, self.meta)
         # track_order: readers iterate entries in the order they were written (dataset order).
@@ -335,6 +347,24 @@ class ArtifactWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _settings_digest(meta: ArtifactMeta) -> str:
+    """sha256 of what a resumed run must share with the partial file (content, settings,
+    inputs); the journal's header keeps it, so a damaged partial is told from another run's."""
+    record = [meta.kind, meta.dataset, meta.split, list(meta.class_names), meta.config,
+              [p.get("sha256") for p in meta.parents]]
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _journal_header(line: str) -> str | None:
+    """The settings digest of a journal's first line, or None when it is not a header."""
+    try:
+        header = json.loads(line)
+    except ValueError:
+        return None
+    settings = header.get("settings") if isinstance(header, dict) else None
+    return settings if isinstance(settings, str) else None
 
 
 def _same_recipe(previous: ArtifactMeta, wanted: ArtifactMeta) -> bool:
