@@ -302,6 +302,13 @@ def _commit(path: Path) -> str:
     return result.stdout.strip()
 
 
+def _load_note(record: dict[str, Any]) -> str:
+    """Whether other work competed for the cores (the run itself keeps about one busy)."""
+    busy = max(record["load_average_before"][0], record["load_average_after"][0])
+    return ("other jobs shared the machine" if busy > record["machine"]["cores"]
+            else "no other heavy job on the machine")
+
+
 def _write_table(record: dict[str, Any]) -> str:
     """The record as Markdown (benchmarks/speed_before_after.md); returns the text."""
     m = record["machine"]
@@ -309,7 +316,7 @@ def _write_table(record: dict[str, Any]) -> str:
     lines = [f"# Before ({record['old_commit']}) and after ({record['new_commit']}), one run",
              "", f"{m['cpu']}, {m['cores']} cores, {bf16}; load average "
              f"{record['load_average_before']} before, {record['load_average_after']} after "
-             f"(other jobs shared the machine). {record['images']} shapes train images, whole "
+             f"({_load_note(record)}). {record['images']} shapes train images, whole "
              f"processes, medians of {record['repeats']} interleaved rounds.", "",
              "| phase | code | wall s | CPU s | images/s | runs |", "|---|---|---|---|---|---|"]
     for row in record["rows"]:
