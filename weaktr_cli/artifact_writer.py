@@ -179,9 +179,10 @@ class ArtifactWriter:
                         str(exc).splitlines()[0])
             return None
         settings, journal = self._read_journal()
-        if not (previous.same_content_as(self.meta) and _same_recipe(previous, self.meta)):
+        wanted = _settings_digest(self.meta)
+        if _settings_digest(previous) != wanted:
             h5.close()
-            if settings == _settings_digest(self.meta):
+            if settings == wanted:
                 # The journal says this run wrote it: the file's own record is what is damaged.
                 log.warning("%s is damaged (its settings no longer match its journal's); "
                             "starting over", self.partial_path)
@@ -351,7 +352,8 @@ class ArtifactWriter:
 
 def _settings_digest(meta: ArtifactMeta) -> str:
     """sha256 of what a resumed run must share with the partial file (content, settings,
-    inputs); the journal's header keeps it, so a damaged partial is told from another run's."""
+    inputs): a partial file is continued only when its digest is the run's. The journal's
+    header keeps it too, so a damaged partial is told from another run's."""
     record = [meta.kind, meta.dataset, meta.split, list(meta.class_names), meta.config,
               [p.get("sha256") for p in meta.parents]]
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
@@ -365,13 +367,6 @@ def _journal_header(line: str) -> str | None:
         return None
     settings = header.get("settings") if isinstance(header, dict) else None
     return settings if isinstance(settings, str) else None
-
-
-def _same_recipe(previous: ArtifactMeta, wanted: ArtifactMeta) -> bool:
-    """A partial file may be continued only with the same settings and the same inputs."""
-    config = json.loads(json.dumps(wanted.config, sort_keys=True, default=str))
-    sha = [p.get("sha256") for p in previous.parents]
-    return previous.config == config and sha == [p.get("sha256") for p in wanted.parents]
 
 
 #: Makes the entries of the ids it is given, in that order: (image id, entry) pairs.
