@@ -317,9 +317,8 @@ def test_pipeline_runs_then_skips(capsys, tiny_shapes: Path, tmp_path: Path) -> 
     second = json.loads(run_cli(capsys, *args).stdout)
     assert all(p["skipped"] for p in second["phases"])
     assert second["metrics"] == payload["metrics"]
-    rerecord = json.loads((work / "metrics.json").read_text())
-    assert all(p["skipped"] for p in rerecord["phases"])
-    assert rerecord["total_wall_s"] == record["total_wall_s"]  # the times of the real run
+    # metrics.json stays the record of the run that made the figures (its machine, its times)
+    assert json.loads((work / "metrics.json").read_text()) == record
     forced = json.loads(run_cli(capsys, *args, "--force", "crf").stdout)
     skipped = {p["phase"]: p["skipped"] for p in forced["phases"]}
     assert skipped["dump-cams"] and not skipped["crf"] and not skipped["retrain"]

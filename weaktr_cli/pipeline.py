@@ -403,11 +403,17 @@ def write_metrics(path: Path, config: PipelineConfig, recipe: str, records: list
 
     Phase times of skipped phases are those recorded when they last ran, so the record of a
     cached rerun still tells how long the pipeline takes; `skipped` says which ones those are.
+    A rerun that skipped every phase leaves the record of the run that made its figures as it
+    is: the machine, its load and the versions there are those the figures were measured with.
     """
     from weaktr_cli.run_record import machine, versions
 
+    if all(r.skipped for r in records):
+        earlier = _earlier_record(path, figures)
+        if earlier is not None:
+            return earlier
     record = {
-        "format": "weaktr-pipeline-metrics/1",
+        "format": METRICS_FORMAT,
         "data": config.data, "recipe": recipe, "seed": config.seed, "seeds": seeds,
         "splits": splits,
         "device": config.device, "workers": config.workers,
@@ -421,4 +427,19 @@ def write_metrics(path: Path, config: PipelineConfig, recipe: str, records: list
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     atomic_write_text(path, json.dumps(record, indent=2))
+    return record
+
+
+METRICS_FORMAT = "weaktr-pipeline-metrics/1"
+
+
+def _earlier_record(path: Path, figures: dict[str, Any]) -> dict[str, Any] | None:
+    """The record at `path` when it is one of this format with these figures, else None."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(record, dict) and record.get("format") == METRICS_FORMAT
+            and record.get("figures") == figures):
+        return None
     return record
