@@ -20,6 +20,21 @@ from weaktr_cli.errors import WeakTrError
 
 LOCK_SUFFIX = ".lock"
 
+#: Descriptors of the locks this process holds. A forked child (a crf worker) gets copies
+#: that would keep the lock after this process is killed, until the child exits: it closes
+#: them at once, and only this process holds the lock.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks)
+
 
 def give_default_permissions(path: str | Path) -> None:
     """chmod to what a plain `open()` would create (0o666 minus the umask)."""
@@ -168,6 +183,7 @@ def output_lock(path: str | Path) -> Iterator[Path]:
         if _is_current(fd, lock_path):
             break
         os.close(fd)
+    _HELD_LOCKS.add(fd)
     try:
         try:
             os.ftruncate(fd, 0)
@@ -178,6 +194,7 @@ def output_lock(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             lock_path.unlink()
+        _HELD_LOCKS.discard(fd)
         os.close(fd)
 
 

@@ -6,13 +6,14 @@ hard label is the first maximum over the planes, so a class wins a pixel only if
 strictly above `bg` and above every lower class id, and equal to or above every higher one.
 The CRF refines that compact map and the result is mapped back to dataset class ids.
 
-`make_seeds` streams a whole CAM artifact into a ``labels`` artifact, optionally across a
-process pool (forked where safe) whose workers open the CAM file themselves; the parent alone
-writes, in dataset order, so the output is the same for any number of workers.
+`make_seeds` streams a whole CAM artifact into a ``labels`` artifact through a pool of worker
+processes (forked where safe) that open the CAM file themselves; the parent alone writes, in
+dataset order, while they compute, so the output is the same for any number of workers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import signal
@@ -229,9 +230,22 @@ def _init_worker(cams_path: str, dataset: SegmentationDataset, options: dict[str
     # Ctrl-C reaches the whole process group; only the parent reacts (terminates the pool and
     # keeps the partial file), so workers do not each print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
     _WORKER["reader"] = open_artifact(cams_path, kind="cams")
     _WORKER["dataset"] = dataset
     _WORKER["options"] = options
+
+
+def _die_with_parent() -> None:
+    """Linux: be killed with the parent (a SIGKILLed crf run), not finish the current images
+    and then fail on the closed pipe with a traceback each."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
 
 
 def _seed_one(
@@ -269,10 +283,10 @@ def make_seeds(
 
     Images are those of the CAM artifact (of `shard`, if given), in `dataset` order; the
     dataset supplies the RGB images. Ids already in a resumable `<out>.partial` are skipped.
-    workers > 1 computes in a process pool; results are written by this process in order, so the
-    label maps do not depend on `workers`. `progress(n_done, n_total)` is called once before
-    the first image and after each one. On an error or Ctrl-C the partial file is kept for a
-    later resume and nothing is written at `out_path`.
+    The images are computed in `workers` processes (see `_compute`) and written by this one,
+    in order, so the label maps do not depend on `workers`. `progress(n_done, n_total)` is
+    called once before the first image and after each one. On an error or Ctrl-C the partial
+    file is kept for a later resume and nothing is written at `out_path`.
     """
     cams_path = Path(cams_path)
     out_path = Path(out_path)
@@ -336,10 +350,16 @@ def _compute(
     options: dict[str, Any],
     workers: int,
 ) -> Generator[tuple[str, np.ndarray], None, None]:
-    """Yield (image_id, label) in the order of `ids`."""
+    """Yield (image_id, label) in the order of `ids`.
+
+    The images are computed in `workers` processes while the caller writes the ones before:
+    with one worker too, when it can be forked (a spawned one would first import everything
+    again, about a second). Otherwise, and for a single image, they are computed here.
+    """
     if not ids:
         return
-    if workers == 1 or len(ids) == 1:
+    method = _start_method()
+    if len(ids) == 1 or (workers == 1 and method != "fork"):
         with open_artifact(cams_path, kind="cams") as reader:
             for image_id in ids:
                 yield image_id, _seed_one(reader, dataset, image_id, options)
@@ -347,7 +367,7 @@ def _compute(
     n_proc = min(int(workers), len(ids))
     # Chunks amortise the IPC round trip but stay small so the parent writes steadily.
     chunksize = max(1, min(4, len(ids) // (4 * n_proc)))
-    ctx = multiprocessing.get_context(_start_method())
+    ctx = multiprocessing.get_context(method)
     pool = ctx.Pool(n_proc, initializer=_init_worker, initargs=(str(cams_path), dataset, options))
     try:
         for image_id, label, error in pool.imap(_worker_task, ids, chunksize=chunksize):

@@ -1,43 +1,41 @@
-"""The `weaktr` Typer app: registers every subcommand and holds the one error boundary."""
+"""The `weaktr` Typer app: registers every subcommand and holds the one error boundary.
+
+`app` (every command) is built on first use. `main()` builds an app of the one subcommand
+named on the command line when there is one: a command module imports its own options only,
+and Typer turns one signature into click parameters instead of every command's (together a
+fifth of a second of each `weaktr crf` call on a small CPU). `weaktr`, `weaktr --help` and
+anything else get the whole app.
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
+from typing import Any
 
 import typer
 
 from weaktr_cli import __version__
-from weaktr_cli.commands import (
-    crf,
-    data,
-    dump_cams,
-    evaluate,
-    export_onnx,
-    inspect,
-    merge,
-    pipeline,
-    predict,
-    retrain,
-    show,
-    train_cam,
-)
 from weaktr_cli.commands.helptext import reflow
 from weaktr_cli.errors import WeakTrError
 
-app = typer.Typer(
-    name="weaktr",
-    help="WeakTr weakly-supervised semantic segmentation: image-level labels in, "
-    "a segmentation model out.\n\n"
-    "Phases exchange HDF5 artifacts: train-cam -> dump-cams -> crf -> retrain -> predict "
-    "-> evaluate (export-onnx for deployment); pipeline runs them all.",
-    no_args_is_help=True,
-    rich_markup_mode="rich",
-    pretty_exceptions_enable=False,
-    add_completion=False,
-    suggest_commands=False,  # click already says "Did you mean ...?"; Typer would repeat it
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+#: Subcommand name -> its module in weaktr_cli.commands (the function has the module's name).
+COMMANDS = {
+    "train-cam": "train_cam",
+    "dump-cams": "dump_cams",
+    "crf": "crf",
+    "retrain": "retrain",
+    "predict": "predict",
+    "evaluate": "evaluate",
+    "export-onnx": "export_onnx",
+    "inspect": "inspect",
+    "merge": "merge",
+    "show": "show",
+    "pipeline": "pipeline",
+}
+#: Subcommand groups (a Typer app of their own) -> their module.
+GROUPS = {"data": "data"}
 
 
 def _version(value: bool) -> None:
@@ -46,7 +44,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
@@ -55,18 +52,45 @@ def _root(
     """WeakTr weakly-supervised semantic segmentation toolkit."""
 
 
-app.command("train-cam", help=reflow(train_cam.HELP))(train_cam.train_cam)
-app.command("dump-cams", help=reflow(dump_cams.HELP))(dump_cams.dump_cams)
-app.command("crf", help=reflow(crf.HELP))(crf.crf)
-app.command("retrain", help=reflow(retrain.HELP))(retrain.retrain)
-app.command("predict", help=reflow(predict.HELP))(predict.predict)
-app.command("evaluate", help=reflow(evaluate.HELP))(evaluate.evaluate)
-app.command("export-onnx", help=reflow(export_onnx.HELP))(export_onnx.export_onnx)
-app.command("inspect", help=reflow(inspect.HELP))(inspect.inspect)
-app.command("merge", help=reflow(merge.HELP))(merge.merge)
-app.command("show", help=reflow(show.HELP))(show.show)
-app.command("pipeline", help=reflow(pipeline.HELP))(pipeline.pipeline)
-app.add_typer(data.app, name="data")
+def build_app(only: str | None = None) -> typer.Typer:
+    """The Typer app with every subcommand, or with the one called `only`."""
+    built = typer.Typer(
+        name="weaktr",
+        help="WeakTr weakly-supervised semantic segmentation: image-level labels in, "
+        "a segmentation model out.\n\n"
+        "Phases exchange HDF5 artifacts: train-cam -> dump-cams -> crf -> retrain -> predict "
+        "-> evaluate (export-onnx for deployment); pipeline runs them all.",
+        no_args_is_help=True,
+        rich_markup_mode="rich",
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        suggest_commands=False,  # click already says "Did you mean ...?"; Typer would repeat it
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    built.callback()(_root)
+    for name, module_name in COMMANDS.items():
+        if only in (None, name):
+            module = importlib.import_module(f"weaktr_cli.commands.{module_name}")
+            built.command(name, help=reflow(module.HELP))(getattr(module, module_name))
+    for name, module_name in GROUPS.items():
+        if only in (None, name):
+            module = importlib.import_module(f"weaktr_cli.commands.{module_name}")
+            built.add_typer(module.app, name=name)
+    return built
+
+
+def __getattr__(name: str) -> Any:
+    """`app`: the whole CLI, built when first asked for (tests, shell completion)."""
+    if name == "app":
+        globals()["app"] = built = build_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _app_for(argv: list[str]) -> typer.Typer:
+    """The app to parse `argv` (without the program name) with."""
+    name = argv[0] if argv else None
+    return build_app(name) if name in COMMANDS or name in GROUPS else build_app()
 
 
 def _fail(message: str, hint: str | None = None, code: int = 1) -> None:
@@ -86,7 +110,7 @@ def main() -> None:
 
     debug = os.environ.get("WEAKTR_DEBUG") == "1"
     try:
-        code = app(standalone_mode=False, prog_name="weaktr")
+        code = _app_for(sys.argv[1:])(standalone_mode=False, prog_name="weaktr")
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:  # usage errors: exit 2 with click's message

@@ -65,7 +65,8 @@ Device = Annotated[
 ]
 Workers = Annotated[
     int,
-    typer.Option("--workers", min=1, help="Worker processes (1: all in this process).",
+    typer.Option("--workers", min=1, help="Worker processes computing images (this process "
+                 "writes the output meanwhile).",
                  rich_help_panel="Compute"),
 ]
 #: DataLoader workers of the training commands: another count than --workers (0 is allowed:

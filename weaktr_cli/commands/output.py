@@ -12,23 +12,38 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class Output:
+    """The consoles are made (and rich imported) when first used: a quiet `weaktr crf` that
+    only prints its artifact path never loads rich."""
+
     def __init__(self, *, json_mode: bool = False, quiet: bool = False) -> None:
         self.json_mode = json_mode
         self.quiet = quiet
-        self.out = Console(soft_wrap=True)
-        # soft_wrap: a log line stays one line in a file or pipe (rich would hard-wrap it at 80
-        # columns off a terminal); a terminal wraps it itself.
-        self.err = Console(stderr=True, quiet=quiet, soft_wrap=True)
         # --quiet silences the libraries' own notes too (timm warns through `logging`, e.g.
         # that a one-step cosine schedule is flat); errors still reach stderr.
         logging.getLogger("timm").setLevel(logging.ERROR if quiet else logging.NOTSET)
+
+    # soft_wrap: a log line stays one line in a file or pipe (rich would hard-wrap it at 80
+    # columns off a terminal); a terminal wraps it itself.
+    @cached_property
+    def out(self) -> Console:
+        from rich.console import Console
+
+        return Console(soft_wrap=True)
+
+    @cached_property
+    def err(self) -> Console:
+        from rich.console import Console
+
+        return Console(stderr=True, quiet=self.quiet, soft_wrap=True)
 
     @classmethod
     def for_training(cls, *, json_mode: bool = False, quiet: bool = False) -> Output:
@@ -39,7 +54,8 @@ class Output:
 
     def log(self, message: str) -> None:
         """A progress note on stderr (hidden by --quiet)."""
-        self.err.print(message, highlight=False)
+        if not self.quiet:
+            self.err.print(message, highlight=False)
 
     def result(self, data: dict[str, Any], render: Callable[[Console], None]) -> None:
         """Print a result: JSON with --json, else whatever `render` draws on stdout."""
@@ -50,12 +66,17 @@ class Output:
 
     def artifact(self, path: Path, data: dict[str, Any] | None = None) -> None:
         """Announce a written artifact: its bare path on stdout, for `$(weaktr ...)` pipelines."""
-        payload = {"path": str(path), **(data or {})}
-        self.result(payload, lambda console: print(str(path)))
+        if self.json_mode:
+            self.result({"path": str(path), **(data or {})}, lambda console: None)
+        else:
+            print(str(path))
 
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
         """A stderr progress bar with ETA; yields `update(done, total)`. Silent off a TTY."""
+        if self.quiet:
+            yield _ignore
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -82,3 +103,7 @@ class Output:
                 bar.update(task, completed=done, total=new_total or total, **fields)
 
             yield update
+
+
+def _ignore(*args: Any, **fields: Any) -> None:
+    """The `update` of a progress bar nobody sees."""
