@@ -25,12 +25,12 @@ or the built-in dataset's) and any of them can be overridden. Parallel over imag
 """
 
 
+@options.with_output()
 def crf(
     cams: Annotated[Path, typer.Option("--cams", help="A cams artifact (from dump-cams).")],
     data: options.DataOptional = None,
     data_root: options.DataRoot = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="The seeds artifact.")] = Path(
-        "seeds.h5"),
+    out: Annotated[Path, options.out("The seeds artifact.")] = Path("seeds.h5"),
     bg: Annotated[float | None, typer.Option(
         min=0.0, max=1.0, help="Background threshold (default: the dataset's recipe).")] = None,
     preset: Annotated[str | None, typer.Option(
@@ -55,13 +55,12 @@ def crf(
     workers: options.Workers = 1,
     shard: options.Shard = None,
     resume: options.ResumePartial = True,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.phases import crf_run
     from weaktr_cli.shards import parse_shard
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     crf_overrides: dict[str, Any] = {
         "gt_prob": gt_prob, "iterations": iterations, "gaussian_sxy": gaussian_sxy,
         "gaussian_compat": gaussian_compat, "bilateral_sxy": bilateral_sxy,

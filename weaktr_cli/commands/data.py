@@ -30,15 +30,15 @@ problem. For [bold]shapes[/] this also generates the built-in dataset into the c
 
 
 @app.command("check", help=reflow(CHECK_HELP))
+@options.with_output()
 def check(
     data: options.Data = options.DatasetName.shapes,
     data_root: options.DataRoot = None,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.data import survey_dataset
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     report = survey_dataset(data, data_root)
     problems = report["problems"]
     payload = {"data": data, **report, "ok": not problems}
@@ -74,9 +74,10 @@ deterministic (same settings, same pixels on any machine) and atomic.
 
 
 @app.command("shapes", help=reflow(SHAPES_HELP))
+@options.with_output()
 def shapes(
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Folder to generate into (default: $WEAKTR_CACHE).")] = None,
+    out: Annotated[Path | None, options.out(
+        "Folder to generate into (default: $WEAKTR_CACHE).")] = None,
     num_train: Annotated[int, typer.Option(min=1)] = 2000,
     num_val: Annotated[int, typer.Option(min=1)] = 500,
     num_test: Annotated[int, typer.Option(
@@ -85,12 +86,11 @@ def shapes(
     num_classes: Annotated[int, typer.Option(min=1, help="Foreground classes K.")] = 6,
     max_objects: Annotated[int, typer.Option(min=1)] = 3,
     seed: Annotated[int, typer.Option()] = 0,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.data.shapes import ShapesConfig, class_names, ensure_shapes
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     config = ShapesConfig(seed=seed, num_train=num_train, num_val=num_val,
                           num_test=num_test, image_size=image_size, num_classes=num_classes,
                           max_objects=max_objects)

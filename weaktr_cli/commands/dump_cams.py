@@ -25,6 +25,7 @@ Multi-scale plus flip, the classes of each image's image-level label only, min-m
 """
 
 
+@options.with_output()
 def dump_cams(
     checkpoint: Annotated[Path | None, typer.Option(
         help="A weaktr CAM checkpoint from train-cam.")] = None,
@@ -33,7 +34,7 @@ def dump_cams(
     data: options.DataOptional = None,
     data_root: options.DataRoot = None,
     split: options.Split = "train",
-    out: Annotated[Path, typer.Option("--out", "-o", help="The cams artifact.")] = Path("cams.h5"),
+    out: Annotated[Path, options.out("The cams artifact.")] = Path("cams.h5"),
     recipe: options.Recipe = None,
     scales: Annotated[str | None, typer.Option(
         help="Comma-separated scales (default: the dataset's recipe).")] = None,
@@ -51,14 +52,13 @@ def dump_cams(
     shard: options.Shard = None,
     resume: options.ResumePartial = True,
     device: options.Device = "auto",
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.errors import WeakTrError
     from weaktr_cli.phases import dump_cams_run
     from weaktr_cli.shards import parse_shard
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     overrides: dict[str, Any] = {"flip": flip, "variant": variant, "batch_size": batch_size,
                                  "precision": precision}
     if scales is not None:

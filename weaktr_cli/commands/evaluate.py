@@ -27,6 +27,7 @@ best threshold. The dataset and split default to those the artifact was made fro
 """
 
 
+@options.with_output()
 def evaluate(
     artifact: Annotated[Path | None, typer.Argument(help="A cams or labels HDF5 artifact.")
                         ] = None,
@@ -60,12 +61,11 @@ def evaluate(
     out: Annotated[
         Path | None, typer.Option("--out", help="Also write the metrics JSON here.")
     ] = None,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.phases import evaluate_run
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     reference = options.reference_model(reference_checkpoint, reference_normalization,
                                         reference_heads)
     payload = evaluate_run(

@@ -34,14 +34,14 @@ leaves no file.
 """
 
 
+@options.with_output()
 def export_onnx(
     checkpoint: Annotated[Path | None, typer.Option(
         help="A segmenter (or, with --cam, CAM) checkpoint.")] = None,
     reference_checkpoint: options.ReferenceCheckpoint = None,
     reference_normalization: options.ReferenceNormalization = None,
     reference_heads: options.ReferenceHeads = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write.")] = Path(
-        "model.onnx"),
+    out: Annotated[Path, options.out("ONNX file to write.")] = Path("model.onnx"),
     cam: Annotated[bool, typer.Option("--cam", help="Export the CAM model instead.")] = False,
     height: Annotated[int | None, typer.Option(
         min=1, help="Input height (default: the training crop).")] = None,
@@ -55,13 +55,12 @@ def export_onnx(
         help="Output every decoder layer (for 0.8 P1 + P2 fusion) or the last only "
              "(default: what the test time of the model's recipe uses).")] = None,
     atol: Annotated[float, typer.Option(help="Max abs difference allowed vs PyTorch.")] = 1e-4,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.errors import WeakTrError
     from weaktr_cli.export import export_checkpoint
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     if (checkpoint is None) == (reference_checkpoint is None):
         raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
     if reference_checkpoint is not None:

@@ -31,15 +31,15 @@ tensors and how to run it with --reference-checkpoint.
 """
 
 
+@options.with_output()
 def inspect(
     artifact: Annotated[Path, typer.Argument(
         help="A weaktr HDF5 artifact, checkpoint (.ckpt, .last, .state) or ONNX model.")],
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.describe import describe
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     payload = describe(artifact)
     output.result(payload, lambda console: render(console, payload))
 

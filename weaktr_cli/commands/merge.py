@@ -18,16 +18,16 @@ HELP = """Merge shard artifacts of the same kind, dataset, split and classes int
 """
 
 
+@options.with_output()
 def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Shard artifacts to merge.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="The merged artifact.")],
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    out: Annotated[Path, options.out("The merged artifact.")],
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.artifact_writer import merge_artifacts
     from weaktr_cli.artifacts import open_artifact
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     merged = merge_artifacts(list(inputs), out)
     with open_artifact(merged) as reader:
         count = len(reader)

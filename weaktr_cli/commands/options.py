@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from weaktr_cli.commands.output import Output
 from weaktr_cli.names import DatasetName
 
 if TYPE_CHECKING:
@@ -60,6 +64,40 @@ Quiet = Annotated[
     bool,
     typer.Option("--quiet", "-q", help="No progress or logs on stderr.", rich_help_panel="Output"),
 ]
+
+
+def out(help: str) -> Any:
+    """`--out` / `-o`, the file a command writes (its help says which)."""
+    return typer.Option("--out", "-o", help=help)
+
+
+def with_output(*, training: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the --json and --quiet options and the `Output` they make.
+
+    The command ends with a keyword-only `output: Output` where the two flags would stand; the
+    function Typer registers declares --json and -q in its place and hands the command
+    `Output(json_mode=..., quiet=...)`, or `Output.for_training(...)` for a training command
+    (under torchrun only the main process talks). Typer reads the parameters from
+    `inspect.signature`, hence the `__signature__` of the wrapper.
+    """
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name != "output"]
+        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
+                                   annotation=annotation)
+                 for name, annotation in (("json_mode", Json), ("quiet", Quiet))]
+        make = Output.for_training if training else Output
+
+        @functools.wraps(command)
+        def run(*args: Any, json_mode: bool = False, quiet: bool = False, **kwargs: Any) -> None:
+            command(*args, output=make(json_mode=json_mode, quiet=quiet), **kwargs)
+
+        run.__signature__ = signature.replace(parameters=own + flags)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in own + flags}
+        return run
+
+    return decorate
 Device = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Compute")
 ]

@@ -44,9 +44,9 @@ subcommand: stop after any phase, inspect or replace its HDF5 file, and rerun.
 _OVERRIDES = "Recipe overrides (default: the recipe's)"
 
 
+@options.with_output()
 def pipeline(
-    work: Annotated[Path, typer.Option("--work", "-w", help="Work folder.")] = Path(
-        "weaktr-run"),
+    work: Annotated[Path, typer.Option("--work", "-w", help="Work folder.")] = Path("weaktr-run"),
     data: options.Data = options.DatasetName.shapes,
     data_root: options.DataRoot = None,
     train_split: Annotated[str, typer.Option(help="Split to train on.")] = "train",
@@ -87,12 +87,11 @@ def pipeline(
     seed: Annotated[int | None, typer.Option(help="Seed (default: the recipe's).")] = None,
     workers: options.Workers = 2,
     device: options.Device = "auto",
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.pipeline import PipelineConfig, phase_overrides, run_pipeline
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     config = PipelineConfig(
         work=work, data=str(data), data_root=data_root, train_split=train_split,
         val_split=val_split, test_split=test_split, recipe=recipe, seed=seed,

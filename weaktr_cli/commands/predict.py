@@ -28,6 +28,7 @@ reference's own test-time procedure and the dataset's test CRF (docs/REPRODUCING
 """
 
 
+@options.with_output()
 def predict(
     checkpoint: Annotated[Path | None, typer.Option(help="Segmenter checkpoint (retrain).")
                           ] = None,
@@ -41,8 +42,7 @@ def predict(
     split: options.Split = "val",
     images: Annotated[Path | None, typer.Option(
         help="Predict every image in this folder instead of a dataset split.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="labels artifact to write.")] = Path(
-        "preds.h5"),
+    out: Annotated[Path, options.out("labels artifact to write.")] = Path("preds.h5"),
     png_dir: Annotated[Path | None, typer.Option(help="Also write palette PNGs here.")] = None,
     recipe: options.Recipe = None,
     multiscale: Annotated[bool, typer.Option(
@@ -61,13 +61,12 @@ def predict(
     shard: options.Shard = None,
     resume: options.ResumePartial = True,
     device: options.Device = "auto",
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.phases import predict_run
     from weaktr_cli.shards import parse_shard
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     reference = options.reference_model(reference_checkpoint, reference_normalization,
                                         reference_heads)
     path = predict_run(

@@ -34,12 +34,12 @@ once the run is done; `weaktr inspect OUT` lists them.
 """
 
 
+@options.with_output(training=True)
 def retrain(
     seeds: Annotated[Path, typer.Option("--seeds", help="labels (or cams) artifact to train on.")],
     data: options.DataOptional = None,
     data_root: options.DataRoot = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
-        "seg.ckpt"),
+    out: Annotated[Path, options.out("Checkpoint to write.")] = Path("seg.ckpt"),
     recipe: options.Recipe = None,
     tau: Annotated[str | None, typer.Option(
         help="Clipping threshold: a number or 'auto' (default: the recipe's).")] = None,
@@ -76,12 +76,11 @@ def retrain(
     seed: options.RecipeSeed = None,
     device: options.Device = "auto",
     loader_workers: options.LoaderWorkers = None,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.phases import retrain_run
 
-    output = Output.for_training(json_mode=json_mode, quiet=quiet)
     overrides: dict[str, Any] = {
         "clip_patch": patch, "arch": arch, "decoder": decoder,
         "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,

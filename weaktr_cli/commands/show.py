@@ -25,20 +25,20 @@ folder of `predict --images`); --data-root overrides it.
 """
 
 
+@options.with_output()
 def show(
     artifacts: Annotated[list[Path], typer.Argument(help="cams and/or labels artifacts.")],
     image_id: Annotated[list[str] | None, typer.Option(
         "--id", help="Image id to draw (repeatable).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Draw the first N images.")] = 8,
-    out: Annotated[Path, typer.Option("--out", "-o", help="PNG to write.")] = Path("panels.png"),
+    out: Annotated[Path, options.out("PNG to write.")] = Path("panels.png"),
     data: options.DataOptional = None,
     data_root: options.DataRoot = None,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.visualize import show_artifacts
 
-    output = Output(json_mode=json_mode, quiet=quiet)
     path, ids = show_artifacts(artifacts, out, ids=image_id, n=n,
                                data=None if data is None else str(data), data_root=data_root)
     output.artifact(path, {"images": ids})

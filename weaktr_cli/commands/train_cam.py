@@ -30,14 +30,14 @@ and .state once the run is done; `weaktr inspect OUT` lists them.
 
 
 
+@options.with_output(training=True)
 def train_cam(
     data: options.Data = options.DatasetName.shapes,
     data_root: options.DataRoot = None,
     split: options.Split = "train",
     val_split: Annotated[str, typer.Option(
         help="Split for image-level validation mAP ('none' to skip).")] = "val",
-    out: Annotated[Path, typer.Option("--out", "-o", help="Checkpoint to write.")] = Path(
-        "cam.ckpt"),
+    out: Annotated[Path, options.out("Checkpoint to write.")] = Path("cam.ckpt"),
     recipe: options.Recipe = None,
     arch: Annotated[str | None, typer.Option(help="Backbone (e.g. deit-small, tiny-p8).")] = None,
     fusion: Annotated[str | None, typer.Option(
@@ -65,12 +65,11 @@ def train_cam(
     seed: options.RecipeSeed = None,
     device: options.Device = "auto",
     loader_workers: options.LoaderWorkers = None,
-    json_mode: options.Json = False,
-    quiet: options.Quiet = False,
+    *,
+    output: Output,
 ) -> None:
     from weaktr_cli.phases import train_cam_run
 
-    output = Output.for_training(json_mode=json_mode, quiet=quiet)
     overrides: dict[str, Any] = {
         "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "aaf_reduction": aaf_reduction,
         "epochs": epochs,
