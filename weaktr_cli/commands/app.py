@@ -17,7 +17,7 @@ from typing import Any
 import typer
 
 from weaktr_cli import __version__
-from weaktr_cli.commands.helptext import reflow
+from weaktr_cli.commands.option_groups import add_command
 from weaktr_cli.errors import WeakTrError
 
 #: Subcommand name -> its module in weaktr_cli.commands (the function has the module's name).
@@ -71,7 +71,7 @@ def build_app(only: str | None = None) -> typer.Typer:
     for name, module_name in COMMANDS.items():
         if only in (None, name):
             module = importlib.import_module(f"weaktr_cli.commands.{module_name}")
-            built.command(name, help=reflow(module.HELP))(getattr(module, module_name))
+            add_command(built, name, module.HELP, getattr(module, module_name))
     for name, module_name in GROUPS.items():
         if only in (None, name):
             module = importlib.import_module(f"weaktr_cli.commands.{module_name}")

@@ -25,7 +25,6 @@ or the built-in dataset's) and any of them can be overridden. Parallel over imag
 """
 
 
-@options.with_output()
 def crf(
     cams: Annotated[Path, typer.Option("--cams", help="A cams artifact (from dump-cams).")],
     data: options.DataOptional = None,
@@ -56,7 +55,7 @@ def crf(
     shard: options.Shard = None,
     resume: options.ResumePartial = True,
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.phases import crf_run
     from weaktr_cli.shards import parse_shard

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 
 from weaktr_cli.commands import options
-from weaktr_cli.commands.helptext import reflow
+from weaktr_cli.commands.option_groups import add_command
 from weaktr_cli.commands.output import Output
 from weaktr_cli.errors import WeakTrError
 
@@ -29,13 +29,11 @@ problem. For [bold]shapes[/] this also generates the built-in dataset into the c
 """
 
 
-@app.command("check", help=reflow(CHECK_HELP))
-@options.with_output()
 def check(
     data: options.Data = options.DatasetName.shapes,
     data_root: options.DataRoot = None,
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.data import survey_dataset
 
@@ -73,8 +71,6 @@ deterministic (same settings, same pixels on any machine) and atomic.
 """
 
 
-@app.command("shapes", help=reflow(SHAPES_HELP))
-@options.with_output()
 def shapes(
     out: Annotated[Path | None, options.out(
         "Folder to generate into (default: $WEAKTR_CACHE).")] = None,
@@ -87,7 +83,7 @@ def shapes(
     max_objects: Annotated[int, typer.Option(min=1)] = 3,
     seed: Annotated[int, typer.Option()] = 0,
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.data.shapes import ShapesConfig, class_names, ensure_shapes
 
@@ -96,3 +92,7 @@ def shapes(
                           max_objects=max_objects)
     path = ensure_shapes(config, cache_dir=out)
     output.artifact(path, {"classes": list(class_names(config)), "config": config.to_dict()})
+
+
+add_command(app, "check", CHECK_HELP, check)
+add_command(app, "shapes", SHAPES_HELP, shapes)

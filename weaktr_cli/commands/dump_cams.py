@@ -25,7 +25,6 @@ Multi-scale plus flip, the classes of each image's image-level label only, min-m
 """
 
 
-@options.with_output()
 def dump_cams(
     checkpoint: Annotated[Path | None, typer.Option(
         help="A weaktr CAM checkpoint from train-cam.")] = None,
@@ -53,7 +52,7 @@ def dump_cams(
     resume: options.ResumePartial = True,
     device: options.Device = "auto",
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.errors import WeakTrError
     from weaktr_cli.phases import dump_cams_run

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+from weaktr_cli.phases import ReferenceModel
 
 HELP = """Score an artifact against the dataset's pixel ground truth.
 
@@ -27,16 +28,13 @@ best threshold. The dataset and split default to those the artifact was made fro
 """
 
 
-@options.with_output()
 def evaluate(
     artifact: Annotated[Path | None, typer.Argument(help="A cams or labels HDF5 artifact.")
                         ] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         help="Predict with this segmenter checkpoint first, then score the predictions.",
         rich_help_panel="Model")] = None,
-    reference_checkpoint: options.ReferenceCheckpoint = None,
-    reference_normalization: options.ReferenceNormalization = None,
-    reference_heads: options.ReferenceHeads = None,
+    reference: Annotated[ReferenceModel | None, options.REFERENCE] = None,
     multiscale: Annotated[bool, typer.Option(help="With --checkpoint: multi-scale + flip.",
                                              rich_help_panel="Model")] = False,
     fuse_layers: Annotated[bool, typer.Option(help="With --checkpoint: 0.8 P1 + P2.",
@@ -62,12 +60,10 @@ def evaluate(
         Path | None, typer.Option("--out", help="Also write the metrics JSON here.")
     ] = None,
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.phases import evaluate_run
 
-    reference = options.reference_model(reference_checkpoint, reference_normalization,
-                                        reference_heads)
     payload = evaluate_run(
         artifact=artifact, checkpoint=checkpoint, reference=reference,
         data=None if data is None else str(data), data_root=data_root, split=split,

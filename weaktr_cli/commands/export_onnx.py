@@ -10,6 +10,7 @@ from rich.console import Console
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+from weaktr_cli.phases import ReferenceModel
 
 if TYPE_CHECKING:
     from weaktr_cli.export import ExportReport
@@ -34,13 +35,10 @@ leaves no file.
 """
 
 
-@options.with_output()
 def export_onnx(
     checkpoint: Annotated[Path | None, typer.Option(
         help="A segmenter (or, with --cam, CAM) checkpoint.")] = None,
-    reference_checkpoint: options.ReferenceCheckpoint = None,
-    reference_normalization: options.ReferenceNormalization = None,
-    reference_heads: options.ReferenceHeads = None,
+    reference: Annotated[ReferenceModel | None, options.REFERENCE] = None,
     out: Annotated[Path, options.out("ONNX file to write.")] = Path("model.onnx"),
     cam: Annotated[bool, typer.Option("--cam", help="Export the CAM model instead.")] = False,
     height: Annotated[int | None, typer.Option(
@@ -56,22 +54,22 @@ def export_onnx(
              "(default: what the test time of the model's recipe uses).")] = None,
     atol: Annotated[float, typer.Option(help="Max abs difference allowed vs PyTorch.")] = 1e-4,
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.errors import WeakTrError
     from weaktr_cli.export import export_checkpoint
 
-    if (checkpoint is None) == (reference_checkpoint is None):
+    if (checkpoint is None) == (reference is None):
         raise WeakTrError("pass exactly one of --checkpoint and --reference-checkpoint")
-    if reference_checkpoint is not None:
+    if reference is not None:
         if cam:
             raise WeakTrError("--cam exports weaktr CAM checkpoints, not reference segmenters")
         from weaktr_cli.export import export_reference_checkpoint
 
-        output.log(f"exporting {reference_checkpoint} (reference segmenter) to ONNX ...")
+        output.log(f"exporting {reference.checkpoint} (reference segmenter) to ONNX ...")
         report = export_reference_checkpoint(
-            reference_checkpoint, out, normalization=reference_normalization,
-            num_heads=reference_heads, height=height, width=width, dynamic=dynamic,
+            reference.checkpoint, out, normalization=reference.normalization,
+            num_heads=reference.heads, height=height, width=width, dynamic=dynamic,
             batch_size=batch_size, opset=opset, all_layers=all_layers, atol=atol)
         _report(output, report)
         return

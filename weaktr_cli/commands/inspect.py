@@ -31,12 +31,11 @@ tensors and how to run it with --reference-checkpoint.
 """
 
 
-@options.with_output()
 def inspect(
     artifact: Annotated[Path, typer.Argument(
         help="A weaktr HDF5 artifact, checkpoint (.ckpt, .last, .state) or ONNX model.")],
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.describe import describe
 

@@ -18,12 +18,11 @@ HELP = """Merge shard artifacts of the same kind, dataset, split and classes int
 """
 
 
-@options.with_output()
 def merge(
     inputs: Annotated[list[Path], typer.Argument(help="Shard artifacts to merge.")],
     out: Annotated[Path, options.out("The merged artifact.")],
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.artifact_writer import merge_artifacts
     from weaktr_cli.artifacts import open_artifact

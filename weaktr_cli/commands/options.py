@@ -1,15 +1,15 @@
-"""Option aliases shared by every command, so a flag means the same thing everywhere."""
+"""Option aliases shared by every command, so a flag means the same thing everywhere, and the
+option groups (`weaktr_cli.commands.option_groups`) several commands take as one value."""
 
 from __future__ import annotations
 
-import functools
-import inspect
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from weaktr_cli.commands.option_groups import OptionGroup
 from weaktr_cli.commands.output import Output
 from weaktr_cli.names import DatasetName
 
@@ -66,38 +66,18 @@ Quiet = Annotated[
 ]
 
 
+#: --json and -q, made into the command's `Output`.
+OUTPUT = OptionGroup({"json_mode": (Json, False), "quiet": (Quiet, False)}, Output)
+#: The same for a training command: under torchrun only the main process talks.
+TRAINING_OUTPUT = OptionGroup({"json_mode": (Json, False), "quiet": (Quiet, False)},
+                              Output.for_training)
+
+
 def out(help: str) -> Any:
     """`--out` / `-o`, the file a command writes (its help says which)."""
     return typer.Option("--out", "-o", help=help)
 
 
-def with_output(*, training: bool = False) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Give a command the --json and --quiet options and the `Output` they make.
-
-    The command ends with a keyword-only `output: Output` where the two flags would stand; the
-    function Typer registers declares --json and -q in its place and hands the command
-    `Output(json_mode=..., quiet=...)`, or `Output.for_training(...)` for a training command
-    (under torchrun only the main process talks). Typer reads the parameters from
-    `inspect.signature`, hence the `__signature__` of the wrapper.
-    """
-
-    def decorate(command: Callable[..., None]) -> Callable[..., None]:
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for name, p in signature.parameters.items() if name != "output"]
-        flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=False,
-                                   annotation=annotation)
-                 for name, annotation in (("json_mode", Json), ("quiet", Quiet))]
-        make = Output.for_training if training else Output
-
-        @functools.wraps(command)
-        def run(*args: Any, json_mode: bool = False, quiet: bool = False, **kwargs: Any) -> None:
-            command(*args, output=make(json_mode=json_mode, quiet=quiet), **kwargs)
-
-        run.__signature__ = signature.replace(parameters=own + flags)  # type: ignore[attr-defined]
-        run.__annotations__ = {p.name: p.annotation for p in own + flags}
-        return run
-
-    return decorate
 Device = Annotated[
     str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Compute")
 ]
@@ -134,12 +114,19 @@ ReferenceHeads = Annotated[int | None, typer.Option(
     rich_help_panel="Model")]
 
 
-def reference_model(checkpoint: Path | None, normalization: str | None, heads: int | None
-                    ) -> ReferenceModel | None:
-    """The --reference-* options as one value for the library (None without a checkpoint)."""
+def _reference_model(reference_checkpoint: Path | None, reference_normalization: str | None,
+                     reference_heads: int | None) -> ReferenceModel | None:
     from weaktr_cli.phases import ReferenceModel
 
-    return None if checkpoint is None else ReferenceModel(checkpoint, normalization, heads)
+    if reference_checkpoint is None:
+        return None
+    return ReferenceModel(reference_checkpoint, reference_normalization, reference_heads)
+
+
+#: The --reference-* options as one value for the library (None without a checkpoint).
+REFERENCE = OptionGroup({"reference_checkpoint": (ReferenceCheckpoint, None),
+                         "reference_normalization": (ReferenceNormalization, None),
+                         "reference_heads": (ReferenceHeads, None)}, _reference_model)
 
 
 Shard = Annotated[
@@ -166,3 +153,29 @@ FromScratch = Annotated[
         "which otherwise refuses to start without --pretrained.",
     ),
 ]
+
+
+@dataclass(frozen=True)
+class TrainingFlags:
+    """The options both training commands end with (before --json and -q)."""
+
+    precision: str | None
+    resume: bool
+    log_jsonl: Path | None
+    seed: int | None
+    device: str
+    loader_workers: int | None
+
+    def overrides(self) -> dict[str, Any]:
+        """The recipe settings they override (None: the recipe's)."""
+        return {"precision": self.precision, "seed": self.seed, "workers": self.loader_workers}
+
+
+def training_flags(log_record: str) -> OptionGroup:
+    """The group of `TrainingFlags`; one line of the JSONL log covers a `log_record`."""
+    log_jsonl = Annotated[Path | None, typer.Option(
+        help=f"Per-{log_record} JSONL log (default: OUT.jsonl).")]
+    return OptionGroup({"precision": (Precision, None), "resume": (ResumeRun, False),
+                        "log_jsonl": (log_jsonl, None), "seed": (RecipeSeed, None),
+                        "device": (Device, "auto"), "loader_workers": (LoaderWorkers, None)},
+                       TrainingFlags)

@@ -44,7 +44,6 @@ subcommand: stop after any phase, inspect or replace its HDF5 file, and rerun.
 _OVERRIDES = "Recipe overrides (default: the recipe's)"
 
 
-@options.with_output()
 def pipeline(
     work: Annotated[Path, typer.Option("--work", "-w", help="Work folder.")] = Path("weaktr-run"),
     data: options.Data = options.DatasetName.shapes,
@@ -88,7 +87,7 @@ def pipeline(
     workers: options.Workers = 2,
     device: options.Device = "auto",
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.pipeline import PipelineConfig, phase_overrides, run_pipeline
 

@@ -9,6 +9,7 @@ import typer
 
 from weaktr_cli.commands import options
 from weaktr_cli.commands.output import Output
+from weaktr_cli.phases import ReferenceModel
 
 HELP = """Predict label maps with a retrained model into a labels artifact.
 
@@ -28,13 +29,10 @@ reference's own test-time procedure and the dataset's test CRF (docs/REPRODUCING
 """
 
 
-@options.with_output()
 def predict(
     checkpoint: Annotated[Path | None, typer.Option(help="Segmenter checkpoint (retrain).")
                           ] = None,
-    reference_checkpoint: options.ReferenceCheckpoint = None,
-    reference_normalization: options.ReferenceNormalization = None,
-    reference_heads: options.ReferenceHeads = None,
+    reference: Annotated[ReferenceModel | None, options.REFERENCE] = None,
     onnx: Annotated[Path | None, typer.Option(
         "--onnx", help="An exported ONNX model instead (onnxruntime, no torch).")] = None,
     data: options.DataOptional = None,
@@ -62,13 +60,11 @@ def predict(
     resume: options.ResumePartial = True,
     device: options.Device = "auto",
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.phases import predict_run
     from weaktr_cli.shards import parse_shard
 
-    reference = options.reference_model(reference_checkpoint, reference_normalization,
-                                        reference_heads)
     path = predict_run(
         checkpoint=checkpoint, reference=reference, onnx=onnx,
         data=None if data is None else str(data), data_root=data_root, split=split,

@@ -34,7 +34,6 @@ once the run is done; `weaktr inspect OUT` lists them.
 """
 
 
-@options.with_output(training=True)
 def retrain(
     seeds: Annotated[Path, typer.Option("--seeds", help="labels (or cams) artifact to train on.")],
     data: options.DataOptional = None,
@@ -69,28 +68,21 @@ def retrain(
     iterations: Annotated[int | None, typer.Option(min=1, help="Optimizer steps (overrides "
                                                    "--epochs).")] = None,
     lr: Annotated[float | None, typer.Option()] = None,
-    precision: options.Precision = None,
-    resume: options.ResumeRun = False,
-    log_jsonl: Annotated[Path | None, typer.Option(
-        help="Per-step JSONL log (default: OUT.jsonl).")] = None,
-    seed: options.RecipeSeed = None,
-    device: options.Device = "auto",
-    loader_workers: options.LoaderWorkers = None,
     *,
-    output: Output,
+    training: Annotated[options.TrainingFlags, options.training_flags("step")],
+    output: Annotated[Output, options.TRAINING_OUTPUT],
 ) -> None:
     from weaktr_cli.phases import retrain_run
 
     overrides: dict[str, Any] = {
         "clip_patch": patch, "arch": arch, "decoder": decoder,
         "crop_size": crop_size, "batch_size": batch_size, "epochs": epochs,
-        "iterations": iterations, "lr": lr, "precision": precision, "seed": seed,
-        "workers": loader_workers}
+        "iterations": iterations, "lr": lr, **training.overrides()}
     result, config = retrain_run(
         seeds=seeds, data=None if data is None else str(data), data_root=data_root, out=out,
         recipe=recipe, overrides=overrides, tau=tau, clip=clip, bg=bg, pretrained=pretrained,
-        from_scratch=from_scratch, resume=resume, cams=cams, ambiguity=ambiguity, device=device,
-        log_jsonl=log_jsonl,
-        log=output.log, bar=output.progress)
+        from_scratch=from_scratch, resume=training.resume, cams=cams, ambiguity=ambiguity,
+        device=training.device, log_jsonl=training.log_jsonl, log=output.log,
+        bar=output.progress)
     output.artifact(result.checkpoint, {"tau": result.tau, "steps": result.steps,
                                         "config": config.to_dict()})

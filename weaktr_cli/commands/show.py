@@ -25,7 +25,6 @@ folder of `predict --images`); --data-root overrides it.
 """
 
 
-@options.with_output()
 def show(
     artifacts: Annotated[list[Path], typer.Argument(help="cams and/or labels artifacts.")],
     image_id: Annotated[list[str] | None, typer.Option(
@@ -35,7 +34,7 @@ def show(
     data: options.DataOptional = None,
     data_root: options.DataRoot = None,
     *,
-    output: Output,
+    output: Annotated[Output, options.OUTPUT],
 ) -> None:
     from weaktr_cli.visualize import show_artifacts
 

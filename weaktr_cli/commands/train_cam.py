@@ -30,7 +30,6 @@ and .state once the run is done; `weaktr inspect OUT` lists them.
 
 
 
-@options.with_output(training=True)
 def train_cam(
     data: options.Data = options.DatasetName.shapes,
     data_root: options.DataRoot = None,
@@ -58,31 +57,22 @@ def train_cam(
     select: Annotated[str, typer.Option(
         help="Checkpoint to keep: last, val-map (image labels only) or cam-miou "
         "(scores CAMs with PIXEL labels of --val-split: opt-in).")] = "last",
-    precision: options.Precision = None,
-    resume: options.ResumeRun = False,
-    log_jsonl: Annotated[Path | None, typer.Option(
-        help="Per-epoch JSONL log (default: OUT.jsonl).")] = None,
-    seed: options.RecipeSeed = None,
-    device: options.Device = "auto",
-    loader_workers: options.LoaderWorkers = None,
     *,
-    output: Output,
+    training: Annotated[options.TrainingFlags, options.training_flags("epoch")],
+    output: Annotated[Output, options.TRAINING_OUTPUT],
 ) -> None:
     from weaktr_cli.phases import train_cam_run
 
     overrides: dict[str, Any] = {
         "arch": arch, "fusion": fusion, "aaf_pool": aaf_pool, "aaf_reduction": aaf_reduction,
-        "epochs": epochs,
-        "batch_size": batch_size, "base_lr": lr, "accum_steps": accum_steps,
-        "input_size": input_size, "precision": precision, "seed": seed, "workers": loader_workers,
-        "select": select,
+        "epochs": epochs, "batch_size": batch_size, "base_lr": lr, "accum_steps": accum_steps,
+        "input_size": input_size, "select": select, **training.overrides(),
     }
     result, config = train_cam_run(
         data=str(data), split=split, val_split=None if val_split == "none" else val_split,
         data_root=data_root, out=out, recipe=recipe, overrides=overrides,
-        pretrained=pretrained, from_scratch=from_scratch, resume=resume, device=device,
-        log_jsonl=log_jsonl,
-        log=output.log, bar=output.progress)
+        pretrained=pretrained, from_scratch=from_scratch, resume=training.resume,
+        device=training.device, log_jsonl=training.log_jsonl, log=output.log, bar=output.progress)
     last = result.history[-1] if result.history else {}
     output.artifact(result.checkpoint, {"selected_epoch": result.selected_epoch,
                                         "final": last, "config": config.to_dict()})
