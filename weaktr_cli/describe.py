@@ -36,18 +36,14 @@ def sniff(path: Path) -> str:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """A description of an artifact, a checkpoint (or its `.last`), a `.state` or an ONNX file."""
+    """A description of an artifact, a checkpoint (or its `.last`), a `.state` or an ONNX file:
+    its "format" (one of FORMATS), its "path", then what that format holds."""
     path = Path(path)
     kind = sniff(path)
-    if kind == "artifact":
-        return describe_artifact(path)
-    if kind == "checkpoint":
-        return describe_checkpoint(path)
-    if kind == "training-state":
-        if not path.name.endswith(".state") and _is_reference_segmenter(path):
-            return describe_reference(path)
-        return describe_training_state(path)
-    return describe_onnx(path)
+    if kind == "training-state" and not path.name.endswith(".state") \
+            and _is_reference_segmenter(path):
+        kind = "reference-checkpoint"
+    return {"format": kind, "path": str(path), **_DESCRIBERS[kind](path)}
 
 
 def _is_reference_segmenter(path: Path) -> bool:
@@ -65,8 +61,7 @@ def describe_reference(path: Path) -> dict[str, Any]:
     """A released reference segmentation checkpoint: what `--reference-checkpoint` will run."""
     from weaktr_cli.reference_model import describe_reference_checkpoint
 
-    return {"format": "reference-checkpoint", "path": str(path),
-            "file_bytes": path.stat().st_size, **describe_reference_checkpoint(path)}
+    return {"file_bytes": path.stat().st_size, **describe_reference_checkpoint(path)}
 
 
 def describe_artifact(path: Path) -> dict[str, Any]:
@@ -75,8 +70,6 @@ def describe_artifact(path: Path) -> dict[str, Any]:
     with open_artifact(path) as reader:
         meta = reader.meta
         return {
-            "format": "artifact",
-            "path": str(path),
             "kind": meta.kind,
             "schema_version": meta.schema_version,
             "images": len(reader),
@@ -131,8 +124,6 @@ def describe_checkpoint(path: Path) -> dict[str, Any]:
     companions = {suffix: str(path) + suffix for suffix in (".last", ".state", ".jsonl")
                   if Path(str(path) + suffix).is_file()}
     return {
-        "format": "checkpoint",
-        "path": str(path),
         "kind": meta.get("kind"),
         "format_version": meta.get("format_version"),
         "arch": arch.get("name") if isinstance(arch, dict) else arch,
@@ -163,8 +154,6 @@ def describe_training_state(path: Path) -> dict[str, Any]:
 
     state = load_training_state(path)
     return {
-        "format": "training-state",
-        "path": str(path),
         "file_bytes": path.stat().st_size,
         "keys": sorted(str(k) for k in state),
         "step": state.get("step"),
@@ -186,8 +175,6 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         ) from None
     extra = info.extra
     return {
-        "format": "onnx",
-        "path": str(path),
         "kind": info.kind,
         "num_classes": info.num_classes,
         "class_names": list(info.class_names),
@@ -209,3 +196,9 @@ def describe_onnx(path: Path) -> dict[str, Any]:
         "weaktr_version": info.weaktr_version,
         "file_bytes": path.stat().st_size,
     }
+
+
+#: format -> what its description holds after "format" and "path"
+_DESCRIBERS = {"artifact": describe_artifact, "checkpoint": describe_checkpoint,
+               "training-state": describe_training_state, "onnx": describe_onnx,
+               "reference-checkpoint": describe_reference}
