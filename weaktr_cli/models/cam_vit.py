@@ -35,7 +35,12 @@ from timm.layers.attention import Attention
 from torch import Tensor, nn
 
 from weaktr_cli.errors import WeakTrError
-from weaktr_cli.models.fusion import FUSIONS, build_fusion, weighted_mean_attention
+from weaktr_cli.models.fusion import (
+    FUSION_DEFAULTS,
+    FUSIONS,
+    build_fusion,
+    weighted_mean_attention,
+)
 from weaktr_cli.models.registry import ArchSpec, build_vit, get_arch
 from weaktr_cli.settings import CAM_VARIANTS
 
@@ -50,11 +55,6 @@ __all__ = [
     "record_attention",
     "resample_patch_pos_embed",
 ]
-
-#: fusion -> (pooling, head-FFN reduction) of its training recipe (paper V1; released V3)
-_FUSION_RECIPES = {"aaf": ("avg", 4), "aaf-feat": ("max", 8), "aaf-rand": ("avg", 4),
-                   "mean-sum": ("avg", 4)}
-
 
 @dataclass
 class AttentionRecord:
@@ -233,7 +233,7 @@ class WeakTrCAM(nn.Module):
         self.arch = spec
         self.num_classes = num_classes
         self.fusion_name = fusion
-        recipe_pool, recipe_reduction = _FUSION_RECIPES[fusion]
+        recipe_pool, recipe_reduction = FUSION_DEFAULTS[fusion]
         self.aaf_pool = aaf_pool if aaf_pool is not None else recipe_pool
         self.aaf_reduction = aaf_reduction if aaf_reduction is not None else recipe_reduction
         self.aaf_feat_reduction = aaf_feat_reduction

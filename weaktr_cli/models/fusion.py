@@ -38,6 +38,7 @@ from weaktr_cli.errors import WeakTrError
 
 __all__ = [
     "FUSIONS",
+    "FUSION_DEFAULTS",
     "POOLS",
     "AttentionFusion",
     "FeatureFusion",
@@ -48,7 +49,11 @@ __all__ = [
     "weighted_mean_attention",
 ]
 
-FUSIONS = ("aaf", "aaf-feat", "aaf-rand", "mean-sum")
+#: fusion -> the (pooling, head-FFN reduction) it trains with unless told otherwise: the
+#: paper's AAF (V1) avg and 4, the released checkpoint's aaf-feat (V3) max and 8.
+FUSION_DEFAULTS: dict[str, tuple[str, float]] = {
+    "aaf": ("avg", 4), "aaf-feat": ("max", 8), "aaf-rand": ("avg", 4), "mean-sum": ("avg", 4)}
+FUSIONS = tuple(FUSION_DEFAULTS)
 POOLS = ("avg", "max")
 
 
@@ -209,11 +214,17 @@ def build_fusion(
     depth: int,
     num_heads: int,
     head_dim: int,
-    pool: str = "avg",
-    reduction: float = 4,
+    pool: str | None = None,
+    reduction: float | None = None,
     feat_reduction: int = 8,
 ) -> AttentionFusion:
-    """The fusion module `name` (one of `FUSIONS`) for a depth x num_heads backbone."""
+    """The fusion module `name` (one of `FUSIONS`) for a depth x num_heads backbone; `pool`
+    and `reduction` default to the variant's (`FUSION_DEFAULTS`)."""
+    if name not in FUSION_DEFAULTS:
+        raise WeakTrError(f"unknown fusion {name!r}", hint=f"choose one of: {', '.join(FUSIONS)}")
+    default_pool, default_reduction = FUSION_DEFAULTS[name]
+    pool = default_pool if pool is None else pool
+    reduction = default_reduction if reduction is None else reduction
     if name == "aaf":
         return PooledAttentionFusion(depth, num_heads, pool=pool, reduction=reduction)
     if name == "aaf-feat":
@@ -227,9 +238,7 @@ def build_fusion(
         )
     if name == "aaf-rand":
         return RandomQueryFusion(depth, num_heads, reduction=reduction)
-    if name == "mean-sum":
-        return MeanSumFusion(depth, num_heads)
-    raise WeakTrError(f"unknown fusion {name!r}", hint=f"choose one of: {', '.join(FUSIONS)}")
+    return MeanSumFusion(depth, num_heads)
 
 
 def weighted_mean_attention(maps: Sequence[Tensor], weights: Tensor) -> Tensor:
