@@ -10,7 +10,7 @@ from timm.models.vision_transformer import VisionTransformer
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.losses import plain_ce_loss
 from weaktr_cli.models.registry import ArchSpec
-from weaktr_cli.models.segmenter import Segmenter, build_encoder, build_segmenter, param_groups
+from weaktr_cli.models.segmenter import Segmenter, build_segmenter, param_groups
 
 TINY = ArchSpec(name="test-tiny", patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=32)
 N_CLS = 4
@@ -171,15 +171,16 @@ def test_rejects_unsuitable_encoders():
             VisionTransformer(**TINY.vit_kwargs(), dynamic_img_size=True, global_pool="avg"), 3
         )
     with pytest.raises(WeakTrError, match="at least 2 classes"):
-        Segmenter(build_encoder(patch_size=8, embed_dim=32, depth=1, num_heads=2), 1)
+        Segmenter(tiny_model().encoder, 1)
     with pytest.raises(WeakTrError, match="divisible"):
         tiny_model(decoder_heads=3)
     with pytest.raises(WeakTrError, match="unknown architecture"):
         build_segmenter(3, "no-such-vit")
 
 
-def test_build_encoder_defaults_are_vit_small_at_480():
-    encoder = build_encoder(depth=1)
+def test_build_segmenter_defaults_are_vit_small_at_480():
+    encoder = build_segmenter(21).encoder
+    assert len(encoder.blocks) == 12
     assert encoder.embed_dim == 384
     assert encoder.patch_embed.patch_size == (16, 16)
     assert encoder.pos_embed.shape == (1, 1 + 30 * 30, 384)

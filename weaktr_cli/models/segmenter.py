@@ -55,7 +55,6 @@ __all__ = [
     "LinearDecoder",
     "MaskTransformerDecoder",
     "Segmenter",
-    "build_encoder",
     "build_segmenter",
     "check_decoder",
     "encoder_norm_eps",
@@ -94,41 +93,15 @@ class BilinearPosEmbedViT(VisionTransformer):
         return out
 
 
-def build_encoder(
-    *,
-    patch_size: int = 16,
-    embed_dim: int = 384,
-    depth: int = 12,
-    num_heads: int = 6,
-    mlp_ratio: float = 4.0,
-    img_size: int = 480,
-    drop_path_rate: float = 0.1,
-    norm_eps: float = 1e-6,
-    pos_embed_interp: str = "bicubic",
-) -> VisionTransformer:
+def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float, norm_eps: float = 1e-6,
+                 pos_embed_interp: str = "bicubic") -> VisionTransformer:
     """A timm ViT for the retraining encoder, randomly initialised (load weights separately).
 
     One class token, final LayerNorm applied, no classification head, positional embedding
     for an `img_size` x `img_size` crop, resampled for other grids (`dynamic_img_size=True`).
-    Defaults are ViT-S/16 at 480 px with timm's LayerNorm eps 1e-6 and bicubic resampling; the
-    reference's Segmenter uses eps 1e-5 and bilinear (`norm_eps=1e-5`,
-    `pos_embed_interp="bilinear"`). The reference trains the encoder with stochastic depth 0.1
-    and no dropout.
+    The reference's Segmenter uses LayerNorm eps 1e-5 and bilinear resampling (`norm_eps=1e-5`,
+    `pos_embed_interp="bilinear"`) where timm uses 1e-6 and bicubic.
     """
-    spec = ArchSpec(
-        name="custom",
-        patch_size=patch_size,
-        embed_dim=embed_dim,
-        depth=depth,
-        num_heads=num_heads,
-        img_size=img_size,
-        mlp_ratio=mlp_ratio,
-    )
-    return _encoder_for(spec, img_size, drop_path_rate, norm_eps, pos_embed_interp)
-
-
-def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float, norm_eps: float = 1e-6,
-                 pos_embed_interp: str = "bicubic") -> VisionTransformer:
     if pos_embed_interp not in POS_EMBED_INTERPOLATIONS:
         raise WeakTrError(f"unknown position-embedding interpolation {pos_embed_interp!r}",
                           hint=f"use {' or '.join(POS_EMBED_INTERPOLATIONS)}")
@@ -166,7 +139,7 @@ class Segmenter(nn.Module):
 
     Args:
         encoder: a timm `VisionTransformer` with a class token, the final norm applied and
-            `dynamic_img_size=True` (see `build_encoder`).
+            `dynamic_img_size=True` (see `build_segmenter`).
         n_cls: output classes including background (VOC 21, COCO 91 ids).
         decoder_layers, decoder_heads, decoder_dim, decoder_mlp_ratio, decoder_dropout,
             decoder_drop_path: see `MaskTransformerDecoder`; `decoder_heads` defaults to the
@@ -330,7 +303,7 @@ def build_segmenter(
             whatever the backbone was pretrained at; loading pretrained weights resamples).
         drop_path_rate: encoder stochastic depth (reference: 0.1).
         norm_eps, pos_embed_interp: encoder LayerNorm epsilon and positional-embedding
-            resampling (see `build_encoder`; the reference's: 1e-5, "bilinear").
+            resampling (timm's: 1e-6, "bicubic"; the reference's: 1e-5, "bilinear").
         decoder_kwargs: `Segmenter`'s keyword arguments (`decoder_layers`, `decoder_heads`,
             `decoder_dim`, `decoder_mlp_ratio`, `decoder_dropout`, `decoder_drop_path`).
     """
@@ -395,17 +368,17 @@ def _check_encoder(encoder: nn.Module) -> None:
     if encoder.cls_token is None:
         raise WeakTrError(
             "the segmenter encoder has no class token",
-            hint="build it with class_token=True (see build_encoder)",
+            hint="build it with class_token=True (see build_segmenter)",
         )
     if not encoder.dynamic_img_size:
         raise WeakTrError(
             "the segmenter encoder cannot take other input sizes than its training crop",
-            hint="build it with dynamic_img_size=True (see build_encoder)",
+            hint="build it with dynamic_img_size=True (see build_segmenter)",
         )
     if isinstance(encoder.norm, nn.Identity):
         raise WeakTrError(
             "the segmenter encoder does not apply its final norm to the tokens",
-            hint="build it with global_pool='' and final_norm=True (see build_encoder)",
+            hint="build it with global_pool='' and final_norm=True (see build_segmenter)",
         )
 
 
