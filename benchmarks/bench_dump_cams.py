@@ -63,6 +63,7 @@ def run_dump(arch: str, n: int, precision: str, out: Path) -> dict[str, float]:
 
     from weaktr_cli.cams import CamSettings, dump_cams
     from weaktr_cli.models.cam_vit import WeakTrCAM
+    from weaktr_cli.per_image import PerImageRun
 
     torch.manual_seed(0)
     model = WeakTrCAM(arch, 20)
@@ -70,7 +71,7 @@ def run_dump(arch: str, n: int, precision: str, out: Path) -> dict[str, float]:
     settings = CamSettings(scales=(1.0, 1.2), flip=True, variant="fine", precision=precision,
                            batch_size=1)
     start = time.perf_counter()
-    dump_cams(model, dataset, out, settings=settings, device="cpu", resume=False)  # type: ignore[arg-type]
+    dump_cams(model, dataset, out, settings=settings, run=PerImageRun("cpu", resume=False))  # type: ignore[arg-type]
     elapsed = time.perf_counter() - start
     return {"images_per_s": n / elapsed, "peak_rss_mb": peak_rss_mb()}
 

@@ -62,6 +62,7 @@ from weaktr_cli.retrain import (  # noqa: E402
     use_explicit_attention,
 )
 from weaktr_cli.runtime import autocast, cpu_bf16_is_fast  # noqa: E402
+from weaktr_cli.training import TrainingOptions  # noqa: E402
 
 N_CLS = 21
 
@@ -122,7 +123,7 @@ def bench_retrain_loop(steps: int) -> dict[str, Any]:
         seeds = write_seeds(train, Path(tmp) / "seeds.h5", limit=steps * recipe.batch_size * 2)
         config = dataclasses.replace(recipe, iterations=steps, log_every=steps)
         start = time.perf_counter()
-        retrain(train, seeds, Path(tmp) / "seg.ckpt", config, device="cpu")
+        retrain(train, seeds, Path(tmp) / "seg.ckpt", config, options=TrainingOptions("cpu"))
         seconds = time.perf_counter() - start
     return {"what": "retrain() shapes", "arch": recipe.arch, "size": recipe.crop_size,
             "batch": recipe.batch_size, "s_per_step": seconds / steps,
@@ -215,6 +216,7 @@ def quality(out_dir: Path, config: RetrainConfig, seeds: Path | None,
     from weaktr_cli.artifacts import open_artifact
     from weaktr_cli.data.shapes import open_shapes
     from weaktr_cli.evaluation import evaluate_artifact
+    from weaktr_cli.per_image import PerImageRun
     from weaktr_cli.predict import predict_split, settings_for_checkpoint
     from weaktr_cli.retrain import load_segmenter
 
@@ -229,15 +231,16 @@ def quality(out_dir: Path, config: RetrainConfig, seeds: Path | None,
                       ("no-clip", dataclasses.replace(config, clip=False))):
         ckpt = out_dir / f"{name}.ckpt"
         start = time.perf_counter()
-        result = retrain(train, seeds, ckpt, cfg, device="cpu", pretrained=pretrained,
-                         log_jsonl=out_dir / f"{name}.jsonl")
+        result = retrain(train, seeds, ckpt, cfg, pretrained=pretrained,
+                         options=TrainingOptions("cpu", log_jsonl=out_dir / f"{name}.jsonl"))
         row: dict[str, Any] = {"run": name, "tau": result.tau,
                                "train_s": time.perf_counter() - start}
         model, meta = load_segmenter(ckpt)
         settings = settings_for_checkpoint(meta)
         for split, ds in (("train", train), ("val", val)):
             pred = predict_split(model, ds, out_dir / f"{name}.{split}.h5", settings,
-                                 class_names=meta["class_names"], device="cpu", resume=False)
+                                 class_names=meta["class_names"],
+                                 run=PerImageRun("cpu", resume=False))
             with open_artifact(pred) as reader:
                 scores = evaluate_artifact(reader, ds).scores
             row[f"{split}_miou"] = scores.miou * 100

@@ -38,6 +38,7 @@ from weaktr_cli.cams import dump_cams  # noqa: E402
 from weaktr_cli.data.shapes import open_shapes  # noqa: E402
 from weaktr_cli.evaluation import evaluate_artifact  # noqa: E402
 from weaktr_cli.models.cam_vit import CAM_VARIANTS  # noqa: E402
+from weaktr_cli.per_image import PerImageRun  # noqa: E402
 from weaktr_cli.recipes import CAM_RECIPES, DUMP_RECIPES  # noqa: E402
 from weaktr_cli.train_cam import load_cam_model, train_cam  # noqa: E402
 
@@ -77,7 +78,8 @@ def run_one(label: str, fusion: str, pool: str, seed: int, args: argparse.Namesp
     for variant in CAM_VARIANTS:
         settings = dataclasses.replace(DUMP_RECIPES["shapes"], variant=variant)
         path = dump_cams(model, train, workdir / f"{label}-{seed}-{variant}.h5",
-                         settings=settings, checkpoint=ckpt, seed=seed, resume=False)
+                         settings=settings, run=PerImageRun(resume=False), checkpoint=ckpt,
+                         seed=seed)
         with open_artifact(path) as reader:
             ev = evaluate_artifact(reader, train, thresholds=THRESHOLDS)
         row[variant] = round(ev.scores.miou * 100, 2)

@@ -120,9 +120,11 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     from weaktr_cli.artifacts import open_artifact
     from weaktr_cli.data.shapes import open_shapes
     from weaktr_cli.evaluation import evaluate_artifact
+    from weaktr_cli.per_image import PerImageRun
     from weaktr_cli.predict import predict_split, settings_for_checkpoint
     from weaktr_cli.recipes import RETRAIN_RECIPES
     from weaktr_cli.retrain import load_segmenter, retrain
+    from weaktr_cli.training import TrainingOptions
 
     torch.set_num_threads(spec["threads"])
     optional = {k: spec[k] for k in ("iterations", "max_steps") if spec[k]}
@@ -134,8 +136,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "seg.ckpt"
         started = time.perf_counter()
-        result = retrain(train, spec["seeds"], ckpt, config, device=spec["device"],
-                         pretrained=spec["pretrained"])
+        result = retrain(train, spec["seeds"], ckpt, config, pretrained=spec["pretrained"],
+                         options=TrainingOptions(spec["device"]))
         row["train_s"] = round(time.perf_counter() - started, 1)
         row["tau"] = result.tau
         last = result.history[-1] if result.history else {}
@@ -145,8 +147,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         settings = dataclasses.replace(settings_for_checkpoint(meta), crf=None)
         for split, dataset in (("train", train), ("val", val)):
             path = predict_split(model, dataset, Path(tmp) / f"{split}.h5", settings,
-                                 class_names=meta["class_names"], device=spec["device"],
-                                 resume=False)
+                                 class_names=meta["class_names"],
+                                 run=PerImageRun(spec["device"], resume=False))
             with open_artifact(path) as reader:
                 scores = evaluate_artifact(reader, dataset).scores
                 row[f"{split}_miou"] = round(scores.miou * 100, 2)

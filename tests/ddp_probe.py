@@ -14,6 +14,7 @@ from tests._registry_entries import register_test_entries
 from weaktr_cli.data.shapes import open_shapes
 from weaktr_cli.recipes import resolve
 from weaktr_cli.train_cam import train_cam
+from weaktr_cli.training import TrainingOptions
 
 
 def main() -> None:
@@ -21,7 +22,8 @@ def main() -> None:
     torch.set_num_threads(1)
     register_test_entries()
     config = resolve("cam", "smoke", batch_size=4, max_steps=2, epochs=1)
-    result = train_cam(open_shapes("train", root), None, out / "cam.ckpt", config, device="cpu")
+    result = train_cam(open_shapes("train", root), None, out / "cam.ckpt", config,
+                       options=TrainingOptions("cpu"))
     assert result.model is not None
     digest = hashlib.sha256()
     for name, tensor in sorted(result.model.state_dict().items()):

@@ -411,12 +411,14 @@ def test_resumed_dump_cams_equals_a_clean_run_byte_for_byte(
     from weaktr_cli.cams import CamSettings, dump_cams
     from weaktr_cli.data import open_dataset
     from weaktr_cli.models.cam_vit import WeakTrCAM
+    from weaktr_cli.per_image import PerImageRun
 
     dataset = open_dataset("shapes", "train", shapes)
     torch.manual_seed(0)
     model = WeakTrCAM("micro", dataset.num_classes - 1).eval()
     settings = CamSettings(scales=(1.0,), precision="fp32", batch_size=2)
-    clean = dump_cams(model, dataset, tmp_path / "clean.h5", settings=settings, device="cpu")
+    clean = dump_cams(model, dataset, tmp_path / "clean.h5", settings=settings,
+                      run=PerImageRun("cpu"))
 
     def stop(done: int, total: int) -> None:
         if done == 4:
@@ -424,9 +426,9 @@ def test_resumed_dump_cams_equals_a_clean_run_byte_for_byte(
 
     out = tmp_path / "cams.h5"
     with pytest.raises(KeyboardInterrupt):
-        dump_cams(model, dataset, out, settings=settings, device="cpu", progress=stop)
+        dump_cams(model, dataset, out, settings=settings, run=PerImageRun("cpu", progress=stop))
     assert len(open_artifact_ids(tmp_path / "cams.h5.partial")) == 4
-    dump_cams(model, dataset, out, settings=settings, device="cpu")
+    dump_cams(model, dataset, out, settings=settings, run=PerImageRun("cpu"))
     assert out.read_bytes() == clean.read_bytes()
 
 

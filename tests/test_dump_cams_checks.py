@@ -14,6 +14,7 @@ from weaktr_cli.cams import CamSettings, dump_cams
 from weaktr_cli.checkpoints import save_checkpoint
 from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes, open_shapes
 from weaktr_cli.models.cam_vit import WeakTrCAM
+from weaktr_cli.per_image import PerImageRun
 from weaktr_cli.train_cam import load_cam_model
 
 
@@ -60,7 +61,7 @@ def test_interrupted_dump_resumes_to_the_same_cams(shapes_root: Path, tmp_path: 
     settings = CamSettings(scales=(1.0,), flip=True, variant="cross", batch_size=1,
                            precision="fp32")
     clean = dump_cams(model, dataset, tmp_path / "clean.h5", settings=settings,
-                      checkpoint=ckpt, resume=False)
+                      run=PerImageRun(resume=False), checkpoint=ckpt)
 
     def stop_after_three(done: int, _total: int) -> None:
         if done == 3:
@@ -68,12 +69,12 @@ def test_interrupted_dump_resumes_to_the_same_cams(shapes_root: Path, tmp_path: 
 
     out = tmp_path / "cams.h5"
     with pytest.raises(_Interrupt):
-        dump_cams(model, dataset, out, settings=settings, checkpoint=ckpt,
-                  progress=stop_after_three)
+        dump_cams(model, dataset, out, settings=settings,
+                  run=PerImageRun(progress=stop_after_three), checkpoint=ckpt)
     assert not out.exists() and out.with_name("cams.h5.partial").exists()
     seen: list[int] = []
-    dump_cams(model, dataset, out, settings=settings, checkpoint=ckpt,
-              progress=lambda done, _total: seen.append(done))
+    dump_cams(model, dataset, out, settings=settings,
+              run=PerImageRun(progress=lambda done, _total: seen.append(done)), checkpoint=ckpt)
     # the three images of the partial file were kept, not recomputed
     assert min(seen) == 3 and seen[-1] == len(dataset.ids)
     with open_artifact(clean) as a, open_artifact(out) as b:

@@ -17,6 +17,7 @@ from weaktr_cli.data.images import read_label_png
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.evaluation import evaluate_artifact
 from weaktr_cli.models.segmenter import build_segmenter
+from weaktr_cli.per_image import PerImageRun
 from weaktr_cli.predict import (
     PredictSettings,
     label_from_probs,
@@ -174,7 +175,7 @@ def test_label_from_probs_with_crf_keeps_present_classes():
 def test_predict_split_artifact_loads_and_evaluates(model, tmp_path):
     dataset = Boxes()
     out = predict_split(model, dataset, tmp_path / "pred.h5", SETTINGS, class_names=CLASSES,
-                        device="cpu")
+                        run=PerImageRun("cpu"))
     n = len(CLASSES)
     matrix = np.zeros((n, n), np.int64)  # rows ground truth, columns prediction
     with open_artifact(out) as reader:
@@ -203,19 +204,19 @@ def test_predict_split_artifact_loads_and_evaluates(model, tmp_path):
 def test_predict_split_resumes_and_shards(model, tmp_path):
     dataset = Boxes()
     first = predict_split(model, dataset, tmp_path / "s1.h5", SETTINGS, class_names=CLASSES,
-                          device="cpu", shard=(1, 2))
+                          run=PerImageRun("cpu", shard=(1, 2)))
     with open_artifact(first) as reader:
         assert reader.ids == ["a", "c"]
     calls: list[tuple[int, int]] = []
     predict_split(model, dataset, tmp_path / "s1.h5", SETTINGS, class_names=CLASSES,
-                  device="cpu", shard=(1, 2), progress=lambda d, t: calls.append((d, t)))
+                  run=PerImageRun("cpu", shard=(1, 2), progress=lambda d, t: calls.append((d, t))))
     assert calls[-1] == (2, 2)
 
 
 def test_predict_split_class_mismatch(model, tmp_path):
     with pytest.raises(WeakTrError, match="3 classes"):
         predict_split(model, Boxes(), tmp_path / "x.h5", SETTINGS,
-                      class_names=("background", "cat", "dog"), device="cpu")
+                      class_names=("background", "cat", "dog"), run=PerImageRun("cpu"))
 
 
 def test_image_folder_dataset(tmp_path, model):
@@ -228,7 +229,7 @@ def test_image_folder_dataset(tmp_path, model):
     assert folder.load_mask("a") is None and folder.image_labels("a").size == 0
     assert folder.load_image("b").shape == (20, 30, 3)
     out = predict_split(model, folder, tmp_path / "folder.h5", SETTINGS, class_names=CLASSES,
-                        device="cpu")
+                        run=PerImageRun("cpu"))
     with open_artifact(out) as reader:
         assert reader.read_labels("c").shape == (16, 16)
 
@@ -254,4 +255,4 @@ def test_predict_split_refuses_a_partial_file_of_other_settings(model, tmp_path)
     ArtifactWriter(tmp_path / "p.h5", meta).close()  # an interrupted run with other settings
     with pytest.raises(WeakTrError, match="other settings"):
         predict_split(model, dataset, tmp_path / "p.h5", SETTINGS, class_names=CLASSES,
-                      device="cpu")
+                      run=PerImageRun("cpu"))

@@ -16,6 +16,7 @@ from weaktr_cli.models.segmenter import BilinearPosEmbedViT
 from weaktr_cli.recipes import resolve
 from weaktr_cli.settings import CamTrainConfig
 from weaktr_cli.train_cam import train_cam
+from weaktr_cli.training import TrainingOptions
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,7 +29,7 @@ def test_cam_training_with_the_reference_options(tmp_path) -> None:
                             decay_policy="all", schedule_unit="epoch", global_batch=True,
                             precision="amp-fp16", seed=0)
     config.check()
-    result = train_cam(train, None, tmp_path / "cam.ckpt", config, device="cpu")
+    result = train_cam(train, None, tmp_path / "cam.ckpt", config, options=TrainingOptions("cpu"))
     lrs = [record["lr"] for record in result.history]
     peak = 4e-3 * 4 / 512
     # Stepped after each epoch: epoch 1 at the warm-up start, epoch 2 at lr(0) (still the
@@ -50,7 +51,8 @@ def test_retraining_with_the_reference_segmenter(tmp_path) -> None:
         iterations=2, max_steps=2, clip_patch=8, log_every=1)
     assert (config.norm_eps, config.pos_embed_interp, config.global_batch) == (1e-5, "bilinear",
                                                                                True)
-    retrain(train, SeedSource(cams, bg=0.4), tmp_path / "seg.ckpt", config, device="cpu")
+    retrain(train, SeedSource(cams, bg=0.4), tmp_path / "seg.ckpt", config,
+            options=TrainingOptions("cpu"))
     model, meta = load_segmenter(tmp_path / "seg.ckpt")
     assert isinstance(model.encoder, BilinearPosEmbedViT)
     assert model.encoder.norm.eps == 1e-5 and model.encoder.blocks[0].norm1.eps == 1e-5

@@ -23,8 +23,11 @@ from weaktr_cli.retrain import (
     retrain,
 )
 from weaktr_cli.seeds import ambiguous_seed_pixels, cams_to_label, make_seeds
+from weaktr_cli.training import TrainingOptions
 
 H, W = 36, 44
+CPU = TrainingOptions("cpu")
+CPU_RESUME = TrainingOptions("cpu", resume=True)
 
 
 class MaskedTiny(SegmentationDataset):
@@ -121,8 +124,8 @@ def data(tmp_path_factory) -> tuple[MaskedTiny, Path]:
 def test_retrain_writes_loadable_checkpoint(data, tmp_path):
     dataset, seeds = data
     out = tmp_path / "seg.ckpt"
-    result = retrain(dataset, seeds, out, tiny_config(), device="cpu",
-                     log_jsonl=tmp_path / "log.jsonl")
+    result = retrain(dataset, seeds, out, tiny_config(),
+                     options=TrainingOptions("cpu", log_jsonl=tmp_path / "log.jsonl"))
     assert result.checkpoint == out and result.steps == 6
     model, meta = load_segmenter(out)
     assert meta["kind"] == "segmenter" and meta["class_names"] == list(dataset.class_names)
@@ -143,7 +146,7 @@ def test_retrain_writes_loadable_checkpoint(data, tmp_path):
 def test_linear_decoder_checkpoint_round_trip(data, tmp_path):
     dataset, seeds = data
     retrain(dataset, seeds, tmp_path / "lin.ckpt", tiny_config(decoder="linear", iterations=2),
-            device="cpu")
+            options=CPU)
     model, meta = load_segmenter(tmp_path / "lin.ckpt")
     assert meta["model"]["decoder"] == "linear" and model.decoder_kind == "linear"
     assert model.num_decoder_layers == 1
@@ -154,11 +157,11 @@ def test_resume_continues_exactly(data, tmp_path):
     # both the determinism guarantee (same seed, CPU) and the resume guarantee.
     dataset, seeds = data
     config = tiny_config(save_every=2, tau=0.3)
-    straight = retrain(dataset, seeds, tmp_path / "a.ckpt", config, device="cpu")
+    straight = retrain(dataset, seeds, tmp_path / "a.ckpt", config, options=CPU)
     retrain(dataset, seeds, tmp_path / "b.ckpt", dataclasses.replace(config, max_steps=4),
-            device="cpu")
+            options=CPU)
     assert load_segmenter(tmp_path / "b.ckpt")[1]["step"] == 4
-    resumed = retrain(dataset, seeds, tmp_path / "b.ckpt", config, device="cpu", resume=True)
+    resumed = retrain(dataset, seeds, tmp_path / "b.ckpt", config, options=CPU_RESUME)
     assert resumed.steps == 6
     assert (tmp_path / "a.ckpt").read_bytes() == (tmp_path / "b.ckpt").read_bytes()
     strip = [{k: v for k, v in r.items() if k != "images_per_s"} for r in straight.history]
@@ -169,20 +172,19 @@ def test_resume_continues_exactly(data, tmp_path):
 def test_resume_errors(data, tmp_path):
     dataset, seeds = data
     with pytest.raises(WeakTrError, match="no training state"):
-        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu", resume=True)
-    retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(max_steps=2), device="cpu")
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), options=CPU_RESUME)
+    retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(max_steps=2), options=CPU)
     with pytest.raises(WeakTrError, match=r"other settings \(lr\)"):
-        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(lr=0.1), device="cpu",
-                resume=True)
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(lr=0.1), options=CPU_RESUME)
 
 
 def test_no_clip_and_forced_clip(data, tmp_path):
     dataset, seeds = data
-    plain = retrain(dataset, seeds, tmp_path / "p.ckpt", tiny_config(clip=False), device="cpu")
+    plain = retrain(dataset, seeds, tmp_path / "p.ckpt", tiny_config(clip=False), options=CPU)
     assert plain.tau is None
     assert all(r["clipped_fraction"] == 0 and r["clip_active"] == 0 for r in plain.history)
     # tau far above any loss: clipping is on from the first step and drops some pixels.
-    forced = retrain(dataset, seeds, tmp_path / "c.ckpt", tiny_config(tau=50.0), device="cpu")
+    forced = retrain(dataset, seeds, tmp_path / "c.ckpt", tiny_config(tau=50.0), options=CPU)
     assert all(r["clip_active"] == 1 for r in forced.history)
     assert all(r["clipped_fraction"] > 0 for r in forced.history)
     assert all(r["clipped_precision"] is not None for r in forced.history)
@@ -192,7 +194,8 @@ def test_tau_auto_is_measured_logged_and_stored(data, tmp_path):
     dataset, seeds = data
     config = tiny_config(tau="auto", tau_auto_steps=2, tau_auto_fraction=0.5)
     lines: list[str] = []
-    result = retrain(dataset, seeds, tmp_path / "t.ckpt", config, device="cpu", log=lines.append)
+    result = retrain(dataset, seeds, tmp_path / "t.ckpt", config,
+                     options=TrainingOptions("cpu", log=lines.append))
     first = result.history[0]
     # Steps 1-2 are the warm-up: unclipped; tau = 0.5 x the loss of step 2 (its second half).
     assert first["clip_active"] == 0 and first["tau"] is not None
@@ -205,21 +208,21 @@ def test_seed_ids_must_be_in_the_dataset(tmp_path):
     dataset = MaskedTiny(4)
     seeds = write_seeds(tmp_path / "s.h5", dataset, extra_ids=("stranger",))
     with pytest.raises(WeakTrError, match=r"1 image.*not in dataset.*'stranger'"):
-        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu")
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), options=CPU)
 
 
 def test_seed_size_must_equal_image_size(tmp_path):
     dataset = MaskedTiny(4)
     seeds = write_seeds(tmp_path / "s.h5", dataset, sizes={"m1": (20, 20)})
     with pytest.raises(WeakTrError, match=r"seeds of image 'm1' are 20x20 but the image is 36x44"):
-        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu")
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), options=CPU)
 
 
 def test_seed_classes_must_match(tmp_path):
     dataset = MaskedTiny(4)
     seeds = write_seeds(tmp_path / "s.h5", OtherClasses(4))
     with pytest.raises(WeakTrError, match="classes"):
-        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), device="cpu")
+        retrain(dataset, seeds, tmp_path / "x.ckpt", tiny_config(), options=CPU)
 
 
 def test_cams_seed_source_equals_cams_to_label(tmp_path):
@@ -258,8 +261,8 @@ def test_ambiguity_ignores_seed_pixels_the_cams_cannot_split(tmp_path):
         assert masked.describe()["ambiguity"] == 0.3 and "cams" in masked.describe()
     config = tiny_config(iterations=2, ambiguity=0.3)
     with pytest.raises(WeakTrError, match="needs the CAMs"):  # these seeds have no parent
-        retrain(dataset, seeds, tmp_path / "x.ckpt", config, device="cpu")
-    result = retrain(dataset, seeds, tmp_path / "x.ckpt", config, cams=cams, device="cpu")
+        retrain(dataset, seeds, tmp_path / "x.ckpt", config, options=CPU)
+    result = retrain(dataset, seeds, tmp_path / "x.ckpt", config, cams=cams, options=CPU)
     meta = load_segmenter(result.checkpoint)[1]
     assert meta["seeds"]["ambiguity"] == 0.3 and meta["train"]["ambiguity"] == 0.3
     with pytest.raises(WeakTrError, match="ambiguity ratio"):

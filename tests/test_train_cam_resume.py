@@ -14,6 +14,7 @@ from weaktr_cli.checkpoints import load_checkpoint
 from weaktr_cli.data.shapes import ShapesConfig, ensure_shapes, open_shapes
 from weaktr_cli.recipes import CAM_RECIPES
 from weaktr_cli.train_cam import train_cam
+from weaktr_cli.training import TrainingOptions
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes_root: Path, tmp_path
                                                      one_torch_thread: None) -> None:
     train_set = open_shapes("train", shapes_root)
     config = dataclasses.replace(CAM_RECIPES["smoke"], epochs=2, seed=5)  # 3 steps an epoch
-    whole = train_cam(train_set, None, tmp_path / "whole.ckpt", config, device="cpu")
+    whole = train_cam(train_set, None, tmp_path / "whole.ckpt", config,
+                      options=TrainingOptions("cpu"))
     whole_weights, whole_meta = load_checkpoint(tmp_path / "whole.ckpt", kind="cam")
     # A run interrupted in epoch 2 (as by Ctrl-C): its last resume point is the end of epoch 1.
     cut = tmp_path / "cut.ckpt"
@@ -40,10 +42,11 @@ def test_interrupted_run_resumes_to_the_same_weights(shapes_root: Path, tmp_path
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train_cam(train_set, None, cut, config, device="cpu", progress=interrupt_at_step_4)
+        train_cam(train_set, None, cut, config,
+                  options=TrainingOptions("cpu", progress=interrupt_at_step_4))
     assert not cut.exists()
     assert torch.load(cut.with_name("cut.ckpt.state"), weights_only=True)["epoch"] == 1
-    resumed = train_cam(train_set, None, cut, config, device="cpu", resume=True)
+    resumed = train_cam(train_set, None, cut, config, options=TrainingOptions("cpu", resume=True))
     assert resumed.steps == 6 and [r["epoch"] for r in resumed.history] == [1, 2]
     weights, meta = load_checkpoint(cut, kind="cam")
     assert weights.keys() == whole_weights.keys()

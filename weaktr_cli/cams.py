@@ -8,20 +8,20 @@ map to [0, 1]. Images of equal size are batched together.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifact_writer import write_artifact
 from weaktr_cli.artifacts import CamRecord, Entry, file_sha256, new_meta
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import normalize, to_tensor
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.models.cam_vit import WeakTrCAM, cam_maps
+from weaktr_cli.per_image import PerImageRun
 from weaktr_cli.runtime import (
     FreedMemoryReleaser,
     autocast,
@@ -29,7 +29,6 @@ from weaktr_cli.runtime import (
     select_device,
 )
 from weaktr_cli.settings import CamSettings
-from weaktr_cli.shards import select_shard
 
 NORM_EPS = 1e-5
 
@@ -143,19 +142,16 @@ def dump_cams(
     out_path: str | Path,
     *,
     settings: CamSettings = CamSettings(),
-    device: str = "auto",
-    shard: tuple[int, int] | None = None,
-    resume: bool = True,
+    run: PerImageRun = PerImageRun(),
     checkpoint: str | Path | None = None,
     seed: int | None = None,
     class_names: Sequence[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Write the CAMs of every image of `dataset` (or of one shard) to a `cams` artifact.
+    """Write the CAMs of every image of `dataset` (or of `run`'s shard) to a `cams` artifact.
 
-    `class_names`: the classes the model was trained on (its checkpoint's, background
-    first), checked against the dataset's; None checks the count only (official checkpoints
-    record no names).
+    `run`: device, shard, resume and progress (`PerImageRun`). `class_names`: the classes the
+    model was trained on (its checkpoint's, background first), checked against the dataset's;
+    None checks the count only (official checkpoints record no names).
     """
     settings.check()
     if class_names is not None:
@@ -167,13 +163,13 @@ def dump_cams(
             f"{dataset.num_classes - 1} foreground classes",
             hint="use the checkpoint trained on this dataset",
         )
-    dev = select_device(device)
+    dev = select_device(run.device)
     precision = resolve_precision(settings.precision, dev, training=False)
     model = model.to(dev).eval()
     config = {
         "scales": list(settings.scales), "flip": settings.flip, "variant": settings.variant,
         "power": settings.power, "max_size": settings.max_size, "precision": precision,
-        "shard": list(shard) if shard else None,
+        **run.config(),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
     }
     meta = new_meta("cams", dataset.name, dataset.split, dataset.class_names, seed=seed,
@@ -193,5 +189,4 @@ def dump_cams(
                 yield image_id, CamRecord(class_ids=ids_present, maps=maps)
             release_freed_memory()
 
-    return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
-                          resume=resume, progress=progress)
+    return run.write(out_path, meta, dataset.ids, produce)

@@ -66,6 +66,7 @@ def train_cam_run(*, data: str, split: str, val_split: str | None, data_root: Pa
     from weaktr_cli.data import open_dataset
     from weaktr_cli.recipes import check_encoder_init, qualify_recipe, resolve
     from weaktr_cli.train_cam import cam_miou_scorer, train_cam
+    from weaktr_cli.training import TrainingOptions
 
     recipe_name = qualify_recipe(recipe, data)
     config: CamTrainConfig = resolve("cam", recipe_name, **overrides)
@@ -83,10 +84,10 @@ def train_cam_run(*, data: str, split: str, val_split: str | None, data_root: Pa
             f"{val_set.split!r}: not a weakly-supervised protocol[/]")
         cam_miou = cam_miou_scorer(val_set, resolve("dump", recipe_name))
     with bar("train-cam", None) as update:
+        options = TrainingOptions(device, resume, log=log, progress=update,
+                                  log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"))
         result = train_cam(train_set, val_set, out, config, pretrained=pretrained,
-                           resume=resume, device=device, log=log,
-                           log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
-                           progress=update, cam_miou_fn=cam_miou)
+                           options=options, cam_miou_fn=cam_miou)
     return result, config
 
 
@@ -105,6 +106,7 @@ def dump_cams_run(*, checkpoint: Path | None, reference_checkpoint: Path | None,
     `max_size` caps the longest image side the model sees (None: the settings', 0: no cap)."""
     from weaktr_cli.cams import dump_cams
     from weaktr_cli.data import open_dataset
+    from weaktr_cli.per_image import PerImageRun
     from weaktr_cli.recipes import qualify_recipe, resolve
 
     if (checkpoint is None) == (reference_checkpoint is None):
@@ -129,9 +131,10 @@ def dump_cams_run(*, checkpoint: Path | None, reference_checkpoint: Path | None,
     if max_size is not None:
         settings = dataclasses.replace(settings, max_size=max_size or None)
     with bar(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
-        path = dump_cams(model, dataset, out, settings=settings, device=device, shard=shard,
-                         resume=resume, checkpoint=checkpoint or reference_checkpoint,
-                         seed=seed, class_names=class_names, progress=update)
+        run = PerImageRun(device, shard, resume, progress=update)
+        path = dump_cams(model, dataset, out, settings=settings, run=run,
+                         checkpoint=checkpoint or reference_checkpoint, seed=seed,
+                         class_names=class_names)
     return path, dataset, settings
 
 
@@ -206,6 +209,7 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
     from weaktr_cli.recipes import check_encoder_init, qualify_recipe, recipe_for_dataset, resolve
     from weaktr_cli.retrain.loop import retrain
     from weaktr_cli.retrain.seed_source import SeedSource
+    from weaktr_cli.training import TrainingOptions
 
     overrides = {**overrides, "tau": _tau_or_auto(tau)}
     if clip is False and tau is not None:
@@ -233,10 +237,9 @@ def retrain_run(*, seeds: Path, data: str | None, data_root: Path | None, out: P
         log(f"ignoring seed pixels where two classes' CAMs are within {config.ambiguity}x "
             f"({source.cams_path.name})")
     with bar("retrain", None) as update:
-        result = retrain(dataset, source, out, config, pretrained=pretrained, resume=resume,
-                         device=device, log=log,
-                         log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"),
-                         progress=update)
+        options = TrainingOptions(device, resume, log=log, progress=update,
+                                  log_jsonl=log_jsonl or out.with_name(out.name + ".jsonl"))
+        result = retrain(dataset, source, out, config, pretrained=pretrained, options=options)
     return result, config
 
 
@@ -344,6 +347,7 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
                         stride: int | None, precision: str | None,
                         shard: tuple[int, int] | None, resume: bool, device: str, log: Log,
                         bar: Bar, recipe: str | None = None) -> Path:
+    from weaktr_cli.per_image import PerImageRun
     from weaktr_cli.predict import predict_split
 
     fixed = {k: v for k, v in {"window": window, "stride": stride,
@@ -362,8 +366,8 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
             recipe=recipe, log=log)
     with bar(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
         return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
-                             device=device, shard=shard, resume=resume, checkpoint=checkpoint,
-                             progress=update)
+                             run=PerImageRun(device, shard, resume, progress=update),
+                             checkpoint=checkpoint)
 
 
 def _open_segmenter(checkpoint: Path, *, data: str | None, data_root: Path | None, split: str,

@@ -175,12 +175,14 @@ class _PipelineRun:
 
         def action() -> dict[str, Any]:
             from weaktr_cli.train_cam import train_cam
+            from weaktr_cli.training import TrainingOptions
 
             (self.work / "cam.ckpt.jsonl").unlink(missing_ok=True)
+            options = TrainingOptions(config.device, log=self.say,
+                                      log_jsonl=self.work / "cam.ckpt.jsonl",
+                                      progress=self.progress("train-cam"))
             result = train_cam(train_set, self.val_set, self.cam_ckpt, self.cam_config,
-                               pretrained=config.pretrained, device=config.device, log=self.say,
-                               log_jsonl=self.work / "cam.ckpt.jsonl",
-                               progress=self.progress("train-cam"))
+                               pretrained=config.pretrained, options=options)
             last = result.history[-1] if result.history else {}
             return {"val_map": last.get("val_map"), "epochs": len(result.history)}
 
@@ -192,11 +194,13 @@ class _PipelineRun:
         def action() -> dict[str, Any]:
             from weaktr_cli.cams import dump_cams
             from weaktr_cli.models.io import load_cam_model
+            from weaktr_cli.per_image import PerImageRun
 
             model, _ = load_cam_model(self.cam_ckpt)
-            dump_cams(model, self.train_set, self.cams, settings=self.dump_settings,
-                      device=self.config.device, resume=False, checkpoint=self.cam_ckpt,
-                      seed=self.cam_config.seed, progress=self.progress("dump-cams"))
+            run = PerImageRun(self.config.device, resume=False,
+                              progress=self.progress("dump-cams"))
+            dump_cams(model, self.train_set, self.cams, settings=self.dump_settings, run=run,
+                      checkpoint=self.cam_ckpt, seed=self.cam_config.seed)
             return {}
 
         self.runner.run("dump-cams", [self.cams],
@@ -230,12 +234,14 @@ class _PipelineRun:
 
         def action() -> dict[str, Any]:
             from weaktr_cli.retrain.loop import retrain
+            from weaktr_cli.training import TrainingOptions
 
             (self.work / "seg.ckpt.jsonl").unlink(missing_ok=True)
+            options = TrainingOptions(self.config.device, log=self.say,
+                                      log_jsonl=self.work / "seg.ckpt.jsonl",
+                                      progress=self.progress("retrain"))
             result = retrain(self.train_set, self.seeds, self.seg_ckpt, self.retrain_config,
-                             pretrained=encoder_init, cams=seed_cams, device=self.config.device,
-                             log=self.say, log_jsonl=self.work / "seg.ckpt.jsonl",
-                             progress=self.progress("retrain"))
+                             pretrained=encoder_init, cams=seed_cams, options=options)
             return {"steps": result.steps, "tau": result.tau}
 
         self.runner.run("retrain", [self.seg_ckpt],
@@ -247,16 +253,18 @@ class _PipelineRun:
     def predict(self) -> None:
         def action() -> dict[str, Any]:
             from weaktr_cli.models.io import load_segmenter
+            from weaktr_cli.per_image import PerImageRun
             from weaktr_cli.predict import predict_split, settings_for_checkpoint
 
             model, meta = load_segmenter(self.seg_ckpt)
             settings = settings_for_checkpoint(meta, self.predict_settings)
             for dataset, out in ((self.train_set, self.preds_train),
                                  (self.test_set, self.preds_test)):
+                run = PerImageRun(self.config.device, resume=False,
+                                  progress=self.progress(f"predict {dataset.split}"))
                 predict_split(model, dataset, out, settings,
-                              class_names=self.train_set.class_names,
-                              device=self.config.device, resume=False, checkpoint=self.seg_ckpt,
-                              progress=self.progress(f"predict {dataset.split}"))
+                              class_names=self.train_set.class_names, run=run,
+                              checkpoint=self.seg_ckpt)
             return {}
 
         self.runner.run("predict", [self.preds_train, self.preds_test],

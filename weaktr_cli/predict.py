@@ -18,7 +18,7 @@ dense CRF on the probabilities of the classes present in the argmax (as the refe
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifact_writer import write_artifact
 from weaktr_cli.artifacts import Entry, new_meta
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
@@ -36,13 +35,13 @@ from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.label_pngs import write_png_dir
 from weaktr_cli.models.segmenter import Segmenter
+from weaktr_cli.per_image import PerImageRun
 from weaktr_cli.runtime import (
     FreedMemoryReleaser,
     resolve_precision,
     select_device,
 )
 from weaktr_cli.settings import NORMALIZATIONS, PROCEDURES, PredictSettings
-from weaktr_cli.shards import select_shard
 from weaktr_cli.test_time import sliding_logits
 from weaktr_cli.windows import pass_size
 
@@ -186,16 +185,14 @@ def predict_split(
     settings: PredictSettings = PredictSettings(),
     *,
     class_names: Sequence[str],
-    device: str = "auto",
-    shard: tuple[int, int] | None = None,
-    resume: bool = True,
+    run: PerImageRun = PerImageRun(),
     checkpoint: str | Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Predict every image of `dataset` (or one shard) into a ``labels`` artifact.
+    """Predict every image of `dataset` (or of `run`'s shard) into a ``labels`` artifact.
 
     `class_names` are the model's classes (the checkpoint's); they must equal the dataset's so
-    the artifact can be scored against it. Ids already in a resumable `<out>.partial` made with
+    the artifact can be scored against it. `run`: device, shard, resume and progress
+    (`PerImageRun`). Ids already in a resumable `<out>.partial` made with
     the same settings and checkpoint are skipped (`ArtifactWriter` refuses one made otherwise).
     Returns the final artifact path.
     """
@@ -208,12 +205,12 @@ def predict_split(
     check_class_names(f"the model{f' {checkpoint}' if checkpoint else ''}", names, dataset,
                       hint="use the checkpoint trained on this dataset")
     out_path = Path(out_path)
-    dev = select_device(device)
+    dev = select_device(run.device)
     model = model.to(dev).eval()
     config = {
         "settings": settings.to_dict(),
         "precision": resolve_precision(settings.precision, dev, training=False),
-        "shard": list(shard) if shard else None,
+        **run.config(),
         "checkpoint_sha256": file_sha256(checkpoint) if checkpoint else None,
         "image_orientation": dataset.orientation,  # "exif" when EXIF rotations were applied
     }
@@ -229,5 +226,4 @@ def predict_split(
                 probs, image, settings.crf, renormalize=settings.procedure != "reference")
             release_freed_memory()
 
-    return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
-                          resume=resume, progress=progress)
+    return run.write(out_path, meta, dataset.ids, produce)

@@ -32,7 +32,7 @@ from weaktr_cli.models.cam_vit import WeakTrCAM, cam_loss
 from weaktr_cli.models.io import load_cam_model
 from weaktr_cli.runtime import autocast
 from weaktr_cli.settings import SELECTIONS, CamSettings, CamTrainConfig
-from weaktr_cli.training import TrainingRun, per_process_batch, training_run
+from weaktr_cli.training import TrainingOptions, TrainingRun, per_process_batch, training_run
 
 __all__ = [
     "SELECTIONS",
@@ -46,7 +46,6 @@ __all__ = [
     "validation_map",
 ]
 
-Log = Callable[[str], None]
 #: Settings a resumed run may change: where it stops and how data is loaded.
 _FREE_ON_RESUME = ("max_steps", "workers", "cache_images")
 
@@ -114,11 +113,12 @@ def cam_miou_scorer(val_set: SegmentationDataset, settings: CamSettings
     from weaktr_cli.cams import dump_cams
     from weaktr_cli.evaluation import evaluate_artifact
     from weaktr_cli.metrics import default_thresholds
+    from weaktr_cli.per_image import PerImageRun
 
     def score(model: WeakTrCAM) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             path = dump_cams(model, val_set, Path(tmp) / "cams.h5", settings=settings,
-                             resume=False)
+                             run=PerImageRun(resume=False))
             with open_artifact(path) as reader:
                 result = evaluate_artifact(reader, val_set, thresholds=default_thresholds())
         model.train()
@@ -134,21 +134,17 @@ def train_cam(
     config: CamTrainConfig,
     *,
     pretrained: str | Path | None = None,
-    resume: bool = False,
-    device: str = "auto",
-    log: Log | None = None,
-    log_jsonl: str | Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    options: TrainingOptions = TrainingOptions(),
     cam_miou_fn: Callable[[WeakTrCAM], float] | None = None,
 ) -> CamTrainResult:
     """Train a CAM model and write the selected checkpoint to `out` (safetensors).
 
     Also writes `<out>.last` (the newest epoch) and `<out>.state` (optimizer, scheduler, RNG,
-    the run's settings) after every epoch, so `resume=True` continues an interrupted run
-    exactly, and refuses one of another dataset or with other settings.
+    the run's settings) after every epoch, so `options.resume` continues an interrupted run
+    exactly, and refuses one of another dataset or with other settings. `options`: device,
+    resume and where the log lines, one JSONL record per epoch and the progress go.
     """
     out = Path(out)
-    say = log or (lambda _msg: None)
     config.check()
     if config.select == "val-map" and val_set is None:
         raise WeakTrError("--select val-map needs a validation split", hint="pass --val-split")
@@ -160,19 +156,19 @@ def train_cam(
     settings.update(dataset=train_set.name, train_split=train_set.split,
                     class_names=list(train_set.class_names), num_images=len(train_set),
                     val_split=val_set.split if val_set is not None else None)
-    with training_run(out, device=device, seed=config.seed, precision=config.precision,
+    with training_run(out, options, seed=config.seed, precision=config.precision,
                       settings=settings) as run:
         model = build_cam_model(config, train_set.num_classes - 1)
         if pretrained is not None:
             from weaktr_cli.models.weights import load_pretrained_backbone
 
             report = load_pretrained_backbone(model, pretrained)
-            say(f"loaded ImageNet weights from {pretrained}: {report.summary()}")
+            run.say(f"loaded ImageNet weights from {pretrained}: {report.summary()}")
         model.to(run.device)
         trainer = _CamTrainer(run, model, config, train_set)
-        if resume:
+        if options.resume:
             trainer.resume()
-            say(f"resumed from epoch {trainer.start_epoch}")
+            run.say(f"resumed from epoch {trainer.start_epoch}")
         trainer.meta_base = {
             "kind": "cam",
             "model": model.config(),
@@ -184,11 +180,10 @@ def train_cam(
             "world_size": run.world,
             "pretrained": str(pretrained) if pretrained else None,
         }
-        say(f"training {config.arch} ({config.fusion}) on {len(trainer.images)} images, "
-            f"{config.epochs} epochs x {trainer.steps_per_epoch} steps, lr {trainer.lr:.2e}, "
-            f"{run.precision}, {run.device}, world {run.world}")
-        trainer.train(val_set, say=say, log_jsonl=log_jsonl, progress=progress,
-                      cam_miou_fn=cam_miou_fn)
+        run.say(f"training {config.arch} ({config.fusion}) on {len(trainer.images)} images, "
+                f"{config.epochs} epochs x {trainer.steps_per_epoch} steps, "
+                f"lr {trainer.lr:.2e}, {run.precision}, {run.device}, world {run.world}")
+        trainer.train(val_set, cam_miou_fn)
         best = out.with_name(out.name + ".best")
         if run.is_main and best.exists():  # absent when a finished run is resumed
             best.replace(out)
@@ -263,24 +258,22 @@ class _CamTrainer:
         torch.set_rng_state(state["torch_rng"])
         self.generator.set_state(state["generator_rng"])
 
-    def train(self, val_set: SegmentationDataset | None, *, say: Log,
-              log_jsonl: str | Path | None, progress: Callable[[int, int], None] | None,
+    def train(self, val_set: SegmentationDataset | None,
               cam_miou_fn: Callable[[WeakTrCAM], float] | None) -> None:
         for epoch in range(self.start_epoch, self.config.epochs):
             if self.run.dist.enabled:
                 self.sampler.set_epoch(epoch)
-            record, stop = self._epoch(epoch, progress)
+            record, stop = self._epoch(epoch)
             if self.run.is_main:
                 score = self._validate(record, epoch, val_set, cam_miou_fn)
                 self.history.append(record)
-                say(_format_record(record))
-                self.run.log_record(record, log_jsonl)
+                self.run.say(_format_record(record))
+                self.run.log_record(record)
                 self._save(epoch, score)
             if stop:
                 break
 
-    def _epoch(self, epoch: int, progress: Callable[[int, int], None] | None
-               ) -> tuple[dict[str, Any], bool]:
+    def _epoch(self, epoch: int) -> tuple[dict[str, Any], bool]:
         """One epoch (or up to `max_steps`): its log record and whether to stop."""
         config, run, optimizer = self.config, self.run, self.optimizer
         self.train_model.train()
@@ -311,8 +304,7 @@ class _CamTrainer:
             self.step += 1
             if config.schedule_unit == "step":
                 self.scheduler.step_update(self.step)
-            if progress and run.is_main:
-                progress(self.step, self.total_steps)
+            run.report_progress(self.step, self.total_steps)
             if config.max_steps is not None and self.step >= config.max_steps:
                 stop = True
                 break

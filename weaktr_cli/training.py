@@ -1,19 +1,20 @@
 """The skeleton both training phases share (`train_cam`, `retrain`).
 
-`training_run(out, ...)` sets up one run: the torchrun process group (gloo on CPU), the seed of
-this rank, deterministic kernels and the training precision; it yields a `TrainingRun` that
-wraps the model for DDP, writes `<out>.last` (the newest weights, a checkpoint) and
-`<out>.state` (optimizer, counters, RNG: plain values and tensors, no pickle), appends log
-records to a JSONL file and, with `resume`, refuses a state written by a run with other
-settings before loading anything. The phase keeps its own loop, loss and log records.
+`training_run(out, options, ...)` sets up one run: the torchrun process group (gloo on CPU),
+the seed of this rank, deterministic kernels and the training precision; it yields a
+`TrainingRun` that wraps the model for DDP, writes `<out>.last` (the newest weights, a
+checkpoint) and `<out>.state` (optimizer, counters, RNG: plain values and tensors, no pickle),
+reports (log lines, JSONL records, progress) as its `TrainingOptions` say and, on resume,
+refuses a state written by a run with other settings before loading anything. The phase keeps
+its own loop, loss and log records.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,28 @@ from weaktr_cli.runtime import (
     seed_everything,
 )
 
-__all__ = ["TrainingRun", "check_same_settings", "state_paths", "training_run"]
+__all__ = ["TrainingOptions", "TrainingRun", "check_same_settings", "state_paths",
+           "training_run"]
 
 #: The key of `<out>.state` that holds the settings a resumed run must share.
 SETTINGS_KEY = "config"
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """How a training run is carried out and reported, the same for both phases.
+
+    device: "auto", "cpu", "cuda" or "cuda:N"; resume: continue an interrupted run of the same
+    `out` from `<out>.last` and `<out>.state`; log: a line printer; log_jsonl: a file that gets
+    one JSON record per logged epoch or step; progress: `progress(step, total)`. Records and
+    progress come from the main process only.
+    """
+
+    device: str = "auto"
+    resume: bool = False
+    log: Callable[[str], None] | None = None
+    log_jsonl: str | Path | None = None
+    progress: Callable[[int, int], None] | None = None
 
 
 def per_process_batch(batch_size: int, global_batch: bool, world: int) -> int:
@@ -84,6 +103,7 @@ class TrainingRun:
     precision: str
     #: the settings `<out>.state` records and a resume must match
     settings: dict[str, Any]
+    options: TrainingOptions = field(default_factory=TrainingOptions)
 
     @property
     def is_main(self) -> bool:
@@ -125,11 +145,21 @@ class TrainingRun:
             settings = json.dumps(self.settings, sort_keys=True, default=str)
             save_training_state(state_paths(self.out)[1], {**state, SETTINGS_KEY: settings})
 
-    def log_record(self, record: dict[str, Any], log_jsonl: str | Path | None) -> None:
-        """Append one log record to the JSONL file (main process only)."""
-        if log_jsonl and self.is_main:
-            with open(log_jsonl, "a") as fh:
+    def say(self, message: str) -> None:
+        """A log line, to `options.log` if given."""
+        if self.options.log is not None:
+            self.options.log(message)
+
+    def log_record(self, record: dict[str, Any]) -> None:
+        """Append one log record to `options.log_jsonl` if given (main process only)."""
+        if self.options.log_jsonl and self.is_main:
+            with open(self.options.log_jsonl, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+
+    def report_progress(self, step: int, total: int) -> None:
+        """`options.progress(step, total)` if given (main process only)."""
+        if self.options.progress is not None and self.is_main:
+            self.options.progress(step, total)
 
     def all_reduce_sum(self, values: list[float]) -> list[float]:
         """Element-wise sums over the processes (the values themselves in a single process)."""
@@ -145,19 +175,19 @@ class TrainingRun:
 
 
 @contextlib.contextmanager
-def training_run(out: Path, *, device: str, seed: int, precision: str,
+def training_run(out: Path, options: TrainingOptions, *, seed: int, precision: str,
                  settings: dict[str, Any]) -> Iterator[TrainingRun]:
     """Set up a (possibly distributed) training run writing to `out`; see `TrainingRun`.
 
     Every process waits for the others at the end, so no rank returns before the main one has
     written the final checkpoint.
     """
-    with distributed(device) as (dist_info, dev):
+    with distributed(options.device) as (dist_info, dev):
         seed_everything(seed, dist_info.rank)
         configure_determinism(True)
         run = TrainingRun(out=out, dist=dist_info, device=dev,
                           precision=resolve_precision(precision, dev, training=True),
-                          settings=settings)
+                          settings=settings, options=options)
         yield run
         if dist_info.enabled:
             import torch.distributed as dist

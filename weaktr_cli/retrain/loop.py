@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,9 @@ from weaktr_cli.retrain.samples import EpochSampler, ItemError, RetrainSamples, 
 from weaktr_cli.retrain.seed_source import SeedSource, check_seeds
 from weaktr_cli.runtime import autocast
 from weaktr_cli.settings import RetrainConfig
-from weaktr_cli.training import TrainingRun, per_process_batch, training_run
+from weaktr_cli.training import TrainingOptions, TrainingRun, per_process_batch, training_run
 
 __all__ = ["RetrainResult", "build_model", "poly_lr", "retrain"]
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -99,11 +97,7 @@ def retrain(
     *,
     pretrained: str | Path | None = None,
     cams: str | Path | None = None,
-    resume: bool = False,
-    device: str = "auto",
-    log: Log | None = None,
-    log_jsonl: str | Path | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    options: TrainingOptions = TrainingOptions(),
 ) -> RetrainResult:
     """Train a Segmenter on pseudo-label seeds and write its checkpoint to `out`.
 
@@ -114,12 +108,12 @@ def retrain(
             `train_set` and each seed map must have its image's size; images without seeds
             are skipped.
         out: checkpoint path (safetensors, kind "segmenter"). `<out>.last` and `<out>.state`
-            are written every `save_every` steps (default: each epoch) for `resume=True`.
+            are written every `save_every` steps (default: each epoch) for `options.resume`.
         pretrained: local ImageNet ViT weights for the encoder (never downloaded).
         cams: the CAM artifact the seeds came from, for `config.ambiguity` (default: the
             seeds' recorded parent).
-        log / log_jsonl / progress: a line printer, a JSONL file (one record per `log_every`
-            steps) and a `progress(step, total)` callback; rank 0 only.
+        options: device, resume, and where the log lines, the JSONL records (one per
+            `log_every` steps) and the progress go (`TrainingOptions`).
 
     The clipping threshold tau: the clipping loss is the plain mean until the batch's mean
     loss g drops to tau, so tau sets *when* clipping starts; which pixels are clipped then
@@ -144,7 +138,6 @@ def retrain(
     """
 
     out = Path(out)
-    say = log or (lambda _msg: None)
     config.check()
     if len(train_set) == 0:
         raise WeakTrError(f"training split {train_set.split!r} is empty")
@@ -155,8 +148,7 @@ def retrain(
         raise WeakTrError(f"the seed source ignores ambiguous pixels at {source.ambiguity}, "
                           f"the config at {config.ambiguity}")
     try:
-        return _retrain(train_set, source, out, config, pretrained=pretrained, resume=resume,
-                        device=device, say=say, log_jsonl=log_jsonl, progress=progress)
+        return _retrain(train_set, source, out, config, pretrained=pretrained, options=options)
     finally:
         if own_seeds:
             source.close()
@@ -226,25 +218,21 @@ def _retrain(
     config: RetrainConfig,
     *,
     pretrained: str | Path | None,
-    resume: bool,
-    device: str,
-    say: Log,
-    log_jsonl: str | Path | None,
-    progress: Callable[[int, int], None] | None,
+    options: TrainingOptions,
 ) -> RetrainResult:
     ids = check_seeds(seeds, train_set)
     if not out.parent.is_dir():
         raise WeakTrError(f"output folder {out.parent} does not exist")
     settings = _resume_settings(config, train_set, ids, seeds)
-    with training_run(out, device=device, seed=config.seed, precision=config.precision,
+    with training_run(out, options, seed=config.seed, precision=config.precision,
                       settings=settings) as run:
-        model = _initial_model(config, train_set.num_classes, pretrained, run, say)
+        model = _initial_model(config, train_set.num_classes, pretrained, run)
         images = RetrainSamples(train_set, ids, seeds, config, train_set.has_masks)
         plan = _Plan.make(config, len(images), run.world)
         trainer = _Trainer(run, model, config, plan, with_gt=train_set.has_masks)
-        if resume:
+        if options.resume:
             trainer.resume()
-            say(f"resumed at step {trainer.progress.step}")
+            run.say(f"resumed at step {trainer.progress.step}")
         trainer.meta_base = {
             "kind": "segmenter",
             "model": segmenter_meta(model, config.arch, config.normalization),
@@ -259,18 +247,18 @@ def _retrain(
             "precision": run.precision,
             "pretrained": str(pretrained) if pretrained else None,
         }
-        say(f"retraining {config.arch} on {len(ids)} seeded images ({seeds.kind}), "
-            f"{plan.total} steps of {process_batch(config, run.world)} x {run.world}, "
-            f"lr {config.lr:.1e} "
-            f"{config.optimizer}, clip {_describe_tau(config, plan.tau_window)}, "
-            f"{run.precision}, {run.device}")
-        trainer.train(images, say=say, log_jsonl=log_jsonl, progress=progress)
+        run.say(f"retraining {config.arch} on {len(ids)} seeded images ({seeds.kind}), "
+                f"{plan.total} steps of {process_batch(config, run.world)} x {run.world}, "
+                f"lr {config.lr:.1e} "
+                f"{config.optimizer}, clip {_describe_tau(config, plan.tau_window)}, "
+                f"{run.precision}, {run.device}")
+        trainer.train(images)
     p = trainer.progress
     return RetrainResult(checkpoint=out, history=p.history, tau=p.tau, steps=p.step)
 
 
 def _initial_model(config: RetrainConfig, n_cls: int, pretrained: str | Path | None,
-                   run: TrainingRun, say: Log) -> Segmenter:
+                   run: TrainingRun) -> Segmenter:
     """A fresh Segmenter on the run's device, its encoder from `pretrained` when given."""
     from weaktr_cli.models.segmenter import use_explicit_attention
     from weaktr_cli.models.weights import load_encoder_weights
@@ -278,8 +266,8 @@ def _initial_model(config: RetrainConfig, n_cls: int, pretrained: str | Path | N
     model = build_model(config, n_cls)
     if pretrained is not None:
         what = load_encoder_weights(model, pretrained)
-        say(f"loaded {'ImageNet' if what == 'imagenet' else 'CAM backbone'} weights from "
-            f"{pretrained} into the {config.arch} encoder")
+        run.say(f"loaded {'ImageNet' if what == 'imagenet' else 'CAM backbone'} weights from "
+                f"{pretrained} into the {config.arch} encoder")
     if run.device.type == "cpu" and run.precision == "bf16":
         use_explicit_attention(model)
     return model.to(run.device)
@@ -328,21 +316,19 @@ class _Trainer:
             yield (inputs.to(run.device, non_blocking=True),
                    labels.to(run.device, non_blocking=True).long())
 
-    def train(self, images: RetrainSamples, *, say: Log, log_jsonl: str | Path | None,
-              progress: Callable[[int, int], None] | None) -> None:
+    def train(self, images: RetrainSamples) -> None:
         plan, p = self.plan, self.progress
         started, timed_images = time.perf_counter(), 0
         self.train_model.train()
         while p.step < plan.stop_at:
             for inputs, labels in self._batches(images):
-                self._step(inputs, labels[:, 0], labels[:, 1], say)
+                self._step(inputs, labels[:, 0], labels[:, 1])
                 timed_images += len(inputs)
-                if progress and self.run.is_main:
-                    progress(p.step, plan.total)
+                self.run.report_progress(p.step, plan.total)
                 at_end = p.step >= plan.stop_at
                 if p.step % self.config.log_every == 0 or at_end:
                     elapsed = time.perf_counter() - started
-                    self._log(timed_images * self.run.world / max(elapsed, 1e-9), say, log_jsonl)
+                    self._log(timed_images * self.run.world / max(elapsed, 1e-9))
                     started, timed_images = time.perf_counter(), 0
                 save_every = self.config.save_every or plan.steps_per_epoch
                 if at_end or p.step % save_every == 0:
@@ -350,8 +336,7 @@ class _Trainer:
                 if at_end:
                     break
 
-    def _step(self, inputs: torch.Tensor, seed_map: torch.Tensor, gt: torch.Tensor,
-              say: Log) -> None:
+    def _step(self, inputs: torch.Tensor, seed_map: torch.Tensor, gt: torch.Tensor) -> None:
         """One optimizer step; adds its figures to the sums of the next log record."""
         config, plan, p, run = self.config, self.plan, self.progress, self.run
         for group in self.optimizer.param_groups:
@@ -391,10 +376,10 @@ class _Trainer:
             p.window_g.append(g)
             if len(p.window_g) >= plan.tau_window:
                 p.tau = _auto_tau(p.window_g, config.tau_auto_fraction, run)
-                say(f"tau auto: {p.tau:.4f} = {config.tau_auto_fraction} x the mean loss "
-                    f"of steps {len(p.window_g) // 2 + 1}-{len(p.window_g)}")
+                run.say(f"tau auto: {p.tau:.4f} = {config.tau_auto_fraction} x the mean loss "
+                        f"of steps {len(p.window_g) // 2 + 1}-{len(p.window_g)}")
 
-    def _log(self, images_per_s: float, say: Log, log_jsonl: str | Path | None) -> None:
+    def _log(self, images_per_s: float) -> None:
         p = self.progress
         record = _record(p.sums, self.run, p.step, self.plan.steps_per_epoch, self.optimizer,
                          p.tau, self.with_gt)
@@ -402,8 +387,8 @@ class _Trainer:
         p.sums = dict.fromkeys(_SUM_KEYS, 0.0)
         if self.run.is_main:
             p.history.append(record)
-            say(_format_record(record, self.plan.total))
-            self.run.log_record(record, log_jsonl)
+            self.run.say(_format_record(record, self.plan.total))
+            self.run.log_record(record)
 
     def _save(self, final: bool) -> None:
         if not self.run.is_main:
