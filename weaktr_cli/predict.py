@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from weaktr_cli.artifacts import Entry, new_meta
+from weaktr_cli.artifacts import Entry, file_sha256, new_meta
 from weaktr_cli.data.align import check_class_names
 from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
@@ -196,15 +196,12 @@ def predict_split(
     the same settings and checkpoint are skipped (`ArtifactWriter` refuses one made otherwise).
     Returns the final artifact path.
     """
-    from weaktr_cli.artifacts import file_sha256
-
     settings.check(model.num_decoder_layers)
     names = tuple(class_names)
     if len(names) != model.n_cls:
         raise WeakTrError(f"{len(names)} class names for a model with {model.n_cls} outputs")
     check_class_names(f"the model{f' {checkpoint}' if checkpoint else ''}", names, dataset,
                       hint="use the checkpoint trained on this dataset")
-    out_path = Path(out_path)
     dev = select_device(run.device)
     model = model.to(dev).eval()
     config = {
