@@ -71,7 +71,8 @@ def run_dump(arch: str, n: int, precision: str, out: Path) -> dict[str, float]:
     settings = CamSettings(scales=(1.0, 1.2), flip=True, variant="fine", precision=precision,
                            batch_size=1)
     start = time.perf_counter()
-    dump_cams(model, dataset, out, settings=settings, run=PerImageRun("cpu", resume=False))  # type: ignore[arg-type]
+    run = PerImageRun(dataset, out, "cpu", resume=False)  # type: ignore[arg-type]
+    dump_cams(model, run, settings=settings)
     elapsed = time.perf_counter() - start
     return {"images_per_s": n / elapsed, "peak_rss_mb": peak_rss_mb()}
 

@@ -238,9 +238,8 @@ def quality(out_dir: Path, config: RetrainConfig, seeds: Path | None,
         model, meta = load_segmenter(ckpt)
         settings = settings_for_checkpoint(meta)
         for split, ds in (("train", train), ("val", val)):
-            pred = predict_split(model, ds, out_dir / f"{name}.{split}.h5", settings,
-                                 class_names=meta["class_names"],
-                                 run=PerImageRun("cpu", resume=False))
+            run = PerImageRun(ds, out_dir / f"{name}.{split}.h5", "cpu", resume=False)
+            pred = predict_split(model, run, settings, class_names=meta["class_names"])
             with open_artifact(pred) as reader:
                 scores = evaluate_artifact(reader, ds).scores
             row[f"{split}_miou"] = scores.miou * 100

@@ -77,9 +77,8 @@ def run_one(label: str, fusion: str, pool: str, seed: int, args: argparse.Namesp
     }
     for variant in CAM_VARIANTS:
         settings = dataclasses.replace(DUMP_RECIPES["shapes"], variant=variant)
-        path = dump_cams(model, train, workdir / f"{label}-{seed}-{variant}.h5",
-                         settings=settings, run=PerImageRun(resume=False), checkpoint=ckpt,
-                         seed=seed)
+        run = PerImageRun(train, workdir / f"{label}-{seed}-{variant}.h5", resume=False)
+        path = dump_cams(model, run, settings=settings, checkpoint=ckpt, seed=seed)
         with open_artifact(path) as reader:
             ev = evaluate_artifact(reader, train, thresholds=THRESHOLDS)
         row[variant] = round(ev.scores.miou * 100, 2)

@@ -146,9 +146,8 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
         model, meta = load_segmenter(ckpt)
         settings = dataclasses.replace(settings_for_checkpoint(meta), crf=None)
         for split, dataset in (("train", train), ("val", val)):
-            path = predict_split(model, dataset, Path(tmp) / f"{split}.h5", settings,
-                                 class_names=meta["class_names"],
-                                 run=PerImageRun(spec["device"], resume=False))
+            run = PerImageRun(dataset, Path(tmp) / f"{split}.h5", spec["device"], resume=False)
+            path = predict_split(model, run, settings, class_names=meta["class_names"])
             with open_artifact(path) as reader:
                 scores = evaluate_artifact(reader, dataset).scores
                 row[f"{split}_miou"] = round(scores.miou * 100, 2)

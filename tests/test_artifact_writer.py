@@ -417,8 +417,8 @@ def test_resumed_dump_cams_equals_a_clean_run_byte_for_byte(
     torch.manual_seed(0)
     model = WeakTrCAM("micro", dataset.num_classes - 1).eval()
     settings = CamSettings(scales=(1.0,), precision="fp32", batch_size=2)
-    clean = dump_cams(model, dataset, tmp_path / "clean.h5", settings=settings,
-                      run=PerImageRun("cpu"))
+    clean = dump_cams(model, PerImageRun(dataset, tmp_path / "clean.h5", "cpu"),
+                      settings=settings)
 
     def stop(done: int, total: int) -> None:
         if done == 4:
@@ -426,9 +426,9 @@ def test_resumed_dump_cams_equals_a_clean_run_byte_for_byte(
 
     out = tmp_path / "cams.h5"
     with pytest.raises(KeyboardInterrupt):
-        dump_cams(model, dataset, out, settings=settings, run=PerImageRun("cpu", progress=stop))
+        dump_cams(model, PerImageRun(dataset, out, "cpu", progress=stop), settings=settings)
     assert len(open_artifact_ids(tmp_path / "cams.h5.partial")) == 4
-    dump_cams(model, dataset, out, settings=settings, run=PerImageRun("cpu"))
+    dump_cams(model, PerImageRun(dataset, out, "cpu"), settings=settings)
     assert out.read_bytes() == clean.read_bytes()
 
 

@@ -60,8 +60,8 @@ def test_interrupted_dump_resumes_to_the_same_cams(shapes_root: Path, tmp_path: 
     dataset = open_shapes("train", shapes_root)
     settings = CamSettings(scales=(1.0,), flip=True, variant="cross", batch_size=1,
                            precision="fp32")
-    clean = dump_cams(model, dataset, tmp_path / "clean.h5", settings=settings,
-                      run=PerImageRun(resume=False), checkpoint=ckpt)
+    clean = dump_cams(model, PerImageRun(dataset, tmp_path / "clean.h5", resume=False),
+                      settings=settings, checkpoint=ckpt)
 
     def stop_after_three(done: int, _total: int) -> None:
         if done == 3:
@@ -69,12 +69,12 @@ def test_interrupted_dump_resumes_to_the_same_cams(shapes_root: Path, tmp_path: 
 
     out = tmp_path / "cams.h5"
     with pytest.raises(_Interrupt):
-        dump_cams(model, dataset, out, settings=settings,
-                  run=PerImageRun(progress=stop_after_three), checkpoint=ckpt)
+        dump_cams(model, PerImageRun(dataset, out, progress=stop_after_three),
+                  settings=settings, checkpoint=ckpt)
     assert not out.exists() and out.with_name("cams.h5.partial").exists()
     seen: list[int] = []
-    dump_cams(model, dataset, out, settings=settings,
-              run=PerImageRun(progress=lambda done, _total: seen.append(done)), checkpoint=ckpt)
+    dump_cams(model, PerImageRun(dataset, out, progress=lambda done, _total: seen.append(done)),
+              settings=settings, checkpoint=ckpt)
     # the three images of the partial file were kept, not recomputed
     assert min(seen) == 3 and seen[-1] == len(dataset.ids)
     with open_artifact(clean) as a, open_artifact(out) as b:

@@ -174,8 +174,8 @@ def test_label_from_probs_with_crf_keeps_present_classes():
 
 def test_predict_split_artifact_loads_and_evaluates(model, tmp_path):
     dataset = Boxes()
-    out = predict_split(model, dataset, tmp_path / "pred.h5", SETTINGS, class_names=CLASSES,
-                        run=PerImageRun("cpu"))
+    out = predict_split(model, PerImageRun(dataset, tmp_path / "pred.h5", "cpu"), SETTINGS,
+                        class_names=CLASSES)
     n = len(CLASSES)
     matrix = np.zeros((n, n), np.int64)  # rows ground truth, columns prediction
     with open_artifact(out) as reader:
@@ -203,20 +203,21 @@ def test_predict_split_artifact_loads_and_evaluates(model, tmp_path):
 
 def test_predict_split_resumes_and_shards(model, tmp_path):
     dataset = Boxes()
-    first = predict_split(model, dataset, tmp_path / "s1.h5", SETTINGS, class_names=CLASSES,
-                          run=PerImageRun("cpu", shard=(1, 2)))
+    first = predict_split(model, PerImageRun(dataset, tmp_path / "s1.h5", "cpu", shard=(1, 2)),
+                          SETTINGS, class_names=CLASSES)
     with open_artifact(first) as reader:
         assert reader.ids == ["a", "c"]
     calls: list[tuple[int, int]] = []
-    predict_split(model, dataset, tmp_path / "s1.h5", SETTINGS, class_names=CLASSES,
-                  run=PerImageRun("cpu", shard=(1, 2), progress=lambda d, t: calls.append((d, t))))
+    run = PerImageRun(dataset, tmp_path / "s1.h5", "cpu", shard=(1, 2),
+                      progress=lambda d, t: calls.append((d, t)))
+    predict_split(model, run, SETTINGS, class_names=CLASSES)
     assert calls[-1] == (2, 2)
 
 
 def test_predict_split_class_mismatch(model, tmp_path):
     with pytest.raises(WeakTrError, match="3 classes"):
-        predict_split(model, Boxes(), tmp_path / "x.h5", SETTINGS,
-                      class_names=("background", "cat", "dog"), run=PerImageRun("cpu"))
+        predict_split(model, PerImageRun(Boxes(), tmp_path / "x.h5", "cpu"), SETTINGS,
+                      class_names=("background", "cat", "dog"))
 
 
 def test_image_folder_dataset(tmp_path, model):
@@ -228,8 +229,8 @@ def test_image_folder_dataset(tmp_path, model):
     assert folder.ids == ["a", "b", "c"] and not folder.has_masks
     assert folder.load_mask("a") is None and folder.image_labels("a").size == 0
     assert folder.load_image("b").shape == (20, 30, 3)
-    out = predict_split(model, folder, tmp_path / "folder.h5", SETTINGS, class_names=CLASSES,
-                        run=PerImageRun("cpu"))
+    out = predict_split(model, PerImageRun(folder, tmp_path / "folder.h5", "cpu"), SETTINGS,
+                        class_names=CLASSES)
     with open_artifact(out) as reader:
         assert reader.read_labels("c").shape == (16, 16)
 
@@ -254,5 +255,5 @@ def test_predict_split_refuses_a_partial_file_of_other_settings(model, tmp_path)
     meta = new_meta("labels", dataset.name, dataset.split, CLASSES, config={"other": 1})
     ArtifactWriter(tmp_path / "p.h5", meta).close()  # an interrupted run with other settings
     with pytest.raises(WeakTrError, match="other settings"):
-        predict_split(model, dataset, tmp_path / "p.h5", SETTINGS, class_names=CLASSES,
-                      run=PerImageRun("cpu"))
+        predict_split(model, PerImageRun(dataset, tmp_path / "p.h5", "cpu"), SETTINGS,
+                      class_names=CLASSES)

@@ -138,22 +138,23 @@ def _batches(dataset: SegmentationDataset, ids: Sequence[str], batch_size: int
 
 def dump_cams(
     model: WeakTrCAM,
-    dataset: SegmentationDataset,
-    out_path: str | Path,
+    run: PerImageRun,
     *,
     settings: CamSettings = CamSettings(),
-    run: PerImageRun = PerImageRun(),
     checkpoint: str | Path | None = None,
     seed: int | None = None,
     class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Write the CAMs of every image of `dataset` (or of `run`'s shard) to a `cams` artifact.
+    """Write the CAMs of every image of `run.dataset` (or of `run`'s shard) to a `cams`
+    artifact at `run.out_path`; returns the final artifact path.
 
-    `run`: device, shard, resume and progress (`PerImageRun`). `class_names`: the classes the
-    model was trained on (its checkpoint's, background first), checked against the dataset's;
-    None checks the count only (official checkpoints record no names).
+    `run`: the split and the artifact path, device, shard, resume and progress
+    (`PerImageRun`). `class_names`: the classes the model was trained on (its checkpoint's,
+    background first), checked against the dataset's; None checks the count only (official
+    checkpoints record no names).
     """
     settings.check()
+    dataset = run.dataset
     if class_names is not None:
         check_class_names(f"the CAM model{f' {checkpoint}' if checkpoint else ''}",
                           class_names, dataset, hint="use the checkpoint trained on this dataset")
@@ -189,4 +190,4 @@ def dump_cams(
                 yield image_id, CamRecord(class_ids=ids_present, maps=maps)
             release_freed_memory()
 
-    return run.write(out_path, meta, dataset.ids, produce)
+    return run.write(meta, produce)

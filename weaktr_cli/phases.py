@@ -131,8 +131,8 @@ def dump_cams_run(*, checkpoint: Path | None, reference_checkpoint: Path | None,
     if max_size is not None:
         settings = dataclasses.replace(settings, max_size=max_size or None)
     with bar(f"dump-cams {dataset.name}/{dataset.split}", len(dataset)) as update:
-        run = PerImageRun(device, shard, resume, progress=update)
-        path = dump_cams(model, dataset, out, settings=settings, run=run,
+        run = PerImageRun(dataset, out, device, shard, resume, progress=update)
+        path = dump_cams(model, run, settings=settings,
                          checkpoint=checkpoint or reference_checkpoint, seed=seed,
                          class_names=class_names)
     return path, dataset, settings
@@ -365,8 +365,8 @@ def _predict_checkpoint(checkpoint: Path | None, reference: ReferenceModel | Non
             multiscale=multiscale, flip=flip, fuse_layers=fuse_layers, crf=crf, fixed=fixed,
             recipe=recipe, log=log)
     with bar(f"predict {dataset.name}/{dataset.split}", len(dataset)) as update:
-        return predict_split(model, dataset, out, settings, class_names=meta["class_names"],
-                             run=PerImageRun(device, shard, resume, progress=update),
+        run = PerImageRun(dataset, out, device, shard, resume, progress=update)
+        return predict_split(model, run, settings, class_names=meta["class_names"],
                              checkpoint=checkpoint)
 
 

@@ -197,10 +197,10 @@ class _PipelineRun:
             from weaktr_cli.per_image import PerImageRun
 
             model, _ = load_cam_model(self.cam_ckpt)
-            run = PerImageRun(self.config.device, resume=False,
+            run = PerImageRun(self.train_set, self.cams, self.config.device, resume=False,
                               progress=self.progress("dump-cams"))
-            dump_cams(model, self.train_set, self.cams, settings=self.dump_settings, run=run,
-                      checkpoint=self.cam_ckpt, seed=self.cam_config.seed)
+            dump_cams(model, run, settings=self.dump_settings, checkpoint=self.cam_ckpt,
+                      seed=self.cam_config.seed)
             return {}
 
         self.runner.run("dump-cams", [self.cams],
@@ -260,10 +260,9 @@ class _PipelineRun:
             settings = settings_for_checkpoint(meta, self.predict_settings)
             for dataset, out in ((self.train_set, self.preds_train),
                                  (self.test_set, self.preds_test)):
-                run = PerImageRun(self.config.device, resume=False,
+                run = PerImageRun(dataset, out, self.config.device, resume=False,
                                   progress=self.progress(f"predict {dataset.split}"))
-                predict_split(model, dataset, out, settings,
-                              class_names=self.train_set.class_names, run=run,
+                predict_split(model, run, settings, class_names=self.train_set.class_names,
                               checkpoint=self.seg_ckpt)
             return {}
 

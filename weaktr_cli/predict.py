@@ -29,7 +29,6 @@ from torch.nn import functional as F
 
 from weaktr_cli.artifacts import Entry, file_sha256, new_meta
 from weaktr_cli.data.align import check_class_names
-from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.data.loader import to_tensor
 from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
@@ -180,23 +179,23 @@ def _reference_probs(model: Segmenter, image: np.ndarray, settings: PredictSetti
 
 def predict_split(
     model: Segmenter,
-    dataset: SegmentationDataset,
-    out_path: str | Path,
+    run: PerImageRun,
     settings: PredictSettings = PredictSettings(),
     *,
     class_names: Sequence[str],
-    run: PerImageRun = PerImageRun(),
     checkpoint: str | Path | None = None,
 ) -> Path:
-    """Predict every image of `dataset` (or of `run`'s shard) into a ``labels`` artifact.
+    """Predict every image of `run.dataset` (or of `run`'s shard) into a ``labels`` artifact
+    at `run.out_path`; returns the final artifact path.
 
     `class_names` are the model's classes (the checkpoint's); they must equal the dataset's so
-    the artifact can be scored against it. `run`: device, shard, resume and progress
-    (`PerImageRun`). Ids already in a resumable `<out>.partial` made with
-    the same settings and checkpoint are skipped (`ArtifactWriter` refuses one made otherwise).
-    Returns the final artifact path.
+    the artifact can be scored against it. `run`: the split and the artifact path, device,
+    shard, resume and progress (`PerImageRun`). Ids already in a resumable `<out>.partial` made
+    with the same settings and checkpoint are skipped (`ArtifactWriter` refuses one made
+    otherwise).
     """
     settings.check(model.num_decoder_layers)
+    dataset = run.dataset
     names = tuple(class_names)
     if len(names) != model.n_cls:
         raise WeakTrError(f"{len(names)} class names for a model with {model.n_cls} outputs")
@@ -223,4 +222,4 @@ def predict_split(
                 probs, image, settings.crf, renormalize=settings.procedure != "reference")
             release_freed_memory()
 
-    return run.write(out_path, meta, dataset.ids, produce)
+    return run.write(meta, produce)

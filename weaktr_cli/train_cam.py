@@ -117,8 +117,8 @@ def cam_miou_scorer(val_set: SegmentationDataset, settings: CamSettings
 
     def score(model: WeakTrCAM) -> float:
         with tempfile.TemporaryDirectory() as tmp:
-            path = dump_cams(model, val_set, Path(tmp) / "cams.h5", settings=settings,
-                             run=PerImageRun(resume=False))
+            run = PerImageRun(val_set, Path(tmp) / "cams.h5", resume=False)
+            path = dump_cams(model, run, settings=settings)
             with open_artifact(path) as reader:
                 result = evaluate_artifact(reader, val_set, thresholds=default_thresholds())
         model.train()
