@@ -8,6 +8,8 @@ resumes). The `metrics.json` of every run is the record: this script only gather
 benchmarks/pipeline_seeds.json (every run's record plus the summary) and pipeline_seeds.md (a
 table for the README), so each figure quoted from it names its seeds, phase times and CPU.
 Arguments after `--` go to every pipeline run (e.g. `--data-root DIR --recipe smoke`).
+`--gather-only` runs nothing: it gathers the `metrics.json` the seeds' folders already hold
+(seeds run at different times, or from another checkout).
 """
 
 from __future__ import annotations
@@ -35,9 +37,13 @@ FIGURES = (
 )
 
 
-def run_seed(seed: int, work: Path, extra: list[str], cli_module: str = "weaktr_cli"
-             ) -> dict[str, Any]:
+def run_seed(seed: int, work: Path, extra: list[str], cli_module: str = "weaktr_cli",
+             *, gather_only: bool = False) -> dict[str, Any]:
     """Run one pipeline (or find it up to date) and return its metrics.json record."""
+    if gather_only:
+        if not (work / "metrics.json").is_file():
+            raise SystemExit(f"{work / 'metrics.json'}: no record to gather (run the seed first)")
+        return dict(json.loads((work / "metrics.json").read_text()))
     command = [sys.executable, "-m", cli_module, "pipeline", "--seed", str(seed),
                "--work", str(work), "--quiet", *extra]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -108,9 +114,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cli-module", default="weaktr_cli",
                         help="module run as `python -m MODULE pipeline ...` (the tests pass "
                              "one that registers their tiny recipe)")
+    parser.add_argument("--gather-only", action="store_true",
+                        help="run nothing; gather the seeds' existing metrics.json")
     args = parser.parse_args(own)
-    records = [run_seed(seed, args.work / f"seed-{seed}", extra, args.cli_module)
-               for seed in args.seeds]
+    records = [run_seed(seed, args.work / f"seed-{seed}", extra, args.cli_module,
+                        gather_only=args.gather_only) for seed in args.seeds]
     summary = summarise(records)
     args.out.with_suffix(".json").write_text(
         json.dumps({"summary": summary, "runs": records}, indent=2) + "\n")

@@ -36,3 +36,12 @@ def test_two_seeds_give_a_summary_of_their_records(tmp_path: Path) -> None:
     assert set(summary["phase_wall_s"]) >= {"train-cam", "dump-cams", "crf", "retrain"}
     table = out.with_suffix(".md").read_text()
     assert "| model, test |" in table and "cores" in table
+
+    # --gather-only runs nothing (a module that does not exist would fail) and gives the same.
+    again = tmp_path / "again"
+    pipeline_seeds.main(["--seeds", "0", "1", "--work", str(tmp_path / "runs"), "--out",
+                         str(again), "--cli-module", "no_such_module", "--gather-only"])
+    assert json.loads(again.with_suffix(".json").read_text()) == saved
+    with pytest.raises(SystemExit, match=r"seed-2.*no record"):
+        pipeline_seeds.main(["--seeds", "2", "--work", str(tmp_path / "runs"), "--out",
+                             str(again), "--gather-only"])
