@@ -1,13 +1,20 @@
 """Each phase before and after, on the same machine in one run, against plain baselines.
 
-    python -m benchmarks.speed_before_after --old /tmp/old [--images 96] [--repeats 3]
+    python -m benchmarks.speed_before_after --old /tmp/old --checkpoint CAM.ckpt
+        [--images 500] [--repeats 3]
 
 `--old` is a checkout of the earlier code (`git worktree add /tmp/old <commit>`). Every
 measurement is a whole `weaktr` process as a user starts it (start-up included), on the first
 N images of the built-in dataset's train split, with the old and the new code run alternately
 (round-robin, `--repeats` rounds) and reported as medians, so both meet the same machine load.
 Plain baselines run in the same rounds: a pydensecrf loop over the same CAMs with the same
-parameters (one process) and a numpy bincount loop over the same label files.
+parameters (one process, its own imports included; it keeps its label maps in memory, writes
+nothing, and after the rounds one untimed run checks they equal weaktr's seeds) and a numpy
+bincount loop over the same label files. Both checkouts are byte-compiled first, as
+`pip install` does: with $PYTHONDONTWRITEBYTECODE set, every weaktr process would otherwise
+compile its modules again while the plain loops' libraries load cached bytecode. 500 images
+by default: every process starts in about half a second, which 96 images (the first records)
+weighed like 20 images of CRF; a user's split has thousands.
 
 Fixtures are made by the old code (its artifacts are schema 1, which both versions read): the
 old dump-cams output feeds both crf runs, a briefly retrained model feeds predict and its ONNX
@@ -56,6 +63,8 @@ with h5py.File(cams, "r") as f:
         d.addPairwiseBilateral(sxy=83, srgb=5, rgbim=img, compat=3)
         q = np.array(d.inference(10)).reshape(planes.shape[0], h, w)
         out[i] = np.concatenate([[0], cls[order]])[q.argmax(0)].astype(np.uint8)
+if len(sys.argv) > 4:  # the untimed check run: keep the label maps
+    np.savez_compressed(sys.argv[4], **out)
 '''
 
 EVALUATE = r'''
@@ -215,7 +224,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--old", type=Path, required=True)
     parser.add_argument("--checkpoint", type=Path, required=True, help="a shapes cam.ckpt")
-    parser.add_argument("--images", type=int, default=96)
+    parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/weaktr-speed"))
     parser.add_argument("--only", nargs="*", help="names of the cases to run")
@@ -234,6 +243,8 @@ def main() -> None:
     from weaktr_cli.run_record import machine, versions
 
     root = ensure_shapes(ShapesConfig())
+    for code in (args.old.resolve(), NEW):
+        subprocess.run([PYTHON, "-m", "compileall", "-q", str(code / "weaktr_cli")], check=True)
     paths = fixtures(args.old.resolve(), args.work, root, args.images, args.checkpoint)
     paths["ckpt"] = args.checkpoint
     cases = measurements(args.old.resolve(), paths, root, args.work, args.images)
@@ -242,6 +253,7 @@ def main() -> None:
     load_before = os.getloadavg()
     samples: dict[str, dict[str, list[float]]] = {k: {} for k in cases}
     cpu_samples: dict[tuple[str, str], list[float]] = {}
+    round_loads: list[list[float]] = []  # load averages after each round
     if args.from_log:
         args.repeats = _read_log(args.from_log, samples)
     for round_index in range(0 if args.from_log else args.repeats):
@@ -252,6 +264,7 @@ def main() -> None:
                 cpu_samples.setdefault((name, variant), []).append(_LAST_CPU[0])
                 print(f"round {round_index + 1} {name} {variant}: {value:.2f} "
                       f"(cpu {_LAST_CPU[0]:.2f} s)", flush=True)
+        round_loads.append([round(x, 2) for x in os.getloadavg()])
     rows = []
     for name, case in cases.items():
         for variant, values in samples.get(name, {}).items():
@@ -266,13 +279,31 @@ def main() -> None:
         "benchmark": args.name, "images": args.images, "repeats": args.repeats,
         "old": str(args.old), "old_commit": _commit(args.old), "new_commit": _commit(NEW),
         "rows": rows, "machine": machine(), "versions": versions(),
-        "load_average_before": load_before, "load_average_after": os.getloadavg()}
+        "plain_crf_equals_weaktr_seeds": _plain_crf_matches(paths, root, args.work),
+        "load_average_before": load_before, "load_average_after": os.getloadavg(),
+        "load_average_after_each_round": round_loads}
     if args.from_log:
         record["from_log"] = f"{args.from_log}: the complete rounds of an unfinished run; the "
         record["from_log"] += "load averages are those when the record was written"
     record_path.write_text(json.dumps(record, indent=2) + "\n")
     print(_write_table(record))
     print(f"-> {record_path}")
+
+
+def _plain_crf_matches(paths: dict[str, Path], root: Path, work: Path) -> bool:
+    """Whether the plain loop's label maps equal the new code's seeds of the same CAMs."""
+    import numpy as np
+
+    sys.path.insert(0, str(NEW))
+    from weaktr_cli.artifacts import open_artifact
+
+    seeds = work / "seeds_check.h5"
+    seeds.unlink(missing_ok=True)
+    _weaktr(NEW, "crf", "--cams", paths["cams"], "--data-root", root, "--out", seeds)
+    _python(None, PLAIN_CRF, paths["cams"], root, paths["split"], work / "plain_crf.npz")
+    with np.load(work / "plain_crf.npz") as plain, open_artifact(seeds) as reader:
+        return sorted(plain.files) == sorted(reader.ids) and all(
+            np.array_equal(plain[i], reader.read_labels(i)) for i in reader.ids)
 
 
 def _read_log(path: Path, samples: dict[str, dict[str, list[float]]]) -> int:
@@ -309,6 +340,39 @@ def _load_note(record: dict[str, Any]) -> str:
             else "no other heavy job on the machine")
 
 
+#: Issue 16's bars: (phase, code, baseline code, at least this many times the baseline's rate).
+BARS = (("crf --workers 1", "new", "crf --workers 1", "plain pydensecrf loop", 1.0),
+        ("crf --workers 2", "new", "crf --workers 1", "plain pydensecrf loop", 1.8),
+        ("evaluate (in process, images/s)", "new", "evaluate (in process, images/s)",
+         "plain numpy bincount loop", 1.0))
+
+
+def _bars(record: dict[str, Any]) -> list[str]:
+    """Lines comparing the new code with the plain loops (issue 16's bars) and the notes."""
+    rate = {(r["phase"], r["code"]): r["images_per_s"] for r in record["rows"]}
+    lines = ["", "| bar | new / plain loop | needed |", "|---|---|---|"]
+    for phase, code, base_phase, base, needed in BARS:
+        if (phase, code) in rate and (base_phase, base) in rate:
+            ratio = rate[phase, code] / rate[base_phase, base]
+            lines.append(f"| {phase} vs {base} | {ratio:.2f}x | >= {needed}x |")
+    loads = record.get("load_average_after_each_round")
+    if loads:
+        lines += ["", "Load average (1, 5, 15 min) after each round: "
+                  + "; ".join(", ".join(f"{x:.2f}" for x in load) for load in loads) + "."]
+    same = record.get("plain_crf_equals_weaktr_seeds")
+    if same is not None:
+        lines += ["", "The plain pydensecrf loop's label maps "
+                  + ("equal" if same else "DIFFER FROM")
+                  + " the seeds `weaktr crf` makes of the same CAMs (checked after the rounds)."]
+    lines += ["", "Both checkouts are byte-compiled before the rounds, as `pip install` does. "
+              "The crf rows read the old code's CAM file; the plain loop runs in one process "
+              "with its own imports and writes nothing. `crf --workers 1` of the new code "
+              "computes in one forked worker while its parent writes the artifact (CPU s "
+              "counts both). Records before 2026-12-02 06:00 UTC used 96 images, where each "
+              "process's start-up weighed like 20 images of CRF."]
+    return lines
+
+
 def _write_table(record: dict[str, Any]) -> str:
     """The record as Markdown (benchmarks/speed_before_after.md); returns the text."""
     m = record["machine"]
@@ -324,6 +388,7 @@ def _write_table(record: dict[str, Any]) -> str:
         cpu = "" if row.get("cpu_s") is None else f"{row['cpu_s']:.2f}"
         lines.append(f"| {row['phase']} | {row['code']} | {wall} | {cpu} | "
                      f"{row['images_per_s']:.1f} | {', '.join(map(str, row['runs']))} |")
+    lines += _bars(record)
     text = "\n".join(lines) + "\n"
     (HERE / f"{record['benchmark']}.md").write_text(text)
     return text
