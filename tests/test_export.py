@@ -376,12 +376,13 @@ def test_onnx_inference_imports_no_torch(seg_dynamic: ExportReport, seg_model: S
     script = textwrap.dedent(f"""
         import sys
         from weaktr_cli.onnx_infer import OnnxSegmenter, predict_split_onnx
+        from weaktr_cli.per_image import PerImageRun
         from tests._tiny_data import TinyDataset
         path = {str(seg_dynamic.path)!r}
         import numpy as np
         image = np.zeros((30, 40, 3), np.uint8)
         assert OnnxSegmenter(path, threads=1).predict(image).shape == (30, 40)
-        predict_split_onnx(path, TinyDataset(n=3), {str(out)!r}, threads=1)
+        predict_split_onnx(path, PerImageRun(TinyDataset(n=3), {str(out)!r}), threads=1)
         loaded = sorted(m for m in sys.modules if m == "torch" or m.startswith("torch."))
         print("TORCH:" + ",".join(loaded))
     """)

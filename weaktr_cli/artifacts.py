@@ -388,11 +388,12 @@ class ArtifactReader:
 
         if image_id not in self:
             raise WeakTrError(f"{self.path} has no entry for image {image_id!r}")
+        name = encode_id(image_id)
         try:
-            dsid = h5d.open(self._group.id, encode_id(image_id).encode())
+            dsid = h5d.open(self._group.id, name.encode())
             dtype = dsid.dtype
             if dtype.kind not in "biuf":  # not a number: let h5py convert it as it can
-                return dsid, np.asarray(self._group[encode_id(image_id)][()])
+                return dsid, np.asarray(self._group[name][()])
             data = np.empty(dsid.get_space().shape, dtype=dtype)
             if data.size:
                 dsid.read(h5s.ALL, h5s.ALL, data)

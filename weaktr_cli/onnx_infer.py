@@ -32,20 +32,22 @@ batch is padded by repeating a crop); a dynamic one takes `batch_size` crops of 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from weaktr_cli.data.align import check_class_names
-from weaktr_cli.data.base import SegmentationDataset
 from weaktr_cli.dense_crf import label_from_probs
 from weaktr_cli.errors import WeakTrError
 from weaktr_cli.onnx_meta import OnnxModelInfo
 from weaktr_cli.settings import check_inference_windows
 from weaktr_cli.windows import pass_size, reference_pass_sizes, window_starts
+
+if TYPE_CHECKING:  # the writer (h5py) is imported when a split is predicted
+    from weaktr_cli.per_image import PerImageRun
 
 __all__ = [
     "OnnxModelInfo",
@@ -405,36 +407,32 @@ class OnnxSegmenter:
 
 def predict_split_onnx(
     path: str | Path,
-    dataset: SegmentationDataset,
-    out_path: str | Path,
+    run: PerImageRun,
     settings: OnnxPredictSettings | None = None,
     *,
     threads: int | None = None,
     providers: Sequence[str] | None = None,
-    shard: tuple[int, int] | None = None,
-    resume: bool = True,
-    progress: Callable[[int, int], None] | None = None,
 ) -> Path:
-    """Predict every image of `dataset` (or one shard of it) with an ONNX segmenter into a
-    ``labels`` artifact; the ONNX file is recorded as its parent.
+    """Predict every image of `run.dataset` (or of `run`'s shard) with an ONNX segmenter into
+    a ``labels`` artifact at `run.out_path`; the ONNX file is recorded as its parent.
 
-    The model's class names must equal the dataset's. Ids already in a resumable
-    `<out>.partial` made with the same settings and model are skipped. Returns the path.
+    `run`: the split and the artifact path, shard, resume and progress (`PerImageRun`; its
+    device is not used: `providers` choose where onnxruntime runs). The model's class names
+    must equal the dataset's. Ids already in a resumable `<out>.partial` made with the same
+    settings and model are skipped. Returns the path.
     """
-    from weaktr_cli.artifact_writer import write_artifact
     from weaktr_cli.artifacts import Entry, file_sha256, new_meta
-    from weaktr_cli.shards import select_shard
 
+    dataset = run.dataset
     segmenter = OnnxSegmenter(path, threads=threads, providers=providers)
     settings = (settings or OnnxPredictSettings()).resolved(segmenter.info)
     names = segmenter.class_names
     check_class_names(f"the ONNX model {path}", names, dataset,
                       hint="use a model exported from a checkpoint trained on this dataset")
-    out_path = Path(out_path)
     config = {
         "settings": settings.to_dict(),
         "runtime": "onnxruntime",
-        "shard": list(shard) if shard else None,
+        **run.config(),
         "onnx_sha256": file_sha256(path),
         "image_orientation": dataset.orientation,  # "exif" when EXIF rotations were applied
     }
@@ -448,5 +446,4 @@ def predict_split_onnx(
                                              settings.crf,
                                              renormalize=settings.procedure != "reference")
 
-    return write_artifact(out_path, meta, select_shard(dataset.ids, shard), produce,
-                          resume=resume, progress=progress)
+    return run.write(meta, produce)

@@ -433,6 +433,7 @@ def _predict_onnx(onnx: Path, *, data: str | None, data_root: Path | None, split
     checkpoint's) and flags make the same settings; window and stride default to the
     export's crop (or fixed input) and 2/3 of it, as a checkpoint's."""
     from weaktr_cli.onnx_infer import OnnxPredictSettings, predict_split_onnx, read_onnx_info
+    from weaktr_cli.per_image import PerImageRun
     from weaktr_cli.predict_defaults import predict_settings
 
     info = read_onnx_info(onnx)
@@ -451,8 +452,8 @@ def _predict_onnx(onnx: Path, *, data: str | None, data_root: Path | None, split
     settings = OnnxPredictSettings.from_predict_settings(
         {**base.to_dict(), "window": window, "stride": stride})
     with bar(f"predict (onnx) {dataset.name}/{dataset.split}", len(dataset)) as update:
-        return predict_split_onnx(onnx, dataset, out, settings, shard=shard, resume=resume,
-                                  progress=update)
+        run = PerImageRun(dataset, out, shard=shard, resume=resume, progress=update)
+        return predict_split_onnx(onnx, run, settings)
 
 
 def evaluate_run(*, artifact: Path | None, checkpoint: Path | None = None,

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from weaktr_cli.data.base import SegmentationDataset
 
 PHASES = ("train-cam", "dump-cams", "crf", "retrain", "predict", "evaluate", "report")
+#: The "format" of the work folder's metrics.json.
+METRICS_FORMAT = "weaktr-pipeline-metrics/1"
 Log = Callable[[str], None]
 Update = Callable[..., None]
 Bar = Callable[[str, "int | None"], AbstractContextManager[Update]]
@@ -435,9 +437,6 @@ def write_metrics(path: Path, config: PipelineConfig, recipe: str, records: list
     }
     atomic_write_text(path, json.dumps(record, indent=2))
     return record
-
-
-METRICS_FORMAT = "weaktr-pipeline-metrics/1"
 
 
 def _earlier_record(path: Path, figures: dict[str, Any]) -> dict[str, Any] | None:

@@ -66,11 +66,11 @@ Quiet = Annotated[
 ]
 
 
+_OUTPUT_OPTIONS = {"json_mode": (Json, False), "quiet": (Quiet, False)}
 #: --json and -q, made into the command's `Output`.
-OUTPUT = OptionGroup({"json_mode": (Json, False), "quiet": (Quiet, False)}, Output)
+OUTPUT = OptionGroup(_OUTPUT_OPTIONS, Output)
 #: The same for a training command: under torchrun only the main process talks.
-TRAINING_OUTPUT = OptionGroup({"json_mode": (Json, False), "quiet": (Quiet, False)},
-                              Output.for_training)
+TRAINING_OUTPUT = OptionGroup(_OUTPUT_OPTIONS, Output.for_training)
 
 
 def out(help: str) -> Any:
