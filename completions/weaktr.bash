@@ -24,7 +24,7 @@ _weaktr() {
     case "$path $prev" in
         "weaktr train-cam --data") words="shapes voc coco" ;;
         "weaktr train-cam --recipe") words="shapes voc coco" ;;
-        "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s" ;;
+        "weaktr train-cam --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s tiny-c8-stem" ;;
         "weaktr train-cam --select") words="last val-map cam-miou" ;;
         "weaktr train-cam --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr train-cam --device") words="auto cpu cuda" ;;
@@ -81,7 +81,7 @@ _weaktr() {
         "weaktr crf --workers") COMPREPLY=(); return ;;
         "weaktr retrain --data") words="shapes voc coco" ;;
         "weaktr retrain --recipe") words="shapes voc coco" ;;
-        "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s" ;;
+        "weaktr retrain --arch") words="deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s tiny-c8-stem" ;;
         "weaktr retrain --precision") words="auto fp32 bf16 fp16 amp-fp16" ;;
         "weaktr retrain --device") words="auto cpu cuda" ;;
         "weaktr retrain --cams") compopt -o filenames 2>/dev/null; COMPREPLY=($(compgen -f -- "$cur")); return ;;

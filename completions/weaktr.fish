@@ -19,7 +19,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l split -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l val-split -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l out -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l recipe -xa 'shapes voc coco'
-complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s'
+complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s tiny-c8-stem'
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l fusion -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-pool -x
 complete -c weaktr -n '__fish_seen_subcommand_from train-cam' -l aaf-reduction -x
@@ -97,7 +97,7 @@ complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l no-clip
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l bg -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l cams -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l ambiguity -x
-complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s'
+complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l arch -xa 'deit-small vit-small deit-tiny tiny-p8 tiny-c8 tiny-c8s tiny-c8-stem'
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l decoder -x
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l pretrained -r -F
 complete -c weaktr -n '__fish_seen_subcommand_from retrain' -l from-scratch

@@ -361,3 +361,34 @@ def test_encoder_from_a_cam_checkpoint_or_imagenet_weights(tmp_path):
     save_checkpoint(tmp_path / "seg.ckpt", {"x": torch.zeros(1)}, {"kind": "segmenter"})
     with pytest.raises(WeakTrError, match="retrained segmenter"):
         load_encoder_weights(model, tmp_path / "seg.ckpt")
+
+
+def _crop_box_every_try(label, crop, rng, cat_max_ratio):
+    """`_crop_box` as mmseg writes it: the class check on every try's window."""
+    h, w = label.shape
+    y = x = 0
+    for _ in range(10):
+        y = int(rng.integers(max(h - crop, 0) + 1))
+        x = int(rng.integers(max(w - crop, 0) + 1))
+        if cat_max_ratio >= 1.0:
+            break
+        window = label[y : y + crop, x : x + crop]
+        counts = np.bincount(window[window != IGNORE_INDEX].ravel(), minlength=1)
+        counts = counts[counts > 0]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return y, x
+
+
+@pytest.mark.parametrize("size", [(32, 32), (24, 30), (40, 50)])
+@pytest.mark.parametrize("fill", ["one class", "two classes"])
+def test_crop_box_draws_and_picks_as_the_per_try_check(size, fill):
+    from weaktr_cli.retrain.augment import _crop_box
+
+    label = np.zeros(size, np.uint8)
+    if fill == "two classes":
+        label[: size[0] // 2] = 1
+    for seed in range(5):
+        fast, slow = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert _crop_box(label, 32, fast, 0.75) == _crop_box_every_try(label, 32, slow, 0.75)
+        assert fast.integers(1 << 30) == slow.integers(1 << 30)  # the same draws were used

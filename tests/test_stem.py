@@ -63,14 +63,35 @@ def test_segmenter_and_cam_model_accept_a_hybrid_backbone() -> None:
     assert out.fine_cam is not None and out.fine_cam.shape == (1, 2, 5, 3)
 
 
-def test_hybrid_segmenter_exports_with_dynamic_sizes() -> None:
+@pytest.mark.parametrize("example", [(2, 3, 37, 45), (2, 3, 32, 40)])
+def test_hybrid_segmenter_exports_with_dynamic_sizes(example: tuple[int, ...]) -> None:
+    # An example whose sides are multiples of the patch must not drop the crop from the graph
+    # (eager skips it for such inputs).
     torch.manual_seed(0)
     model = build_segmenter(3, HYBRID, img_size=32).eval()
     dims = {0: torch.export.Dim.DYNAMIC, 2: torch.export.Dim.DYNAMIC, 3: torch.export.Dim.DYNAMIC}
-    program = torch.export.export(model, (torch.randn(2, 3, 37, 45),),
+    program = torch.export.export(model, (torch.randn(example),),
                                   dynamic_shapes={"images": dims})
     exported = program.module()
     for shape in [(1, 3, 32, 32), (3, 3, 50, 61)]:
         x = torch.randn(shape)
         with torch.no_grad():
             torch.testing.assert_close(exported(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_stem_only_segmenter_has_no_blocks_and_no_final_norm() -> None:
+    spec = get_arch("tiny-c8-stem")
+    torch.manual_seed(0)
+    model = build_segmenter(7, spec, img_size=96, decoder="linear").eval()
+    assert len(model.encoder.blocks) == 0
+    assert isinstance(model.encoder.norm, torch.nn.Identity)
+    assert model(torch.randn(2, 3, 96, 72)).shape == (2, 7, 96, 72)
+    # The checkpoint spells the backbone out, final_norm included.
+    rebuilt = type(model).from_config(model.config())
+    assert isinstance(rebuilt.encoder.norm, torch.nn.Identity)
+    assert rebuilt.encoder.patch_embed.proj[0].out_channels == 16
+
+
+def test_final_norm_defaults_on() -> None:
+    assert not isinstance(build_vit(get_arch("tiny-c8")).norm, torch.nn.Identity)
+    assert "final_norm" not in get_arch("tiny-c8").vit_kwargs()

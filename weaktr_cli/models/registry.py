@@ -41,6 +41,9 @@ class ArchSpec:
     #: conv stem layers (channels, stride, dilation) replacing the linear patch embedding
     #: (`weaktr_cli.models.stem`); empty = a plain ViT. The strides multiply to `patch_size`.
     stem: tuple[tuple[int, int, int], ...] = ()
+    #: LayerNorm on the encoder's output tokens (timm's default); the stem-only segmenter goes
+    #: without: per-token normalisation delayed its learning of the shapes (docs/experiments.md)
+    final_norm: bool = True
 
     def __post_init__(self) -> None:
         if self.stem and stem_stride(self.stem) != self.patch_size:
@@ -72,6 +75,8 @@ class ArchSpec:
             "mlp_ratio": self.mlp_ratio,
             "qkv_bias": True,
         }
+        if not self.final_norm:
+            kwargs["final_norm"] = False
         if self.stem:
             kwargs["embed_layer"] = partial(ConvStemPatchEmbed, stem=self.stem)
         return kwargs
@@ -141,7 +146,22 @@ ARCHS: dict[str, ArchSpec] = {
             # tiny-c8 at half the stem width and one block: 2x the crops per CPU-second
             stem=((16, 2, 1), (32, 2, 1), (64, 2, 1), (64, 1, 2), (64, 1, 4), (64, 1, 8)),
             description="CPU-sized hybrid, lighter: conv stem of 16-64 channels (stride 8) + "
-            "ViT dim 128, depth 1 at 96 px (built-in dataset's segmenter on fp32 CPUs)",
+            "ViT dim 128, depth 1 at 96 px",
+        ),
+        ArchSpec(
+            name="tiny-c8-stem",
+            patch_size=8,
+            embed_dim=64,
+            # No transformer block: on the built-in dataset even one block delays the step at
+            # which a from-scratch encoder learns circle vs square beyond a CPU budget
+            # (docs/experiments.md, issue 16), so its segmenter is the stem alone.
+            depth=0,
+            num_heads=1,
+            img_size=96,
+            stem=((16, 2, 1), (32, 2, 1), (64, 2, 1), (64, 1, 2), (64, 1, 4), (64, 1, 8)),
+            final_norm=False,
+            description="CPU-sized conv stem alone: 16-64 channels (stride 8), width 64, no "
+            "ViT blocks, at 96 px (built-in dataset's segmenter)",
         ),
     )
 }

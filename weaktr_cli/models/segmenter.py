@@ -97,8 +97,9 @@ def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float, norm_eps:
                  pos_embed_interp: str = "bicubic") -> VisionTransformer:
     """A timm ViT for the retraining encoder, randomly initialised (load weights separately).
 
-    One class token, final LayerNorm applied, no classification head, positional embedding
-    for an `img_size` x `img_size` crop, resampled for other grids (`dynamic_img_size=True`).
+    One class token, final LayerNorm applied (unless `spec.final_norm` is off), no
+    classification head, positional embedding for an `img_size` x `img_size` crop, resampled
+    for other grids (`dynamic_img_size=True`).
     The reference's Segmenter uses LayerNorm eps 1e-5 and bilinear resampling (`norm_eps=1e-5`,
     `pos_embed_interp="bilinear"`) where timm uses 1e-6 and bicubic.
     """
@@ -117,7 +118,7 @@ def _encoder_for(spec: ArchSpec, img_size: int, drop_path_rate: float, norm_eps:
         img_size=img_size,
         global_pool="",
         class_token=True,
-        final_norm=True,
+        final_norm=spec.final_norm,
         dynamic_img_size=True,
         drop_path_rate=drop_path_rate,
         **norm,
@@ -138,8 +139,8 @@ class Segmenter(nn.Module):
     """ViT encoder + Segmenter decoder; `forward(images)` -> per-pixel class logits.
 
     Args:
-        encoder: a timm `VisionTransformer` with a class token, the final norm applied and
-            `dynamic_img_size=True` (see `build_segmenter`).
+        encoder: a timm `VisionTransformer` with a class token, the final norm applied (when
+            it has blocks) and `dynamic_img_size=True` (see `build_segmenter`).
         n_cls: output classes including background (VOC 21, COCO 91 ids).
         decoder_layers, decoder_heads, decoder_dim, decoder_mlp_ratio, decoder_dropout,
             decoder_drop_path: see `MaskTransformerDecoder`; `decoder_heads` defaults to the
@@ -244,16 +245,22 @@ class Segmenter(nn.Module):
         x = F.pad(images, (0, padded_w - width, 0, padded_h - height))
         tokens = self.encoder.forward_features(x)[:, self.num_prefix_tokens :]
         layers = self.decoder(tokens, grid_h, grid_w)
+        # Eager inputs whose sides are multiples of the patch size (every training crop) skip
+        # the crop: its index_select and backward cost ~15 % of a stem-only training step.
+        # An exported graph always crops, or it would be specialised to padded inputs.
+        crop = _is_traced() or (padded_h, padded_w) != (height, width)
         out = []
         for masks in layers:
             up = F.interpolate(
                 masks, size=(padded_h, padded_w), mode="bilinear", align_corners=False
             )
-            # Crop with index_select, not [:H] or narrow: those make torch.export guard on
-            # whether the crop is a no-op, which specialises the graph to padded inputs.
-            rows = torch.arange(height, device=up.device)
-            cols = torch.arange(width, device=up.device)
-            out.append(up.index_select(2, rows).index_select(3, cols))
+            if crop:
+                # index_select, not [:H] or narrow: those make torch.export guard on whether
+                # the crop is a no-op, which specialises the graph to padded inputs.
+                rows = torch.arange(height, device=up.device)
+                cols = torch.arange(width, device=up.device)
+                up = up.index_select(2, rows).index_select(3, cols)
+            out.append(up)
         return tuple(out)
 
     @overload
@@ -281,6 +288,12 @@ class Segmenter(nn.Module):
         """
         layers = self.forward_layers(images)
         return layers if return_layers else layers[-1]
+
+
+def _is_traced() -> bool:
+    """Whether the forward is being captured into a graph (torch.export / compile / jit)."""
+    return bool(torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.jit.is_scripting())
 
 
 def build_segmenter(
@@ -375,7 +388,9 @@ def _check_encoder(encoder: nn.Module) -> None:
             "the segmenter encoder cannot take other input sizes than its training crop",
             hint="build it with dynamic_img_size=True (see build_segmenter)",
         )
-    if isinstance(encoder.norm, nn.Identity):
+    # Pre-norm blocks leave the residual stream un-normalised, so a transformer's tokens need
+    # the final norm; a stem-only encoder (no blocks) may go without (`ArchSpec.final_norm`).
+    if isinstance(encoder.norm, nn.Identity) and len(encoder.blocks) > 0:
         raise WeakTrError(
             "the segmenter encoder does not apply its final norm to the tokens",
             hint="build it with global_pool='' and final_norm=True (see build_segmenter)",

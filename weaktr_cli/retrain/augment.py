@@ -49,18 +49,27 @@ def _crop_box(
     """Top-left corner of a crop (mmseg RandomCrop with cat_max_ratio, 10 tries)."""
     h, w = label.shape
     margin_h, margin_w = max(h - crop, 0), max(w - crop, 0)
+    # With no margin every try is the same window: check it once (same draws, same result).
+    check_once = cat_max_ratio < 1.0 and not (margin_h or margin_w)
+    whole_ok = _varied_enough(label, cat_max_ratio) if check_once else False
     y = x = 0
     for _ in range(10):
         y = int(rng.integers(margin_h + 1))
         x = int(rng.integers(margin_w + 1))
         if cat_max_ratio >= 1.0:
             break
-        window = label[y : y + crop, x : x + crop]
-        counts = np.bincount(window[window != IGNORE_INDEX].ravel(), minlength=1)
-        counts = counts[counts > 0]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+        ok = whole_ok if check_once else _varied_enough(label[y : y + crop, x : x + crop],
+                                                        cat_max_ratio)
+        if ok:
             break
     return y, x
+
+
+def _varied_enough(window: np.ndarray, cat_max_ratio: float) -> bool:
+    """Whether no class covers `cat_max_ratio` or more of the window's labelled pixels."""
+    counts = np.bincount(window[window != IGNORE_INDEX].ravel(), minlength=1)
+    counts = counts[counts > 0]
+    return bool(len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio)
 
 
 def augment(
