@@ -139,3 +139,15 @@ def test_power_is_applied_after_normalisation() -> None:
 def test_invalid_power_is_rejected(power: float) -> None:
     with pytest.raises(WeakTrError, match="power"):
         CamSettings(power=power).check()
+
+
+def test_shapes_retraining_runs_fp32_on_every_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The result must not depend on the CPU kind: even where bf16 is native, the shapes
+    # retraining recipe resolves to fp32 on the CPU (its click step was measured in fp32).
+    from weaktr_cli import recipes, runtime
+
+    monkeypatch.setattr(runtime, "cpu_bf16_is_fast", lambda: True)
+    monkeypatch.setattr(recipes, "_BUILT", {})
+    config = recipes._table("retrain")["shapes"]
+    assert runtime.resolve_precision(config.precision, torch.device("cpu"), training=True) == "fp32"
+    assert config.arch == "tiny-c8-stem" and get_arch(config.arch).depth == 0
