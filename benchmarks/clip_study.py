@@ -16,7 +16,22 @@ Settings: `noclip`, or `clip:FRACTION:S` (tau auto at FRACTION x the first epoch
 patches of S pixels). Runs go to worker processes, `--parallel` at a time. `--pretrained`
 starts every run's encoder from local weights (the paper's setting; the recipe's arch must match).
 
-Measured on the pipeline's CRF seeds (81.5 train mIoU), bf16, run seeds 0-2 (mean +- std),
+Committed record (benchmarks/clip_study.json, a copy of benchmarks/out/clip_study.json): the
+current recipe (`tiny-c8-stem`, 4000 steps at AdamW 4e-3, fp32) on the CRF seeds of pipeline
+run seed 0 (82.3 train mIoU), run seeds 0-2, `--settings noclip clip:0.3:24 --parallel 2
+--threads 1`, 2-core AMD EPYC without native bf16, 2026-12-02, no other job:
+
+    setting        train mIoU    val mIoU      memorised      corrected      tau
+    noclip         82.3 +- 1.2   78.4 +- 2.1   0.398 +- 0.019 0.548 +- 0.018 -
+    clip:0.3:24    78.7 +- 2.2   74.2 +- 3.0   0.404 +- 0.028 0.535 +- 0.025 0.09-0.10
+
+Clipping trails plain cross-entropy in every run seed (train by 4.7 / 2.5 / 3.5, val by 5.2 /
+3.1 / 4.2). The stem-only model corrects over half of the wrong-seed pixels of the pair images
+(0.55, against 0.16 for the former recipe below) without clipping, and clipping does not add
+to that.
+
+The former recipe (`tiny-c8`, 4800 steps at 1e-3; the notes of earlier sessions, no committed
+record): measured on the pipeline's CRF seeds (81.5 train mIoU), bf16, run seeds 0-2 (mean +- std),
 on a lent H200 with 6-12 runs at a time (a throwaway driver with these settings; CPU runs of
 seed 0 give the same picture: 79.8 / 61.9 without clipping, 79.0 / 60.4 at x 0.3):
 

@@ -4,8 +4,8 @@ Xiao et al., "Early Convolutions Help Transformers See Better" (2021): replacing
 patchify convolution with a few stride-2 3x3 convolutions makes ViTs easier to optimise from
 scratch. Measured on the built-in dataset (a segmenter retrained on the same CRF seeds, train
 mIoU): `tiny-c8` 39.1 after 32k crops, the plain `tiny-p8` 33.3 after 12k. Neither learns to tell
-a circle from a square in a CPU budget (from ground truth the stem alone with a 1x1 conv head
-does, after ~25k crops); see benchmarks/bench_retrain.py.
+a circle from a square in a CPU budget; the stem alone does (`tiny-c8-stem`, an encoder with
+no transformer block: the built-in dataset's segmenter; docs/experiments.md).
 
 `ConvStemPatchEmbed` is a timm `PatchEmbed` whose `proj` is that stem, so it plugs into timm's
 `VisionTransformer(embed_layer=...)` and keeps every `PatchEmbed` contract the rest of the code
