@@ -171,6 +171,12 @@ class ArtifactWriter:
         """(open old partial, its journal) to resume from, or None to start over."""
         import h5py
 
+        from weaktr_cli.h5_probe import reads_without_crashing
+
+        if not reads_without_crashing(self.partial_path):
+            log.warning("%s is damaged (reading it crashed HDF5); starting over",
+                        self.partial_path)
+            return None
         try:
             h5 = h5py.File(self.partial_path, "r")
         except H5_ERRORS as exc:
