@@ -35,10 +35,10 @@ def test_a_file_hdf5_refuses_passes_for_the_caller_to_report(tmp_path: Path) -> 
 
 def test_a_crash_while_reading_is_reported_not_shared(tmp_path: Path, monkeypatch) -> None:
     # Stand in for libhdf5 segfaulting on a damaged dataset: the child dies by SIGSEGV.
-    def crash(_path: Path) -> None:
+    def crash(_path: Path, _root_only: bool) -> None:
         os.kill(os.getpid(), signal.SIGSEGV)
 
-    monkeypatch.setattr(h5_probe, "_read_everything", crash)
+    monkeypatch.setattr(h5_probe, "_read", crash)
     assert not h5_probe.reads_without_crashing(_file(tmp_path))
 
 
@@ -54,6 +54,24 @@ def test_every_dataset_and_attribute_is_read(tmp_path: Path, monkeypatch) -> Non
     assert h5_probe.reads_without_crashing(_file(tmp_path))
     read = (tmp_path / "read.txt").read_text().split()
     assert read == ["/cams/img0"]
+    (tmp_path / "read.txt").unlink()
+    assert h5_probe.reads_without_crashing(_file(tmp_path), root_only=True)
+    assert not (tmp_path / "read.txt").exists()  # no dataset read
+
+
+def test_opening_an_artifact_whose_root_crashes_hdf5_is_one_error(tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    from weaktr_cli.artifact_writer import write_artifact
+    from weaktr_cli.artifacts import new_meta, open_artifact
+    from weaktr_cli.errors import WeakTrError
+
+    meta = new_meta("labels", "toy", "train", ("background", "a"), seed=1, config={})
+    out = write_artifact(tmp_path / "a.h5", meta, ["i0"],
+                         lambda todo: ((i, np.zeros((2, 3), np.uint8)) for i in todo))
+    monkeypatch.setattr(h5_probe, "_read",
+                        lambda _path, _root_only: os.kill(os.getpid(), signal.SIGSEGV))
+    with pytest.raises(WeakTrError, match="crashed HDF5"):
+        open_artifact(out)
 
 
 def test_a_resume_over_a_partial_that_crashes_hdf5_starts_over(tmp_path: Path,
@@ -82,9 +100,10 @@ def test_a_resume_over_a_partial_that_crashes_hdf5_starts_over(tmp_path: Path,
         computed.extend(todo)
         yield from entries(todo)
 
-    monkeypatch.setattr(h5_probe, "_read_everything",
-                        lambda _path: os.kill(os.getpid(), signal.SIGSEGV))
+    monkeypatch.setattr(h5_probe, "_read",
+                        lambda _path, _root_only: os.kill(os.getpid(), signal.SIGSEGV))
     write_artifact(out, meta, ids, counting)
     assert computed == ids  # nothing kept from the crashing partial
+    monkeypatch.undo()
     with open_artifact(out) as reader:
         assert list(reader.ids) == ids

@@ -478,6 +478,12 @@ def open_artifact(path: str | Path, kind: str | None = None) -> ArtifactReader:
             else None
         )
         raise WeakTrError(f"artifact {path} does not exist", hint=hint)
+    from weaktr_cli.h5_probe import reads_without_crashing
+
+    if not reads_without_crashing(path, root_only=True):
+        raise WeakTrError(f"{path} is damaged (reading its root attributes crashed HDF5)",
+                          hint="re-create the artifact; an interrupted run leaves its data in "
+                          "a .partial file")
     h5 = open_h5(path, "r")
     try:
         try:
