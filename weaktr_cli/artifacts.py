@@ -298,11 +298,14 @@ def entry_digest(image_id: str, encoded: Encoded) -> str:
 H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError)
 
 
+DAMAGED_HINT = "re-create the artifact; an interrupted run leaves its data in a .partial file"
+
+
 def damaged(path: Path, exc: BaseException, what: str = "") -> WeakTrError:
     where = f" ({what})" if what else ""
     return WeakTrError(
         f"{path} is damaged{where}: {type(exc).__name__}: {exc}".splitlines()[0],
-        hint="re-create the artifact; an interrupted run leaves its data in a .partial file",
+        hint=DAMAGED_HINT,
     )
 
 
@@ -482,8 +485,7 @@ def open_artifact(path: str | Path, kind: str | None = None) -> ArtifactReader:
 
     if not reads_without_crashing(path, root_only=True):
         raise WeakTrError(f"{path} is damaged (reading its root attributes crashed HDF5)",
-                          hint="re-create the artifact; an interrupted run leaves its data in "
-                          "a .partial file")
+                          hint=DAMAGED_HINT)
     h5 = open_h5(path, "r")
     try:
         try:

@@ -82,6 +82,9 @@ class ArchSpec:
         return kwargs
 
 
+#: tiny-c8's stem at half the width (16-64 channels), shared by the two lighter segmenters.
+_HALF_WIDTH_STEM = ((16, 2, 1), (32, 2, 1), (64, 2, 1), (64, 1, 2), (64, 1, 4), (64, 1, 8))
+
 ARCHS: dict[str, ArchSpec] = {
     spec.name: spec
     for spec in (
@@ -144,7 +147,7 @@ ARCHS: dict[str, ArchSpec] = {
             num_heads=4,
             img_size=96,
             # tiny-c8 at half the stem width and one block: 2x the crops per CPU-second
-            stem=((16, 2, 1), (32, 2, 1), (64, 2, 1), (64, 1, 2), (64, 1, 4), (64, 1, 8)),
+            stem=_HALF_WIDTH_STEM,
             description="CPU-sized hybrid, lighter: conv stem of 16-64 channels (stride 8) + "
             "ViT dim 128, depth 1 at 96 px",
         ),
@@ -158,7 +161,7 @@ ARCHS: dict[str, ArchSpec] = {
             depth=0,
             num_heads=1,
             img_size=96,
-            stem=((16, 2, 1), (32, 2, 1), (64, 2, 1), (64, 1, 2), (64, 1, 4), (64, 1, 8)),
+            stem=_HALF_WIDTH_STEM,
             final_norm=False,
             description="CPU-sized conv stem alone: 16-64 channels (stride 8), width 64, no "
             "ViT blocks, at 96 px (built-in dataset's segmenter)",
